@@ -1,0 +1,455 @@
+"""``GRASSCallback``: decides which transformer layers train at each optimizer step."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_grass.config import GRASSConfig
+from lightning_grass.importance import MeanGradNorm, grouped_sq_norms
+from lightning_grass.layer_discovery import LayerMap, discover_layers
+from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
+
+log = logging.getLogger(__name__)
+
+_ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
+
+
+class GRASSCallback(Callback):
+    r"""Train only ``n_active`` transformer layers at a time, chosen by gradient-based importance sampling.
+
+    The optimizer is built by your ``configure_optimizers`` over all parameters, as usual. At fit start the
+    callback finds the layers (:func:`~lightning_grass.discover_layers`) and freezes all but the active ones
+    by toggling ``requires_grad``: frozen layers get no gradient, so the optimizer skips them, weight decay
+    included. In ``grass`` mode:
+
+    1. **Probing** (``probe_steps`` optimizer steps): every layer gets a full backward, its gradient RMS is
+       added to the mean gradient norm (MGN) accumulators, and the gradient is then freed, so probing holds
+       no more gradient memory than training does. No parameter changes and no optimizer state is created.
+    2. **Adaptive fine-tuning**: every ``sample_every`` steps, ``n_active`` distinct layers are drawn from
+       ``softmax(normalize(MGN) / temperature)``. Every ``update_every`` steps the MGN of the layers that
+       were active in the window is refreshed with an EMA; frozen layers keep their stale value.
+
+    ``grass_static`` stops refreshing after probing (GRASS*), ``lisa`` samples uniformly without probing
+    (the LISA baseline), and ``fixed`` trains ``fixed_layers`` only.
+
+    Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
+    weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
+
+    Measurements happen on optimizer-step boundaries (after gradient accumulation, after AMP unscaling,
+    before clipping), with batched tensor ops and no host synchronisation; the host reads the accumulators
+    only when it refreshes or resamples. A step with a non-finite gradient contributes nothing to MGN.
+
+    Without an offloading strategy, the optimizer states of a layer that is deactivated are dropped, so a
+    layer that is drawn again restarts its moments and deactivated layers hold no memory.
+
+    Args:
+        n_active: gamma, layers trained at once.
+        mode: ``"grass"``, ``"grass_static"``, ``"lisa"`` or ``"fixed"``.
+        probe_steps: T_p, optimizer steps of probing (``grass`` and ``grass_static``).
+        sample_every: T_s, optimizer steps between resamples.
+        update_every: T_u, optimizer steps between MGN refreshes; ``None`` means ``sample_every``.
+        temperature: tau of the softmax.
+        ema: alpha, weight of the newest window in the MGN refresh, in ``(0, 1]``.
+        normalize: ``"mean"``, ``"max"`` or ``"none"``: how MGN is scaled before the softmax.
+        layers: Dotted path of the block container, overriding discovery.
+        fixed_layers: Layer indices for ``mode="fixed"``.
+        train_embeddings: Keep embeddings (modules before the blocks) trainable.
+        train_head: Keep the LM head trainable.
+        train_final_norm: Keep the final norm trainable.
+        seed: Seed of the sampling generator; ``None`` takes ``torch.initial_seed()`` at fit start.
+
+    See :class:`~lightning_grass.config.GRASSConfig` for each default and the reason for it.
+
+    Attributes:
+        active_layers: Indices of the layers training now (all layers while probing).
+        importance: Per-layer MGN on the CPU, ``None`` until probing ends and in ``lisa``/``fixed`` modes.
+        probabilities: Sampling distribution on the CPU, sums to 1.
+        phase: ``"probe"`` or ``"train"``.
+        history: One record per resample or refresh: ``step``, ``active_layers``, ``importance``,
+            ``probabilities``, ``resampled``, ``refreshed``.
+
+    Example::
+
+        import lightning as L
+        import lightning_grass
+
+        trainer = L.Trainer(max_steps=500, callbacks=[lightning_grass.GRASSCallback(n_active=2)])
+        trainer.fit(model)  # a LightningModule holding a Hugging Face causal LM
+    """
+
+    def __init__(
+        self,
+        n_active: int = 2,
+        mode: str = "grass",
+        probe_steps: int = 10,
+        sample_every: int = 25,
+        update_every: int | None = None,
+        temperature: float = 1.0,
+        ema: float = 0.5,
+        normalize: str = "mean",
+        layers: str | None = None,
+        fixed_layers: Sequence[int] | None = None,
+        train_embeddings: bool = True,
+        train_head: bool = True,
+        train_final_norm: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.config = GRASSConfig(
+            mode=mode,
+            n_active=n_active,
+            probe_steps=probe_steps,
+            sample_every=sample_every,
+            update_every=update_every,
+            temperature=temperature,
+            ema=ema,
+            normalize=normalize,
+            layers=layers,
+            fixed_layers=fixed_layers,
+            train_embeddings=train_embeddings,
+            train_head=train_head,
+            train_final_norm=train_final_norm,
+            seed=seed,
+        )
+        self.layer_map: LayerMap | None = None
+        self.active_layers: list[int] = []
+        self.importance: Tensor | None = None
+        self.probabilities: Tensor | None = None
+        self.phase = "probe" if self.config.probes else "train"
+        self.history: list[dict[str, Any]] = []
+        self._steps_seen = 0
+        self._generator = torch.Generator()
+        self._mgn: MeanGradNorm | None = None
+        self._state_to_restore: dict[str, Any] | None = None
+        self._optimizer: Optimizer | None = None
+        self._layer_params: list[list[nn.Parameter]] = []
+        self._always_on_params: list[nn.Parameter] = []
+        self._frozen_always_on_params: list[nn.Parameter] = []
+        self._measured_params: list[nn.Parameter] = []
+        self._measured_groups: list[int] = []
+        self._group_index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._active_mask: Tensor | None = None
+        self._probe_sq: Tensor | None = None
+        self._probe_hooks: list[RemovableHandle] = []
+        self._free_probe_grads = True
+        self._micro_batch_closes_step = True
+
+    @property
+    def _measures_steps(self) -> bool:
+        return self.config.mode == "grass" or self.phase == "probe"
+
+    @property
+    def _train_start_step(self) -> int:
+        return self.config.probe_steps if self.config.probes else 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        grass_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, GRASSCallback)]
+        if len(grass_callbacks) > 1:
+            raise ValueError(
+                f"the Trainer has {len(grass_callbacks)} GRASSCallback instances; use exactly one, since each "
+                "would freeze the layers the other trains"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"GRASSCallback needs exactly one optimizer, got {len(trainer.optimizers)} from configure_optimizers"
+            )
+        state = self._state_to_restore or (self.state_dict() if self._mgn is not None else None)
+        self._state_to_restore = None
+        self.layer_map = discover_layers(pl_module, self.config.layers)
+        self.config.check_num_layers(self.layer_map.num_layers)
+        self._optimizer = trainer.optimizers[0]
+        self._collect_parameters(pl_module)
+        device = self._layer_params_device()
+        numel = torch.tensor([sum(p.numel() for p in params) for params in self._layer_params])
+        self._mgn = MeanGradNorm(numel, device=device)
+        self._probe_sq = torch.zeros(self.layer_map.num_layers + 1, device=device)
+        self._free_probe_grads = bool(self._always_on_params) or _grad_scaler(trainer) is None
+        if state is not None:
+            self._restore(state)
+        else:
+            self._start(trainer)
+        rank_zero_info(
+            f"GRASS: mode={self.config.mode}, {self.config.n_active} of {self.layer_map.num_layers} layers active "
+            f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). Optimizer states of "
+            "deactivated layers are dropped; a layer drawn again restarts its moments."
+        )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning's own rule for whether this micro-batch ends in an optimizer step.
+        self._micro_batch_closes_step = not trainer.fit_loop.epoch_loop._should_accumulate()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not self._measures_steps:
+            return
+        assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
+        present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
+        sq_norms = grouped_sq_norms(
+            [self._measured_params[i].grad for i in present],
+            self._group_index(tuple(present)),
+            self.layer_map.num_layers + 1,
+        )
+        if self.phase == "probe":
+            sq_norms = sq_norms + self._probe_sq / _grad_scale(trainer).square()
+            self._probe_sq.zero_()
+            for params in (*self._layer_params, self._always_on_params):
+                for p in params:
+                    p.grad = None
+        self._mgn.accumulate(sq_norms[:-1], self._active_mask, torch.isfinite(sq_norms).all())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._steps_seen:
+            return
+        self._steps_seen = trainer.global_step
+        self._on_optimizer_step_done(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.layer_map is None:
+            return
+        self._remove_probe_hooks()
+        for params in (*self._layer_params, self._always_on_params, self._frozen_always_on_params):
+            for p in params:
+                p.requires_grad_(True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "phase": self.phase,
+            "steps_seen": self._steps_seen,
+            "active_layers": list(self.active_layers),
+            "importance": self.importance,
+            "probabilities": self.probabilities,
+            "history": self.history,
+            "generator": self._generator.get_state(),
+            "mgn": self._mgn.state_dict() if self._mgn is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_mode = state_dict["config"]["mode"]
+        if saved_mode != self.config.mode:
+            raise ValueError(
+                f"the checkpoint was written by GRASSCallback(mode={saved_mode!r}), this one has "
+                f"mode={self.config.mode!r}; resume with the same mode"
+            )
+        self._state_to_restore = state_dict
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        seed = self.config.seed if self.config.seed is not None else torch.initial_seed()
+        self._generator.manual_seed(trainer.strategy.broadcast(seed, src=0))
+        if self.phase == "probe":
+            self._activate(list(range(self.layer_map.num_layers)))
+            self._add_probe_hooks()
+            return
+        if self.config.mode == "fixed":
+            self._activate(list(self.config.fixed_layers))
+        else:
+            self.probabilities = uniform_probabilities(self.layer_map.num_layers)
+            self._resample(trainer)
+        self._record(trainer, resampled=True, refreshed=False)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self._mgn is not None
+        if state["mgn"] is not None:
+            self._mgn.load_state_dict(state["mgn"])
+        self.phase = state["phase"]
+        self._steps_seen = state["steps_seen"]
+        self.importance = state["importance"]
+        self.probabilities = state["probabilities"]
+        self.history = list(state["history"])
+        self._generator.set_state(state["generator"])
+        self._activate(list(state["active_layers"]))
+        if self.phase == "probe":
+            self._add_probe_hooks()
+
+    def _on_optimizer_step_done(self, trainer: pl.Trainer) -> None:
+        assert self._mgn is not None
+        config = self.config
+        if self.phase == "probe":
+            if self._steps_seen < config.probe_steps:
+                return
+            self._remove_probe_hooks()
+            self.phase = "train"
+            self._set_importance(self._mgn.initialize())
+            self._resample(trainer)
+            self._record(trainer, resampled=True, refreshed=True)
+            return
+        steps = self._steps_seen - self._train_start_step
+        refreshed = config.mode == "grass" and steps % config.refresh_every == 0
+        resampled = config.mode != "fixed" and steps % config.sample_every == 0
+        if refreshed:
+            self._set_importance(self._mgn.refresh(config.ema))
+        if resampled:
+            self._resample(trainer)
+        if refreshed or resampled:
+            self._record(trainer, resampled=resampled, refreshed=refreshed)
+
+    def _set_importance(self, importance: Tensor) -> None:
+        self.importance = importance.cpu()
+        self.probabilities = sampling_probabilities(self.importance, self.config.temperature, self.config.normalize)
+
+    def _resample(self, trainer: pl.Trainer) -> None:
+        assert self.probabilities is not None
+        layers = sample_layers(self.probabilities, self.config.n_active, self._generator)
+        self._activate(trainer.strategy.broadcast(layers, src=0))
+
+    def _activate(self, layers: list[int]) -> None:
+        """Make exactly ``layers`` trainable, drop the optimizer state of layers leaving the active set."""
+        assert self._optimizer is not None and self._mgn is not None
+        leaving = set(self.active_layers) - set(layers)
+        self.active_layers = sorted(layers)
+        active = set(layers)
+        for index, params in enumerate(self._layer_params):
+            for p in params:
+                p.requires_grad_(index in active)
+                if index not in active:
+                    p.grad = None
+        for index in leaving:
+            for p in self._layer_params[index]:
+                self._optimizer.state.pop(p, None)
+        mask = torch.zeros(self.layer_map.num_layers, dtype=torch.bool)
+        mask[self.active_layers] = True
+        self._active_mask = mask.to(self._mgn.layer_numel.device)
+        self._set_measured_params()
+
+    def _set_measured_params(self) -> None:
+        """The parameters whose gradients are read at each step, and the group (layer, or L) of each."""
+        num_layers = self.layer_map.num_layers
+        block_params = (
+            [] if self.phase == "probe" else [(i, p) for i in self.active_layers for p in self._layer_params[i]]
+        )
+        measured = block_params + [(num_layers, p) for p in self._always_on_params]
+        self._measured_params = [p for _, p in measured]
+        self._measured_groups = [group for group, _ in measured]
+        self._group_index_cache.clear()
+
+    def _group_index(self, present: tuple[int, ...]) -> Tensor:
+        """Group index of the measured parameters that have a gradient, cached so that no step copies it."""
+        index = self._group_index_cache.get(present)
+        if index is None:
+            groups = torch.tensor([self._measured_groups[i] for i in present], dtype=torch.long)
+            index = groups.to(self._mgn.layer_numel.device)
+            self._group_index_cache[present] = index
+        return index
+
+    def _collect_parameters(self, pl_module: pl.LightningModule) -> None:
+        """Split the parameters that require grad now into per-layer lists and the trained always-on set."""
+        managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self._layer_params = [
+            [p for p in self.layer_map.layer_parameters(i) if id(p) in managed]
+            for i in range(self.layer_map.num_layers)
+        ]
+        flags = {
+            "embeddings": self.config.train_embeddings,
+            "head": self.config.train_head,
+            "final_norm": self.config.train_final_norm,
+        }
+        trained: dict[int, nn.Parameter] = {}
+        frozen: dict[int, nn.Parameter] = {}
+        for group in _ALWAYS_ON_GROUPS:
+            for p in self.layer_map.group_parameters(group):
+                if id(p) in managed:
+                    (trained if flags[group] else frozen)[id(p)] = p
+        self._frozen_always_on_params = [p for key, p in frozen.items() if key not in trained]
+        for p in self._frozen_always_on_params:
+            p.requires_grad_(False)
+            p.grad = None
+        self._always_on_params = list(trained.values())
+        self._check_optimizer_covers(pl_module)
+
+    def _check_optimizer_covers(self, pl_module: pl.LightningModule) -> None:
+        in_optimizer = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        required = {id(p) for params in (*self._layer_params, self._always_on_params) for p in params}
+        missing = [name for name, p in pl_module.named_parameters() if id(p) in required and id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} trainable parameters that GRASS may train, for example "
+                f"{missing[:3]}. Build the optimizer over all parameters in configure_optimizers (for example "
+                "AdamW(self.parameters())): GRASSCallback freezes layers after the optimizer exists, so that every "
+                "layer can be trained when it is drawn"
+            )
+
+    def _layer_params_device(self) -> torch.device:
+        for params in self._layer_params:
+            if params:
+                return params[0].device
+        raise ValueError(
+            f"no layer at '{self.layer_map.path}' has a parameter that requires grad; GRASSCallback has nothing to "
+            "train. Unfreeze the layers before fit"
+        )
+
+    def _add_probe_hooks(self) -> None:
+        for index, params in enumerate(self._layer_params):
+            for p in params:
+                self._probe_hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_probe_grad, index)))
+
+    def _remove_probe_hooks(self) -> None:
+        for handle in self._probe_hooks:
+            handle.remove()
+        self._probe_hooks.clear()
+
+    def _on_probe_grad(self, layer: int, param: Tensor) -> None:
+        """Fold one parameter's accumulated gradient into the probe norms, then free it."""
+        if not self._micro_batch_closes_step:
+            return
+        self._probe_sq[layer] += torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        if self._free_probe_grads:
+            param.grad = None
+
+    def _record(self, trainer: pl.Trainer, resampled: bool, refreshed: bool) -> None:
+        record = {
+            "step": self._steps_seen,
+            "active_layers": list(self.active_layers),
+            "importance": None if self.importance is None else self.importance.tolist(),
+            "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
+            "resampled": resampled,
+            "refreshed": refreshed,
+        }
+        self.history.append(record)
+        metrics = {}
+        for layer in range(self.layer_map.num_layers):
+            metrics[f"grass/active/layer_{layer:02d}"] = float(layer in self.active_layers)
+            if record["probabilities"] is not None:
+                metrics[f"grass/probability/layer_{layer:02d}"] = record["probabilities"][layer]
+            if record["importance"] is not None:
+                metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._steps_seen)
+
+
+def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _grad_scale(trainer: pl.Trainer) -> Tensor:
+    """The AMP loss scale as a device tensor (read without a host sync), or 1 without a grad scaler."""
+    scaler = _grad_scaler(trainer)
+    if scaler is None or not scaler.is_enabled():
+        return torch.ones(())
+    return scaler._get_scale_async()

@@ -1,0 +1,134 @@
+"""The settings of :class:`~lightning_grass.GRASSCallback`, validated in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lightning_grass.sampling import NORMALIZATIONS
+
+#: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
+MODES = ("grass", "grass_static", "lisa", "fixed")
+
+
+@dataclass(frozen=True)
+class GRASSConfig:
+    """Layer-sampling settings, named after the paper. Every field is checked at construction.
+
+    Attributes:
+        mode: ``"grass"`` (adaptive: probe, then refresh importance with an EMA), ``"grass_static"`` (GRASS*:
+            probe once, never refresh), ``"lisa"`` (uniform sampling, no probing) or ``"fixed"`` (train
+            ``fixed_layers`` only).
+        n_active: gamma, how many layers train at once. Default 2: the smallest set that lets two
+            consecutive layers adapt together; the paper finds larger gamma better, at more memory.
+        probe_steps: T_p, optimizer steps of full backward at the start that measure every layer and update
+            nothing. Default 10: enough steps to average out batch noise, short next to a fine-tuning run.
+        sample_every: T_s, optimizer steps between resamples. Default 25: the paper's best range is 25 to
+            50, and T_s = 5 was too noisy.
+        update_every: T_u, optimizer steps between importance refreshes. ``None`` (default) means
+            ``sample_every``: each window's active layers are refreshed just before the next draw.
+        temperature: tau of ``softmax(m / tau)``. Default 1.0 with ``normalize="mean"``: a layer twice as
+            important as the average is ``e`` times as likely as an average one.
+        ema: alpha, the weight of the newest window in the refresh. Default 0.5: old and new count equally,
+            so one noisy window cannot swing the distribution.
+        normalize: How MGN is scaled before the softmax: ``"mean"`` (default), ``"max"`` or ``"none"``.
+        layers: Dotted path of the block container, overriding discovery, e.g. ``"model.model.layers"``.
+        fixed_layers: The layer indices to train in ``"fixed"`` mode; ``n_active`` is then their count.
+        train_embeddings: Keep the modules before the blocks (token and position embeddings) trainable.
+        train_head: Keep the LM head trainable.
+        train_final_norm: Keep the final norm trainable. These three default to ``True``, as in LISA, so
+            that GRASS and LISA differ only in how layers are chosen.
+        seed: Seed of the layer-sampling generator. ``None`` (default) takes ``torch.initial_seed()`` at
+            fit start, so ``lightning.seed_everything`` controls it.
+    """
+
+    mode: str = "grass"
+    n_active: int = 2
+    probe_steps: int = 10
+    sample_every: int = 25
+    update_every: int | None = None
+    temperature: float = 1.0
+    ema: float = 0.5
+    normalize: str = "mean"
+    layers: str | None = None
+    fixed_layers: Sequence[int] | None = None
+    train_embeddings: bool = True
+    train_head: bool = True
+    train_final_norm: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        _check_int("probe_steps", self.probe_steps, minimum=0)
+        _check_int("sample_every", self.sample_every, minimum=1)
+        if self.update_every is not None:
+            _check_int("update_every", self.update_every, minimum=1)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature={self.temperature!r} must be a number > 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 < self.ema <= 1:
+            raise ValueError(f"ema={self.ema!r} must be in (0, 1]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
+            raise ValueError(f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'")
+        if self.mode == "fixed":
+            self._check_fixed_layers()
+        else:
+            if self.fixed_layers is not None:
+                raise ValueError(
+                    f"fixed_layers={list(self.fixed_layers)} is only used with mode='fixed', not {self.mode!r}"
+                )
+            _check_int("n_active", self.n_active, minimum=1)
+
+    @property
+    def refresh_every(self) -> int:
+        """T_u, with ``None`` resolved to ``sample_every``."""
+        return self.sample_every if self.update_every is None else self.update_every
+
+    @property
+    def probes(self) -> bool:
+        """Whether this mode starts with a probing phase."""
+        return self.mode in ("grass", "grass_static") and self.probe_steps > 0
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Validate the settings that depend on the model.
+
+        Raises:
+            ValueError: If ``n_active`` exceeds ``num_layers``, or a fixed layer is out of range.
+        """
+        if self.mode == "fixed":
+            bad = [i for i in self.fixed_layers or () if i >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"fixed_layers={list(self.fixed_layers or ())} has indices {bad} out of range: "
+                    f"the model has {num_layers} layers (0 to {num_layers - 1})"
+                )
+        elif self.n_active > num_layers:
+            raise ValueError(f"n_active={self.n_active} must be between 1 and the number of layers ({num_layers})")
+
+    def _check_fixed_layers(self) -> None:
+        layers = self.fixed_layers
+        if layers is None or isinstance(layers, (str, bytes)) or not len(layers):
+            raise ValueError(f"fixed_layers={layers!r}: mode='fixed' needs a non-empty list of layer indices")
+        for index in layers:
+            _check_int("fixed_layers", index, minimum=0)
+        duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
+        if duplicates:
+            raise ValueError(f"fixed_layers={list(layers)} repeats {duplicates}; each layer may appear once")
+        object.__setattr__(self, "fixed_layers", tuple(sorted(layers)))
+        object.__setattr__(self, "n_active", len(layers))
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")

@@ -1,0 +1,213 @@
+"""Find a model's transformer blocks and the always-on modules around them.
+
+Discovery works on the module tree, so the same call finds the layers of a bare Hugging Face model, of one
+held in a ``LightningModule`` attribute, and of one inside a ``peft`` wrapper.
+
+1. ``layers="model.model.layers"`` (a dotted path resolved with ``getattr``) overrides everything.
+2. Otherwise the known layouts in :data:`KNOWN_LAYOUTS` are tried: the first entry that matches the end
+   of some ``nn.ModuleList``'s dotted name wins.
+3. Otherwise the generic fallback picks, among all ``nn.ModuleList`` whose children share one class, the
+   one that holds the most parameters. A new architecture therefore needs no code; adding its path to
+   the table only makes the choice explicit.
+
+Every parameter outside the blocks is assigned to one always-on group. A known layout names its final norm;
+otherwise norm modules registered after the blocks are the ``final_norm``. Of the rest, modules registered
+before the blocks are ``embeddings`` (token and position embeddings, embedding norms) and modules registered
+after them are the ``head``. A weight tied between the token embedding and the LM head belongs to both
+groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnownLayout:
+    """Where one family of architectures keeps its blocks and final norm.
+
+    Attributes:
+        blocks: Dotted path of the block container, matched against the end of a module's dotted name.
+        final_norm: Paths of the final norm, relative to the same root as ``blocks``; the first that exists
+            is used. Needed where the final norm is registered before the blocks (OPT).
+        models: The architectures this entry covers, for readers.
+    """
+
+    blocks: str
+    final_norm: tuple[str, ...]
+    models: str
+
+
+#: One line per layout. A new architecture with another layout needs one line here, or nothing (fallback).
+KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
+    KnownLayout(
+        "model.layers",
+        ("model.norm", "model.final_layernorm"),
+        "Llama, Mistral, Mixtral, Qwen2/3, Gemma/2, Phi/3",
+    ),
+    KnownLayout("model.decoder.layers", ("model.decoder.final_layer_norm",), "OPT"),
+    KnownLayout("gpt_neox.layers", ("gpt_neox.final_layer_norm",), "GPT-NeoX, Pythia"),
+    KnownLayout("transformer.h", ("transformer.ln_f",), "GPT-2, GPT-J, Falcon, BLOOM"),
+)
+
+
+@dataclass
+class LayerMap:
+    """Where a model's transformer blocks and always-on modules are.
+
+    Attributes:
+        blocks: The transformer blocks, in forward order. ``blocks[i]`` is layer ``i``.
+        path: Dotted path of the container of ``blocks``, relative to the module given to discovery.
+        found_by: ``"override"``, ``"table"`` or ``"fallback"``: which discovery rule matched.
+        embeddings: Modules with parameters registered before the blocks.
+        final_norm: Norm modules with parameters registered after the blocks.
+        head: Other modules with parameters registered after the blocks (the LM head).
+    """
+
+    blocks: list[nn.Module]
+    path: str
+    found_by: str
+    embeddings: list[nn.Module] = field(default_factory=list)
+    final_norm: list[nn.Module] = field(default_factory=list)
+    head: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    def layer_parameters(self, index: int) -> list[nn.Parameter]:
+        """All parameters of block ``index``, in registration order."""
+        return list(self.blocks[index].parameters())
+
+    def group_parameters(self, group: str) -> list[nn.Parameter]:
+        """Parameters of an always-on group: ``"embeddings"``, ``"head"`` or ``"final_norm"``."""
+        if group not in ("embeddings", "head", "final_norm"):
+            raise ValueError(f"group={group!r} is not an always-on group; use 'embeddings', 'head' or 'final_norm'")
+        return _unique(p for module in getattr(self, group) for p in module.parameters(recurse=False))
+
+
+def discover_layers(model: nn.Module, layers: str | None = None) -> LayerMap:
+    """Find the transformer blocks of ``model`` and sort every other parameter into an always-on group.
+
+    Args:
+        model: A Hugging Face causal LM, or any module that contains one (a ``LightningModule``, a ``peft``
+            wrapper), or any model whose blocks live in an ``nn.ModuleList``.
+        layers: Optional dotted path of the block container, relative to ``model``, for example
+            ``"model.model.layers"``. It is resolved attribute by attribute, never evaluated.
+
+    Returns:
+        The :class:`LayerMap` of ``model``.
+
+    Raises:
+        ValueError: If ``layers`` does not resolve to a non-empty ``nn.ModuleList``, or if no candidate
+            container exists. The message lists the candidate paths that were seen.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+        ...     num_attention_heads=4, num_key_value_heads=4, vocab_size=100))
+        >>> layer_map = discover_layers(model)
+        >>> layer_map.path, layer_map.num_layers
+        ('model.layers', 4)
+    """
+    candidates = _module_lists(model)
+    final_norm_paths: tuple[str, ...] = ()
+    if layers is not None:
+        path, found_by = _resolve_override(model, layers, candidates), "override"
+    elif (known := _match_known_layout(candidates)) is not None:
+        (path, final_norm_paths), found_by = known, "table"
+    else:
+        path, found_by = _largest_uniform_list(model, candidates), "fallback"
+    container = model.get_submodule(path)
+    layer_map = LayerMap(blocks=list(container), path=path, found_by=found_by)
+    _assign_always_on(model, path, final_norm_paths, layer_map)
+    log.debug("discovered %d layers at %r (%s)", layer_map.num_layers, path, found_by)
+    return layer_map
+
+
+def _module_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)}
+
+
+def _resolve_override(model: nn.Module, layers: str, candidates: dict[str, nn.ModuleList]) -> str:
+    module: object = model
+    for part in layers.split("."):
+        if not part.isidentifier() or not hasattr(module, part):
+            raise ValueError(
+                f"layers={layers!r} does not resolve on {type(model).__name__}: no attribute {part!r}. "
+                f"Candidate paths: {_describe(candidates)}"
+            )
+        module = getattr(module, part)
+    if not isinstance(module, nn.ModuleList) or not len(module):
+        raise ValueError(
+            f"layers={layers!r} resolves to {type(module).__name__}, not a non-empty nn.ModuleList. "
+            f"Candidate paths: {_describe(candidates)}"
+        )
+    return layers
+
+
+def _match_known_layout(candidates: dict[str, nn.ModuleList]) -> tuple[str, tuple[str, ...]] | None:
+    for layout in KNOWN_LAYOUTS:
+        matches = [name for name in candidates if name == layout.blocks or name.endswith("." + layout.blocks)]
+        if matches:
+            path = max(matches, key=lambda name: _num_params(candidates[name]))
+            root = path[: -len(layout.blocks)]
+            return path, tuple(root + norm for norm in layout.final_norm)
+    return None
+
+
+def _largest_uniform_list(model: nn.Module, candidates: dict[str, nn.ModuleList]) -> str:
+    uniform = [name for name, container in candidates.items() if len({type(block) for block in container}) == 1]
+    if not uniform:
+        raise ValueError(
+            f"no transformer blocks found in {type(model).__name__}: no nn.ModuleList of same-class blocks. "
+            f"Candidate paths: {_describe(candidates)}. Pass layers='dotted.path.to.blocks'."
+        )
+    return max(uniform, key=lambda name: _num_params(candidates[name]))
+
+
+def _assign_always_on(model: nn.Module, path: str, final_norm_paths: tuple[str, ...], layer_map: LayerMap) -> None:
+    named = dict(model.named_modules())
+    known_norm = next((named[p] for p in final_norm_paths if p in named), None)
+    blocks_seen = False
+    for name, module in named.items():
+        if name == path:
+            blocks_seen = True
+            continue
+        if name.startswith(path + ".") or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if module is known_norm or (known_norm is None and blocks_seen and _is_norm(module)):
+            layer_map.final_norm.append(module)
+        elif blocks_seen:
+            layer_map.head.append(module)
+        else:
+            layer_map.embeddings.append(module)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _unique(params: Iterator[nn.Parameter]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _describe(candidates: dict[str, nn.ModuleList]) -> str:
+    if not candidates:
+        return "(none: the model has no nn.ModuleList)"
+    return ", ".join(f"{name} ({len(c)} x {type(c[0]).__name__})" for name, c in candidates.items())

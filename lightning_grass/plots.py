@@ -1,0 +1,114 @@
+"""Pictures of what the sampler did, drawn from ``GRASSCallback.history``.
+
+Example::
+
+    from lightning_grass import plots
+
+    plots.importance_heatmap(callback.history, "importance.png")
+    plots.selection_frequency(callback.history, "selection.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+_VALUES = ("importance", "probabilities")
+
+
+def importance_heatmap(history: Sequence[dict[str, Any]], path: str | Path, value: str = "importance") -> Path:
+    """Draw a heatmap of per-layer importance (or probability) over optimizer steps and save it as PNG.
+
+    Args:
+        history: ``GRASSCallback.history``.
+        path: Where to write the PNG; parent directories are created.
+        value: ``"importance"`` (MGN) or ``"probabilities"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If ``value`` is unknown or no record of ``history`` carries it (for example ``lisa`` mode
+            has no importance).
+    """
+    if value not in _VALUES:
+        raise ValueError(f"value={value!r} is not supported; use one of {_VALUES}")
+    records = [record for record in history if record.get(value) is not None]
+    if not records:
+        raise ValueError(f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)")
+    grid = np.array([record[value] for record in records], dtype=float).T
+    steps = [record["step"] for record in records]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(steps) + 2), max(3.0, 0.3 * grid.shape[0] + 1.5)))
+    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 12 else 0)
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer")
+    ax.set_title("mean gradient norm per layer" if value == "importance" else "sampling probability per layer")
+    fig.colorbar(image, ax=ax, label=value)
+    return _save(fig, path)
+
+
+def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:
+    """How many sampling windows each layer was active in, from the records where a resample happened.
+
+    Args:
+        history: ``GRASSCallback.history``.
+        num_layers: Number of layers of the model.
+
+    Returns:
+        ``counts[l]``: the number of resamples that made layer ``l`` active.
+    """
+    counts = [0] * num_layers
+    for record in history:
+        if record["resampled"]:
+            for layer in record["active_layers"]:
+                counts[layer] += 1
+    return counts
+
+
+def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num_layers: int | None = None) -> Path:
+    """Draw a bar chart of how often each layer was active and save it as PNG.
+
+    Args:
+        history: ``GRASSCallback.history``.
+        path: Where to write the PNG; parent directories are created.
+        num_layers: Number of layers; inferred from the records when omitted.
+
+    Returns:
+        The path written.
+    """
+    if num_layers is None:
+        num_layers = _infer_num_layers(history)
+    counts = selection_counts(history, num_layers)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * num_layers + 2), 3.0))
+    ax.bar(range(num_layers), counts, color="tab:blue")
+    ax.set_xticks(range(num_layers))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("windows active")
+    ax.set_title("layer selection frequency")
+    return _save(fig, path)
+
+
+def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:
+    for record in history:
+        for value in _VALUES:
+            if record.get(value) is not None:
+                return len(record[value])
+    return 1 + max((max(record["active_layers"]) for record in history if record["active_layers"]), default=-1)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,88 @@
+"""Tiny models and Trainer settings shared by the tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+
+
+def tiny_llama_config(num_layers: int = 4, **overrides) -> LlamaConfig:
+    settings = dict(
+        num_hidden_layers=num_layers,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+class TinyCausalLM(pl.LightningModule):
+    """A LightningModule holding a 4-layer Llama, trained with AdamW over all parameters."""
+
+    def __init__(
+        self,
+        num_layers: int = 4,
+        lr: float = 1e-2,
+        weight_decay: float = 0.1,
+        scheduler: bool = False,
+        optimizer: str = "adamw",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = LlamaForCausalLM(tiny_llama_config(num_layers))
+        self.lr, self.weight_decay, self.scheduler, self.optimizer_name = (
+            lr,
+            weight_decay,
+            scheduler,
+            optimizer,
+        )
+
+    def training_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        return self.model(input_ids=input_ids, labels=input_ids).loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if not self.scheduler:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def token_batches(num_batches: int = 8, batch_size: int = 2, seq_len: int = 12, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (num_batches * batch_size, seq_len), generator=generator)
+    return DataLoader(TensorDataset(tokens), batch_size=batch_size, shuffle=False)
+
+
+def make_trainer(**kwargs) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+@pytest.fixture
+def tiny_module() -> TinyCausalLM:
+    return TinyCausalLM()

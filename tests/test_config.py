@@ -1,0 +1,64 @@
+import pytest
+
+from lightning_grass import GRASSCallback, GRASSConfig
+
+
+def test_defaults():
+    config = GRASSConfig()
+    assert (config.mode, config.n_active, config.probe_steps, config.sample_every) == ("grass", 2, 10, 25)
+    assert (config.refresh_every, config.temperature, config.ema, config.normalize) == (25, 1.0, 0.5, "mean")
+    assert config.probes
+    assert not GRASSConfig(mode="lisa").probes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(mode="random"), ValueError, "mode='random' is not supported; use one of"),
+        (dict(n_active=0), ValueError, "n_active=0 must be an integer >= 1"),
+        (dict(n_active=1.5), TypeError, "n_active=1.5 must be an integer >= 1"),
+        (dict(probe_steps=-1), ValueError, "probe_steps=-1 must be an integer >= 0"),
+        (dict(sample_every=0), ValueError, "sample_every=0 must be an integer >= 1"),
+        (dict(update_every=-3), ValueError, "update_every=-3 must be an integer >= 1"),
+        (dict(temperature=0), ValueError, "temperature=0 must be > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature=-1.0 must be > 0"),
+        (dict(temperature="hot"), TypeError, "temperature='hot' must be a number > 0"),
+        (dict(ema=0.0), ValueError, r"ema=0.0 must be in \(0, 1\]"),
+        (dict(ema=1.5), ValueError, r"ema=1.5 must be in \(0, 1\]"),
+        (dict(normalize="zscore"), ValueError, "normalize='zscore' is not supported"),
+        (dict(seed=-1), ValueError, "seed=-1 must be an integer >= 0"),
+        (dict(layers=""), ValueError, "layers='' must be a dotted attribute path"),
+        (dict(mode="fixed"), ValueError, "fixed_layers=None: mode='fixed' needs a non-empty list"),
+        (
+            dict(mode="fixed", fixed_layers=[]),
+            ValueError,
+            r"fixed_layers=\[\]: mode='fixed' needs a non-empty list",
+        ),
+        (dict(mode="fixed", fixed_layers=[1, 3, 1]), ValueError, r"fixed_layers=\[1, 3, 1\] repeats \[1\]"),
+        (dict(mode="fixed", fixed_layers=[-1]), ValueError, "fixed_layers=-1 must be an integer >= 0"),
+        (
+            dict(mode="lisa", fixed_layers=[0]),
+            ValueError,
+            r"fixed_layers=\[0\] is only used with mode='fixed', not 'lisa'",
+        ),
+    ],
+)
+def test_every_bad_value_names_the_field_and_what_is_allowed(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GRASSCallback(**kwargs)
+
+
+def test_fixed_mode_sets_n_active_from_the_list():
+    config = GRASSConfig(mode="fixed", fixed_layers=[3, 1])
+    assert (config.fixed_layers, config.n_active) == ((1, 3), 2)
+
+
+def test_model_dependent_checks():
+    with pytest.raises(ValueError, match=r"n_active=5 must be between 1 and the number of layers \(4\)"):
+        GRASSConfig(n_active=5).check_num_layers(4)
+    with pytest.raises(
+        ValueError,
+        match=r"fixed_layers=\[1, 4\] has indices \[4\] out of range: the model has 4 layers \(0 to 3\)",
+    ):
+        GRASSConfig(mode="fixed", fixed_layers=[1, 4]).check_num_layers(4)
+    GRASSConfig(n_active=4).check_num_layers(4)
