@@ -129,7 +129,8 @@ class GRASSCallback(Callback):
         self.probabilities: Tensor | None = None
         self.phase = "probe" if self.config.probes else "train"
         self.history: list[dict[str, Any]] = []
-        self._steps_seen = 0
+        self._optimizer_steps = 0
+        self._step_pending = False
         self._generator = torch.Generator()
         self._mgn: MeanGradNorm | None = None
         self._state_to_restore: dict[str, Any] | None = None
@@ -153,15 +154,6 @@ class GRASSCallback(Callback):
     @property
     def _train_start_step(self) -> int:
         return self.config.probe_steps if self.config.probes else 0
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        grass_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, GRASSCallback)]
-        if len(grass_callbacks) > 1:
-            raise ValueError(
-                f"the Trainer has {len(grass_callbacks)} GRASSCallback instances; use exactly one, since each "
-                "would freeze the layers the other trains"
-            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,6 +193,7 @@ class GRASSCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        self._step_pending = True
         if not self._measures_steps:
             return
         assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
@@ -222,9 +215,10 @@ class GRASSCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._steps_seen:
+        if not self._step_pending:
             return
-        self._steps_seen = trainer.global_step
+        self._step_pending = False
+        self._optimizer_steps += 1
         self._on_optimizer_step_done(trainer)
 
     @override
@@ -241,7 +235,7 @@ class GRASSCallback(Callback):
         return {
             "config": dataclasses.asdict(self.config),
             "phase": self.phase,
-            "steps_seen": self._steps_seen,
+            "optimizer_steps": self._optimizer_steps,
             "active_layers": list(self.active_layers),
             "importance": self.importance,
             "probabilities": self.probabilities,
@@ -279,7 +273,7 @@ class GRASSCallback(Callback):
         if state["mgn"] is not None:
             self._mgn.load_state_dict(state["mgn"])
         self.phase = state["phase"]
-        self._steps_seen = state["steps_seen"]
+        self._optimizer_steps = state["optimizer_steps"]
         self.importance = state["importance"]
         self.probabilities = state["probabilities"]
         self.history = list(state["history"])
@@ -292,7 +286,7 @@ class GRASSCallback(Callback):
         assert self._mgn is not None
         config = self.config
         if self.phase == "probe":
-            if self._steps_seen < config.probe_steps:
+            if self._optimizer_steps < config.probe_steps:
                 return
             self._remove_probe_hooks()
             self.phase = "train"
@@ -300,7 +294,7 @@ class GRASSCallback(Callback):
             self._resample(trainer)
             self._record(trainer, resampled=True, refreshed=True)
             return
-        steps = self._steps_seen - self._train_start_step
+        steps = self._optimizer_steps - self._train_start_step
         refreshed = config.mode == "grass" and steps % config.refresh_every == 0
         resampled = config.mode != "fixed" and steps % config.sample_every == 0
         if refreshed:
@@ -424,7 +418,7 @@ class GRASSCallback(Callback):
 
     def _record(self, trainer: pl.Trainer, resampled: bool, refreshed: bool) -> None:
         record = {
-            "step": self._steps_seen,
+            "step": self._optimizer_steps,
             "active_layers": list(self.active_layers),
             "importance": None if self.importance is None else self.importance.tolist(),
             "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
@@ -440,7 +434,7 @@ class GRASSCallback(Callback):
             if record["importance"] is not None:
                 metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=self._steps_seen)
+            logger.log_metrics(metrics, step=self._optimizer_steps)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

@@ -1,0 +1,357 @@
+"""GRASSCallback inside a real Trainer: freezing, probing, MGN, sampling, precision, state, resume."""
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from conftest import TinyCausalLM, make_trainer, token_batches
+from lightning_grass import GRASSCallback
+
+NUM_LAYERS = 4
+
+
+def layers_of(module):
+    return module.model.model.layers
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed_layers(before, module):
+    changed = set()
+    for i, layer in enumerate(layers_of(module)):
+        for name, p in layer.named_parameters():
+            if not torch.equal(before[f"model.model.layers.{i}.{name}"], p):
+                changed.add(i)
+    return changed
+
+
+def layer_rms(layer) -> float | None:
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    numel = sum(p.numel() for p in layer.parameters())
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads) / numel)
+
+
+def reference_probe_mgn(module, loader, steps, accumulate=1, skip_steps=()):
+    """MGN by hand: per-step layer gradient RMS of the accumulated gradient, averaged over the kept steps."""
+    module = copy.deepcopy(module)
+    batches = iter(loader)
+    per_step = []
+    for step in range(steps):
+        module.zero_grad(set_to_none=True)
+        for _ in range(accumulate):
+            (module.training_step(next(batches), 0) / accumulate).backward()
+        if step not in skip_steps:
+            per_step.append([layer_rms(layer) for layer in layers_of(module)])
+    return torch.tensor(per_step, dtype=torch.float64).mean(0)
+
+
+class GradSpy(Callback):
+    """Records each layer's gradient RMS just before the optimizer step, computed with plain Python loops."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps.append((trainer.global_step + 1, [layer_rms(layer) for layer in layers_of(pl_module)]))
+
+
+def precision_settings(precision):
+    """Lightning turns '16-mixed' into bf16 on CPU; an explicit plugin keeps fp16 with a real grad scaler."""
+    if precision == "16-mixed":
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+def fit(module, callback, max_steps, loader=None, **trainer_kwargs):
+    trainer = make_trainer(
+        max_steps=max_steps, callbacks=[callback, *trainer_kwargs.pop("extra_callbacks", [])], **trainer_kwargs
+    )
+    trainer.fit(module, loader or token_batches())
+    return trainer
+
+
+def test_probing_updates_nothing_and_frees_block_gradients():
+    module = TinyCausalLM(weight_decay=0.1, scheduler=True)
+    before = snapshot(module)
+    spy = GradSpy()
+    trainer = make_trainer(max_steps=3, callbacks=[spy, GRASSCallback(probe_steps=3)])
+    trainer.fit(module, token_batches())
+
+    assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
+    assert trainer.optimizers[0].state == {}
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # the schedule still advanced
+    # Block gradients were folded into MGN and freed during backward: none was alive at the optimizer step.
+    assert [rms for _, rms in spy.steps] == [[None] * NUM_LAYERS] * 3
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_probe_mgn_matches_hand_computation(accumulate):
+    module = TinyCausalLM()
+    expected = reference_probe_mgn(module, token_batches(), steps=3, accumulate=accumulate)
+    callback = GRASSCallback(probe_steps=3)
+    fit(module, callback, max_steps=3, accumulate_grad_batches=accumulate)
+
+    assert callback.phase == "train"
+    assert callback.history[0]["step"] == 3
+    assert torch.allclose(callback.importance.double(), expected, rtol=1e-5, atol=0)
+    assert callback.probabilities.sum().item() == pytest.approx(1.0)
+
+
+def test_refresh_is_ema_of_window_mgn_for_active_layers_only():
+    module = TinyCausalLM()
+    spy = GradSpy()
+    callback = GRASSCallback(probe_steps=2, sample_every=3, ema=0.3, seed=1)
+    fit(module, callback, max_steps=5, extra_callbacks=[spy])
+    probe, refresh = callback.history
+    assert (probe["step"], refresh["step"]) == (2, 5)
+    assert refresh["refreshed"] and refresh["resampled"]
+
+    window = [rms for step, rms in spy.steps if 2 < step <= 5]
+    for layer in range(NUM_LAYERS):
+        seen = [step_rms[layer] for step_rms in window]
+        if layer in probe["active_layers"]:
+            expected = 0.3 * sum(seen) / len(seen) + 0.7 * probe["importance"][layer]
+        else:
+            assert seen == [None, None, None], "a frozen layer has no gradient"
+            expected = probe["importance"][layer]
+        assert refresh["importance"][layer] == pytest.approx(expected, rel=1e-5)
+
+
+def test_frozen_layers_are_bit_identical_and_active_layers_change_over_a_window():
+    module = TinyCausalLM(weight_decay=0.1)
+    before = snapshot(module)
+    callback = GRASSCallback(n_active=2, probe_steps=2, sample_every=4, seed=0)
+    fit(module, callback, max_steps=5)
+
+    window_layers = set(callback.history[0]["active_layers"])
+    assert len(window_layers) == 2
+    assert changed_layers(before, module) == window_layers
+    for name in ("model.model.embed_tokens.weight", "model.model.norm.weight", "model.lm_head.weight"):
+        assert not torch.equal(before[name], module.get_parameter(name)), f"{name} is always on"
+
+
+def test_always_on_modules_can_be_frozen():
+    module = TinyCausalLM()
+    before = snapshot(module)
+    callback = GRASSCallback(mode="lisa", train_embeddings=False, train_head=False, train_final_norm=False, seed=0)
+    fit(module, callback, max_steps=3)
+    for name in ("model.model.embed_tokens.weight", "model.model.norm.weight", "model.lm_head.weight"):
+        assert torch.equal(before[name], module.get_parameter(name))
+    assert changed_layers(before, module) == set(callback.active_layers)
+    assert all(p.requires_grad for p in module.parameters()), "teardown makes every managed parameter trainable again"
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    def run(seed):
+        callback = GRASSCallback(mode="lisa", n_active=2, sample_every=1, seed=seed)
+        fit(TinyCausalLM(), callback, max_steps=8)
+        return [record["active_layers"] for record in callback.history]
+
+    first = run(3)
+    assert len(first) == 9
+    assert first == run(3)
+    assert first != run(4)
+
+
+def test_seed_none_follows_seed_everything():
+    def run():
+        pl.seed_everything(11, verbose=False)
+        callback = GRASSCallback(mode="lisa", sample_every=1)
+        fit(TinyCausalLM(), callback, max_steps=6)
+        return [record["active_layers"] for record in callback.history]
+
+    assert run() == run()
+
+
+def test_resampling_happens_on_optimizer_steps_not_micro_batches():
+    callback = GRASSCallback(mode="lisa", sample_every=2, seed=0)
+    trainer = fit(TinyCausalLM(), callback, max_steps=6, accumulate_grad_batches=2)
+    assert trainer.global_step == 6
+    assert [record["step"] for record in callback.history] == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_probes_and_trains(precision):
+    module = TinyCausalLM()
+    before = snapshot(module)
+    expected = reference_probe_mgn(module, token_batches(), steps=3)
+    callback = GRASSCallback(probe_steps=3, sample_every=2, seed=0)
+    fit(module, callback, max_steps=3, **precision_settings(precision))
+    assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
+    # Autocast changes the arithmetic, not the scale: unscaled MGN stays within a few percent of fp32.
+    assert torch.allclose(callback.importance.double(), expected, rtol=0.05)
+
+    fit(module, callback, max_steps=4, **precision_settings(precision))
+    assert [record["step"] for record in callback.history] == [3, 5, 7]
+    assert changed_layers(before, module)
+    assert torch.isfinite(callback.importance).all()
+
+
+class InjectInf(Callback):
+    """Makes one always-on gradient infinite at a chosen optimizer step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            pl_module.model.lm_head.weight.grad[0, 0] = float("inf")
+
+
+def test_a_non_finite_step_contributes_nothing_to_mgn():
+    module = TinyCausalLM()
+    expected = reference_probe_mgn(module, token_batches(), steps=3, skip_steps=(1,))
+    callback = GRASSCallback(probe_steps=3)
+    fit(module, callback, max_steps=3, extra_callbacks=[InjectInf(step=1)])
+    assert torch.allclose(callback.importance.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_a_step_the_grad_scaler_skips_contributes_nothing():
+    scales = []
+
+    class RecordScale(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    spy = GradSpy()
+    callback = GRASSCallback(probe_steps=1, sample_every=2, ema=0.5, seed=0)
+    extra = [spy, InjectInf(step=2), RecordScale()]
+    fit(TinyCausalLM(), callback, max_steps=3, extra_callbacks=extra, **precision_settings("16-mixed"))
+    assert scales[2] == scales[1] / 2, "the scaler saw the inf at step 3 and skipped it"
+
+    probe, refresh = callback.history
+    step_2 = spy.steps[1][1]
+    for layer in range(NUM_LAYERS):
+        expected = probe["importance"][layer]
+        if layer in probe["active_layers"]:
+            expected = 0.5 * step_2[layer] + 0.5 * expected  # step 3 is not in the window mean
+        assert refresh["importance"][layer] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_clipping_leaves_mgn_unclipped():
+    module = TinyCausalLM()
+    expected = reference_probe_mgn(module, token_batches(), steps=2)
+    callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+    before = snapshot(module)
+    fit(module, callback, max_steps=4, gradient_clip_val=1e-3)
+    assert torch.allclose(torch.tensor(callback.history[0]["importance"], dtype=torch.float64), expected, rtol=1e-5)
+    assert changed_layers(before, module) == set(callback.history[0]["active_layers"])
+
+
+def test_gradient_checkpointing_with_frozen_leading_layers():
+    module = TinyCausalLM()
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    before = snapshot(module)
+    fit(module, GRASSCallback(mode="fixed", fixed_layers=[2, 3]), max_steps=3)
+    assert changed_layers(before, module) == {2, 3}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimizer_holds_state_only_for_active_and_always_on_parameters(optimizer):
+    module = TinyCausalLM(optimizer=optimizer)
+    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=2, seed=2)
+    trainer = fit(module, callback, max_steps=9)
+    assert len({tuple(r["active_layers"]) for r in callback.history}) > 2, "several different active sets were drawn"
+
+    active = {id(p) for i in callback.active_layers for p in layers_of(module)[i].parameters()}
+    always_on = {
+        id(p)
+        for p in (module.model.model.embed_tokens.weight, module.model.model.norm.weight, module.model.lm_head.weight)
+    }
+    assert {id(p) for p in trainer.optimizers[0].state} == active | always_on
+
+
+def test_peft_base_weights_stay_frozen():
+    peft = pytest.importorskip("peft", reason="peft is installed by the dev extra")
+    module = TinyCausalLM()
+    module.model = peft.get_peft_model(module.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(module)
+    callback = GRASSCallback(mode="lisa", n_active=1, sample_every=3, seed=0)
+    fit(module, callback, max_steps=3)
+    changed = {name for name, p in module.named_parameters() if not torch.equal(before[name], p)}
+    (layer,) = callback.active_layers
+    assert changed and all("lora_" in name and f"layers.{layer}." in name for name in changed)
+    assert callback.layer_map.path == "model.base_model.model.model.layers"
+
+
+def test_optimizer_missing_layer_parameters_is_refused():
+    class PartialOptimizer(TinyCausalLM):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.model.layers[0].parameters())
+
+    with pytest.raises(
+        ValueError,
+        match=r"the optimizer does not hold 30 trainable parameters .*embed_tokens.weight.*AdamW\(self.parameters\(\)\)",
+    ):
+        fit(PartialOptimizer(), GRASSCallback(), max_steps=1)
+
+
+def test_two_callbacks_are_refused_when_the_trainer_is_built():
+    with pytest.raises(RuntimeError, match="Found more than one stateful callback of type `GRASSCallback`"):
+        make_trainer(max_steps=1, callbacks=[GRASSCallback(), GRASSCallback(mode="lisa")])
+
+
+def test_n_active_larger_than_the_model_is_refused_before_training():
+    module = TinyCausalLM()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=r"n_active=5 must be between 1 and the number of layers \(4\)"):
+        fit(module, GRASSCallback(n_active=5), max_steps=1)
+    assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
+
+
+def test_resample_and_refresh_records_go_to_the_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+    fit(TinyCausalLM(), callback, max_steps=6, logger=CSVLogger(tmp_path, name="run"))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    logged = {int(row["step"]): row for row in rows if row.get("grass/importance/layer_00")}
+    assert sorted(logged) == [record["step"] for record in callback.history] == [2, 4, 6]
+    for record in callback.history:
+        row = logged[record["step"]]
+        for layer in range(NUM_LAYERS):
+            assert float(row[f"grass/importance/layer_{layer:02d}"]) == pytest.approx(record["importance"][layer])
+            assert float(row[f"grass/probability/layer_{layer:02d}"]) == pytest.approx(record["probabilities"][layer])
+            assert float(row[f"grass/active/layer_{layer:02d}"]) == float(layer in record["active_layers"])
+
+
+def _train(max_steps, checkpoint_dir=None, resume_from=None):
+    module = TinyCausalLM(weight_decay=0.1)
+    callback = GRASSCallback(probe_steps=4, sample_every=3, update_every=2, seed=0)
+    callbacks = [callback]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(checkpoint_dir, filename="{step}", every_n_train_steps=3, save_top_k=-1))
+    trainer = make_trainer(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=checkpoint_dir is not None)
+    # 3 batches per epoch: checkpoints fall on epoch boundaries, where a plain DataLoader resumes exactly.
+    trainer.fit(module, token_batches(num_batches=3), ckpt_path=resume_from)
+    return module, callback, trainer
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 6], ids=["while-probing", "mid-window"])
+def test_resume_is_bit_exact(tmp_path, interrupt_at):
+    full_module, full_callback, full_trainer = _train(12, checkpoint_dir=tmp_path)
+    module, callback, trainer = _train(12, resume_from=tmp_path / f"step={interrupt_at}.ckpt")
+
+    assert trainer.global_step == full_trainer.global_step == 12
+    for name, p in full_module.named_parameters():
+        assert torch.equal(p, module.get_parameter(name)), name
+    assert callback.history == full_callback.history
+    assert [r["step"] for r in callback.history] == [4, 6, 7, 8, 10, 12]
+    assert torch.equal(callback.importance, full_callback.importance)
+    assert callback.active_layers == full_callback.active_layers
+    full_state = full_trainer.optimizers[0].state_dict()["state"]
+    state = trainer.optimizers[0].state_dict()["state"]
+    assert full_state.keys() == state.keys()
+    for key in full_state:
+        assert all(torch.equal(full_state[key][k], state[key][k]) for k in full_state[key]), key

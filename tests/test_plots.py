@@ -1,0 +1,63 @@
+import pytest
+
+from lightning_grass import plots
+
+HISTORY = [
+    {
+        "step": 2,
+        "active_layers": [0, 2],
+        "importance": [1.0, 2.0, 3.0],
+        "probabilities": [0.2, 0.3, 0.5],
+        "resampled": True,
+        "refreshed": True,
+    },
+    {
+        "step": 3,
+        "active_layers": [0, 2],
+        "importance": [1.5, 2.0, 2.5],
+        "probabilities": [0.3, 0.3, 0.4],
+        "resampled": False,
+        "refreshed": True,
+    },
+    {
+        "step": 4,
+        "active_layers": [1, 2],
+        "importance": [1.5, 2.0, 2.5],
+        "probabilities": [0.3, 0.3, 0.4],
+        "resampled": True,
+        "refreshed": False,
+    },
+]
+LISA_HISTORY = [
+    {
+        "step": 0,
+        "active_layers": [3],
+        "importance": None,
+        "probabilities": [0.25] * 4,
+        "resampled": True,
+        "refreshed": False,
+    },
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_selection_counts_count_resamples_only():
+    assert plots.selection_counts(HISTORY, 3) == [1, 1, 2]
+
+
+@pytest.mark.parametrize("value", ["importance", "probabilities"])
+def test_heatmap_is_written_as_png(tmp_path, value):
+    path = plots.importance_heatmap(HISTORY, tmp_path / "deep" / "heatmap.png", value=value)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_selection_frequency_is_written_as_png_and_infers_layer_count(tmp_path):
+    path = plots.selection_frequency(LISA_HISTORY, tmp_path / "selection.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_heatmap_without_importance_says_why(tmp_path):
+    with pytest.raises(ValueError, match="no history record has 'importance'"):
+        plots.importance_heatmap(LISA_HISTORY, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="value='loss' is not supported"):
+        plots.importance_heatmap(HISTORY, tmp_path / "x.png", value="loss")
