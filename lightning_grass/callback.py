@@ -48,8 +48,8 @@ class GRASSCallback(Callback):
     Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
     weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
 
-    Measurements happen on optimizer-step boundaries (after gradient accumulation, after AMP unscaling,
-    before clipping), with batched tensor ops and no host synchronisation; the host reads the accumulators
+    Measurements happen on optimizer-step boundaries (after gradient accumulation, after AMP unscaling (also
+    for fused optimizers that unscale inside ``step()``), before clipping), with batched tensor ops and no host synchronisation; the host reads the accumulators
     only when it refreshes or resamples. A step with a non-finite gradient contributes nothing to MGN.
 
     Without an offloading strategy, the optimizer states of a layer that is deactivated are dropped, so a
@@ -203,8 +203,11 @@ class GRASSCallback(Callback):
             self._group_index(tuple(present)),
             self.layer_map.num_layers + 1,
         )
+        scale_sq = _grad_scale(trainer).square()
+        if _unscales_in_step(optimizer):
+            sq_norms = sq_norms / scale_sq
         if self.phase == "probe":
-            sq_norms = sq_norms + self._probe_sq / _grad_scale(trainer).square()
+            sq_norms = sq_norms + self._probe_sq / scale_sq
             self._probe_sq.zero_()
             for params in (*self._layer_params, self._always_on_params):
                 for p in params:
@@ -439,6 +442,11 @@ class GRASSCallback(Callback):
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _unscales_in_step(optimizer: Optimizer) -> bool:
+    """Fused optimizers unscale inside ``step()``: Lightning then skips ``unscale_`` and the hook sees scaled grads."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def _grad_scale(trainer: pl.Trainer) -> Tensor:

@@ -22,7 +22,8 @@ class GRASSConfig:
         n_active: gamma, how many layers train at once. Default 2: the smallest set that lets two
             consecutive layers adapt together; the paper finds larger gamma better, at more memory.
         probe_steps: T_p, optimizer steps of full backward at the start that measure every layer and update
-            nothing. Default 10: enough steps to average out batch noise, short next to a fine-tuning run.
+            nothing; at least 1 in the ``grass`` modes (``lisa`` is the mode without probing), ignored in the
+            others. Default 10: enough steps to average out batch noise, short next to a fine-tuning run.
         sample_every: T_s, optimizer steps between resamples. Default 25: the paper's best range is 25 to
             50, and T_s = 5 was too noisy.
         update_every: T_u, optimizer steps between importance refreshes. ``None`` (default) means
@@ -60,7 +61,7 @@ class GRASSConfig:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
-        _check_int("probe_steps", self.probe_steps, minimum=0)
+        _check_int("probe_steps", self.probe_steps, minimum=1 if self.mode in ("grass", "grass_static") else 0)
         _check_int("sample_every", self.sample_every, minimum=1)
         if self.update_every is not None:
             _check_int("update_every", self.update_every, minimum=1)
@@ -91,7 +92,7 @@ class GRASSConfig:
     @property
     def probes(self) -> bool:
         """Whether this mode starts with a probing phase."""
-        return self.mode in ("grass", "grass_static") and self.probe_steps > 0
+        return self.mode in ("grass", "grass_static")
 
     def check_num_layers(self, num_layers: int) -> None:
         """Validate the settings that depend on the model.

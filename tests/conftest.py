@@ -53,7 +53,9 @@ class TinyCausalLM(pl.LightningModule):
         return self.model(input_ids=input_ids, labels=input_ids).loss
 
     def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
+        if self.optimizer_name == "fused_adamw":
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        elif self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

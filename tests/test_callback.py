@@ -198,6 +198,19 @@ def test_mixed_precision_probes_and_trains(precision):
     assert torch.isfinite(callback.importance).all()
 
 
+def test_fused_optimizer_under_fp16_gives_unscaled_mgn():
+    """Lightning leaves gradients scaled for optimizers that unscale in step(); MGN must divide the scale out."""
+
+    def history(optimizer):
+        callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+        fit(TinyCausalLM(optimizer=optimizer), callback, max_steps=6, **precision_settings("16-mixed"))
+        return torch.tensor([record["importance"] for record in callback.history])
+
+    fused, plain = history("fused_adamw"), history("adamw")
+    assert fused.shape == (3, NUM_LAYERS)
+    assert torch.allclose(fused, plain, rtol=1e-2)
+
+
 class InjectInf(Callback):
     """Makes one always-on gradient infinite at a chosen optimizer step."""
 

@@ -9,6 +9,7 @@ def test_defaults():
     assert (config.refresh_every, config.temperature, config.ema, config.normalize) == (25, 1.0, 0.5, "mean")
     assert config.probes
     assert not GRASSConfig(mode="lisa").probes
+    assert not GRASSConfig(mode="lisa", probe_steps=0).probes
 
 
 @pytest.mark.parametrize(
@@ -17,7 +18,10 @@ def test_defaults():
         (dict(mode="random"), ValueError, "mode='random' is not supported; use one of"),
         (dict(n_active=0), ValueError, "n_active=0 must be an integer >= 1"),
         (dict(n_active=1.5), TypeError, "n_active=1.5 must be an integer >= 1"),
-        (dict(probe_steps=-1), ValueError, "probe_steps=-1 must be an integer >= 0"),
+        (dict(probe_steps=-1), ValueError, "probe_steps=-1 must be an integer >= 1"),
+        (dict(probe_steps=0), ValueError, "probe_steps=0 must be an integer >= 1"),
+        (dict(mode="grass_static", probe_steps=0), ValueError, "probe_steps=0 must be an integer >= 1"),
+        (dict(mode="lisa", probe_steps=-2), ValueError, "probe_steps=-2 must be an integer >= 0"),
         (dict(sample_every=0), ValueError, "sample_every=0 must be an integer >= 1"),
         (dict(update_every=-3), ValueError, "update_every=-3 must be an integer >= 1"),
         (dict(temperature=0), ValueError, "temperature=0 must be > 0"),
