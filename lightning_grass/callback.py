@@ -48,9 +48,10 @@ class GRASSCallback(Callback):
     Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
     weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
 
-    Measurements happen on optimizer-step boundaries (after gradient accumulation, after AMP unscaling (also
-    for fused optimizers that unscale inside ``step()``), before clipping), with batched tensor ops and no host synchronisation; the host reads the accumulators
-    only when it refreshes or resamples. A step with a non-finite gradient contributes nothing to MGN.
+    Measurements happen on optimizer-step boundaries: after gradient accumulation, after AMP unscaling (also
+    for fused optimizers that unscale inside ``step()``), before clipping. They use batched tensor ops and no
+    host synchronisation; the host reads the accumulators only when it refreshes or resamples. A step with a
+    non-finite layer gradient, or one the grad scaler skips, contributes nothing to MGN.
 
     Without an offloading strategy, the optimizer states of a layer that is deactivated are dropped, so a
     layer that is drawn again restarts its moments and deactivated layers hold no memory.
@@ -170,7 +171,7 @@ class GRASSCallback(Callback):
         device = self._layer_params_device()
         numel = torch.tensor([sum(p.numel() for p in params) for params in self._layer_params])
         self._mgn = MeanGradNorm(numel, device=device)
-        self._probe_sq = torch.zeros(self.layer_map.num_layers + 1, device=device)
+        self._probe_sq = torch.zeros(self.layer_map.num_layers, device=device)
         self._free_probe_grads = bool(self._always_on_params) or _grad_scaler(trainer) is None
         if state is not None:
             self._restore(state)
@@ -197,22 +198,25 @@ class GRASSCallback(Callback):
         if not self._measures_steps:
             return
         assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
-        present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
-        sq_norms = grouped_sq_norms(
-            [self._measured_params[i].grad for i in present],
-            self._group_index(tuple(present)),
-            self.layer_map.num_layers + 1,
-        )
         scale_sq = _grad_scale(trainer).square()
-        if _unscales_in_step(optimizer):
-            sq_norms = sq_norms / scale_sq
         if self.phase == "probe":
-            sq_norms = sq_norms + self._probe_sq / scale_sq
+            layer_sq = self._probe_sq / scale_sq
             self._probe_sq.zero_()
+            _record_scaler_inf_check(trainer, optimizer)
             for params in (*self._layer_params, self._always_on_params):
                 for p in params:
                     p.grad = None
-        self._mgn.accumulate(sq_norms[:-1], self._active_mask, torch.isfinite(sq_norms).all())
+        else:
+            present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
+            grads = [self._measured_params[i].grad for i in present]
+            layer_sq = grouped_sq_norms(grads, self._group_index(tuple(present)), self.layer_map.num_layers)
+            if _unscales_in_step(optimizer):
+                layer_sq = layer_sq / scale_sq
+        step_is_finite = torch.isfinite(layer_sq).all()
+        found_inf = _scaler_found_inf(trainer, optimizer, layer_sq.device)
+        if found_inf is not None:
+            step_is_finite = step_is_finite & (found_inf == 0)
+        self._mgn.accumulate(layer_sq, self._active_mask, step_is_finite)
 
     @override
     def on_train_batch_end(
@@ -336,18 +340,14 @@ class GRASSCallback(Callback):
         self._set_measured_params()
 
     def _set_measured_params(self) -> None:
-        """The parameters whose gradients are read at each step, and the group (layer, or L) of each."""
-        num_layers = self.layer_map.num_layers
-        block_params = (
-            [] if self.phase == "probe" else [(i, p) for i in self.active_layers for p in self._layer_params[i]]
-        )
-        measured = block_params + [(num_layers, p) for p in self._always_on_params]
+        """The parameters whose gradients are read at each training step, and the layer of each."""
+        measured = [(i, p) for i in self.active_layers for p in self._layer_params[i]]
         self._measured_params = [p for _, p in measured]
-        self._measured_groups = [group for group, _ in measured]
+        self._measured_groups = [layer for layer, _ in measured]
         self._group_index_cache.clear()
 
     def _group_index(self, present: tuple[int, ...]) -> Tensor:
-        """Group index of the measured parameters that have a gradient, cached so that no step copies it."""
+        """Layer index of the measured parameters that have a gradient, cached so that no step copies it."""
         index = self._group_index_cache.get(present)
         if index is None:
             groups = torch.tensor([self._measured_groups[i] for i in present], dtype=torch.long)
@@ -447,6 +447,31 @@ def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
 def _unscales_in_step(optimizer: Optimizer) -> bool:
     """Fused optimizers unscale inside ``step()``: Lightning then skips ``unscale_`` and the hook sees scaled grads."""
     return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def _scaler_found_inf(trainer: pl.Trainer, optimizer: Optimizer, device: torch.device) -> Tensor | None:
+    """The grad scaler's own non-finite check of this step (a device tensor), if it has made one yet.
+
+    ``unscale_`` records it before ``on_before_optimizer_step``; ``scaler.step`` skips the step when it is
+    non-zero. Optimizers that unscale inside ``step()`` have no record yet, and ``None`` is returned.
+    """
+    scaler = _grad_scaler(trainer)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return sum(value.to(device) for value in found.values()) if found else None
+
+
+def _record_scaler_inf_check(trainer: pl.Trainer, optimizer: Optimizer) -> None:
+    """Let the grad scaler check this step's gradients before probing removes them.
+
+    For optimizers that unscale inside ``step()``, Lightning does not call ``unscale_`` and the scaler checks
+    gradients inside ``scaler.step``. Probing removes the gradients first, and ``scaler.update`` would then
+    fail for want of a check, so the check is made here, while the gradients still exist.
+    """
+    scaler = _grad_scaler(trainer)
+    if scaler is not None and scaler.is_enabled() and _unscales_in_step(optimizer):
+        scaler.unscale_(optimizer)
 
 
 def _grad_scale(trainer: pl.Trainer) -> Tensor:

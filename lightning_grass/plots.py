@@ -1,5 +1,8 @@
 """Pictures of what the sampler did, drawn from ``GRASSCallback.history``.
 
+Figures are built with matplotlib's object API, so importing this module leaves pyplot's global state and
+backend alone.
+
 Example::
 
     from lightning_grass import plots
@@ -14,11 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 _VALUES = ("importance", "probabilities")
 
@@ -45,7 +45,8 @@ def importance_heatmap(history: Sequence[dict[str, Any]], path: str | Path, valu
         raise ValueError(f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)")
     grid = np.array([record[value] for record in records], dtype=float).T
     steps = [record["step"] for record in records]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(steps) + 2), max(3.0, 0.3 * grid.shape[0] + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.35 * len(steps) + 2), max(3.0, 0.3 * grid.shape[0] + 1.5)))
+    ax = fig.subplots()
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 12 else 0)
     ax.set_yticks(range(grid.shape[0]))
@@ -88,7 +89,8 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
     if num_layers is None:
         num_layers = _infer_num_layers(history)
     counts = selection_counts(history, num_layers)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * num_layers + 2), 3.0))
+    fig = Figure(figsize=(max(4.0, 0.35 * num_layers + 2), 3.0))
+    ax = fig.subplots()
     ax.bar(range(num_layers), counts, color="tab:blue")
     ax.set_xticks(range(num_layers))
     ax.set_xlabel("layer")
@@ -105,10 +107,9 @@ def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:
     return 1 + max((max(record["active_layers"]) for record in history if record["active_layers"]), default=-1)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
