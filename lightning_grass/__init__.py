@@ -1,8 +1,15 @@
 """lightning_grass: GRASS layer-wise importance sampling for full-parameter fine-tuning with PyTorch Lightning."""
 
+from lightning.pytorch.strategies import StrategyRegistry
+
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.config import GRASSConfig
 from lightning_grass.layer_discovery import LayerMap, discover_layers
+from lightning_grass.layer_listener import ActiveLayerListener
+from lightning_grass.strategy import GRASSStrategy
 
-__all__ = ["GRASSCallback", "GRASSConfig", "LayerMap", "discover_layers"]
+# Lightning finds strategy names by registration at import time, not through entry points.
+GRASSStrategy.register_strategies(StrategyRegistry)
+
+__all__ = ["ActiveLayerListener", "GRASSCallback", "GRASSConfig", "GRASSStrategy", "LayerMap", "discover_layers"]
 __version__ = "0.1.0"

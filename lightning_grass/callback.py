@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_grass.config import GRASSConfig
 from lightning_grass.importance import MeanGradNorm, grouped_sq_norms
 from lightning_grass.layer_discovery import LayerMap, discover_layers
+from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class GRASSCallback(Callback):
     host synchronisation; the host reads the accumulators only when it refreshes or resamples. A step with a
     non-finite layer gradient, or one the grad scaler skips, contributes nothing to MGN.
 
-    Without an offloading strategy, the optimizer states of a layer that is deactivated are dropped, so a
-    layer that is drawn again restarts its moments and deactivated layers hold no memory.
+    With ``Trainer(strategy="grass")`` (:class:`~lightning_grass.GRASSStrategy`), the states of deactivated
+    layers are kept off the device and a layer drawn again resumes its moments. With any other strategy they
+    are dropped, so that deactivated layers hold no memory, and a layer drawn again restarts its moments.
 
     Args:
         n_active: gamma, layers trained at once.
@@ -136,6 +138,7 @@ class GRASSCallback(Callback):
         self._mgn: MeanGradNorm | None = None
         self._state_to_restore: dict[str, Any] | None = None
         self._optimizer: Optimizer | None = None
+        self._listener: ActiveLayerListener | None = None
         self._layer_params: list[list[nn.Parameter]] = []
         self._always_on_params: list[nn.Parameter] = []
         self._frozen_always_on_params: list[nn.Parameter] = []
@@ -166,6 +169,10 @@ class GRASSCallback(Callback):
         self._state_to_restore = None
         self.layer_map = discover_layers(pl_module, self.config.layers)
         self.config.check_num_layers(self.layer_map.num_layers)
+        strategy = trainer.strategy
+        self._listener = strategy if isinstance(strategy, ActiveLayerListener) else None
+        if self._listener is not None:
+            self._listener.on_layer_map(self.layer_map)
         self._optimizer = trainer.optimizers[0]
         self._collect_parameters(pl_module)
         device = self._layer_params_device()
@@ -177,10 +184,15 @@ class GRASSCallback(Callback):
             self._restore(state)
         else:
             self._start(trainer)
+        states = (
+            f"{type(strategy).__name__} keeps the optimizer states of deactivated layers"
+            if self._listener is not None
+            else "Optimizer states of deactivated layers are dropped, and a layer drawn again restarts its moments; "
+            "Trainer(strategy='grass') keeps them off the device instead"
+        )
         rank_zero_info(
             f"GRASS: mode={self.config.mode}, {self.config.n_active} of {self.layer_map.num_layers} layers active "
-            f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). Optimizer states of "
-            "deactivated layers are dropped; a layer drawn again restarts its moments."
+            f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). {states}."
         )
 
     @override
@@ -331,9 +343,12 @@ class GRASSCallback(Callback):
                 p.requires_grad_(index in active)
                 if index not in active:
                     p.grad = None
-        for index in leaving:
-            for p in self._layer_params[index]:
-                self._optimizer.state.pop(p, None)
+        if self._listener is not None:
+            self._listener.on_active_layers(self.active_layers)
+        else:
+            for index in leaving:
+                for p in self._layer_params[index]:
+                    self._optimizer.state.pop(p, None)
         mask = torch.zeros(self.layer_map.num_layers, dtype=torch.bool)
         mask[self.active_layers] = True
         self._active_mask = mask.to(self._mgn.layer_numel.device)

@@ -1,0 +1,101 @@
+"""Backing tier on disk: one file per layer group, read and written by a background I/O thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lightning_grass.offload.transfer import TensorSpec, Transfer
+
+log = logging.getLogger(__name__)
+
+
+class DiskTier:
+    """Keeps each layer group's offloaded state tensors in one file, like ZeRO-Infinity's NVMe tier.
+
+    Reads and writes run on a single background thread, so they overlap with compute on the main thread
+    (file I/O releases the GIL). Files are written and read with plain ``write``/``readinto`` into freshly
+    allocated tensors rather than memory-mapped: pages of a mapped file that were touched would count as
+    the process's resident memory, which is what this tier exists to reduce. The operating system's page
+    cache may still keep recently written layers in RAM; it gives that memory back under pressure.
+
+    Resident tensors must be on the CPU; for states on CUDA, use :class:`HostTier`.
+
+    Args:
+        directory: Where to create this run's folder of layer files. ``None`` uses the system temp folder.
+
+    Raises:
+        ValueError: If ``directory`` cannot be created or written to.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="grass-offload-", dir=parent))
+        except OSError as error:
+            raise ValueError(
+                f"offload_dir={str(parent)!r} is not a writable directory ({error.strerror}); choose a folder this "
+                "process can create files in"
+            ) from error
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grass-disk-tier")
+        self._layouts: dict[int, list[TensorSpec]] = {}
+
+    def write(self, group: int, tensors: list[torch.Tensor]) -> Transfer:
+        """Start writing ``tensors`` to the file of ``group``; keep them alive until the transfer is done."""
+        for tensor in tensors:
+            if tensor.device.type != "cpu":
+                raise ValueError(f"the disk tier takes CPU tensors, got one on {tensor.device}; use offload='cpu'")
+        self._layouts[group] = [TensorSpec.of(t) for t in tensors]
+        path = self._path(group)
+        return Transfer.from_future(self._executor.submit(_write_file, path, tensors))
+
+    def read(self, group: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
+        """Allocate CPU tensors for ``specs`` and start filling them from the file of ``group``."""
+        tensors = [torch.empty(spec.shape, dtype=spec.dtype, device="cpu") for spec in specs]
+        future = self._executor.submit(_read_file, self._path(group), tensors)
+        return tensors, Transfer.from_future(future)
+
+    def read_to_cpu(self, group: int) -> list[torch.Tensor]:
+        """The tensors of ``group``, read synchronously, for checkpoints."""
+        tensors, transfer = self.read(group, self._layouts[group])
+        transfer.wait()
+        return tensors
+
+    def backing_bytes(self) -> int:
+        """Bytes held in layer files."""
+        return sum(spec.nbytes for specs in self._layouts.values() for spec in specs)
+
+    def close(self) -> None:
+        """Finish pending I/O, stop the I/O thread and delete this run's folder."""
+        self._executor.shutdown(wait=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self._layouts.clear()
+
+    def _path(self, group: int) -> Path:
+        return self.directory / f"group_{group:04d}.bin"
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _write_file(path: Path, tensors: list[torch.Tensor]) -> None:
+    with open(path, "wb") as file:
+        for tensor in tensors:
+            file.write(_raw_bytes(tensor))
+
+
+def _read_file(path: Path, tensors: list[torch.Tensor]) -> None:
+    with open(path, "rb") as file:
+        for tensor in tensors:
+            view = _raw_bytes(tensor)
+            if file.readinto(view) != len(view):
+                raise OSError(f"offload file {path} is shorter than the layer state it should hold")

@@ -1,0 +1,56 @@
+"""What a backing tier hands back: tensor specs and handles on copies in flight."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and device of one optimizer-state tensor, as it must look when it is resident."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of an existing tensor."""
+        return cls(tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+class Transfer:
+    """A copy in flight. ``wait()`` blocks until it is done; ``done()`` asks without blocking."""
+
+    def __init__(self, wait: Callable[[], None] | None = None, done: Callable[[], bool] | None = None) -> None:
+        self._wait, self._done = wait, done
+
+    @classmethod
+    def from_future(cls, future: Future) -> Transfer:
+        """A transfer run by a background thread; its exceptions surface in ``wait()``."""
+        return cls(wait=future.result, done=future.done)
+
+    def wait(self) -> None:
+        """Block until the copy is complete."""
+        if self._wait is not None:
+            self._wait()
+
+    def done(self) -> bool:
+        """Whether the copy is complete."""
+        return True if self._done is None else self._done()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

@@ -1,0 +1,271 @@
+"""``GRASSStrategy``: one-device training that keeps only the updated layers' optimizer states on the device."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_grass.layer_discovery import LayerMap
+from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer
+
+log = logging.getLogger(__name__)
+
+#: Accepted values of ``offload``.
+OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
+_ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
+
+
+class GRASSStrategy(SingleDeviceStrategy):
+    """Single-device strategy that offloads each layer's optimizer state and steps the optimizer layer by layer.
+
+    With :class:`~lightning_grass.GRASSCallback`, only the active layers get gradients. This strategy keeps
+    every layer's optimizer state in a backing tier and brings a layer's state to the device only for its
+    update: the optimizer step runs layer by layer, fetching layer ``i + 1`` and writing back layer ``i - 1``
+    while layer ``i`` is updated. The first active layer's fetch starts when the step is entered, so it
+    overlaps the forward and backward pass. States of deactivated layers are kept, so a layer drawn again
+    resumes its moments. Results are bit-identical to the same optimizer without offload.
+
+    Without the callback it trains like ``SingleDeviceStrategy``.
+
+    Tiers (``offload``):
+
+    - ``"none"``: every state stays resident, as in plain training (but states of inactive layers are kept).
+    - ``"cpu"``: host memory. On CUDA the buffers are pinned and copies run on a dedicated stream; on a CPU
+      device this only exercises the pipeline.
+    - ``"disk"``: one file per layer under ``offload_dir``, read and written by a background thread, like
+      ZeRO-Infinity's NVMe tier. For CPU training, and for GPU users short of host RAM.
+    - ``"auto"`` (default): ``"cpu"`` on CUDA, ``"none"`` on a CPU device.
+
+    Args:
+        offload: ``"auto"``, ``"none"``, ``"cpu"`` or ``"disk"``.
+        offload_dir: Folder for the disk tier (a subfolder per run is created and deleted at teardown);
+            ``None`` uses the system temp folder.
+        max_resident_layers: Layers whose states may sit on the device at once, transfers in flight
+            included. 2 (default) overlaps each update with the next fetch; 3 also overlaps the write-back.
+        offload_always_on: Also offload the embeddings, LM head and final norm (stepped every step, so they
+            are fetched and written back every step); by default their states stay resident.
+        device: The device; ``None`` takes the one the Trainer's accelerator and ``devices`` select.
+        accelerator: Passed to ``SingleDeviceStrategy``.
+        checkpoint_io: Passed to ``SingleDeviceStrategy``.
+        precision_plugin: Passed to ``SingleDeviceStrategy``.
+
+    Example::
+
+        import lightning as L
+        import lightning_grass  # registers strategy="grass"
+
+        trainer = L.Trainer(strategy="grass", callbacks=[lightning_grass.GRASSCallback(n_active=2)])
+    """
+
+    strategy_name = "grass"
+
+    def __init__(
+        self,
+        offload: str = "auto",
+        offload_dir: str | os.PathLike | None = None,
+        max_resident_layers: int = 2,
+        offload_always_on: bool = False,
+        device: str | torch.device | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        if offload not in OFFLOAD_TIERS:
+            raise ValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+        if isinstance(max_resident_layers, bool) or not isinstance(max_resident_layers, int):
+            raise TypeError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
+        if max_resident_layers < 1:
+            raise ValueError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.offload = offload
+        self.offload_dir = offload_dir
+        self.max_resident_layers = max_resident_layers
+        self.offload_always_on = offload_always_on
+        self._device_given = device is not None
+        self._parallel_devices: list[torch.device] | None = None
+        self._layerwise: LayerwiseOptimizer | None = None
+        self._always_on_group: int | None = None
+        self._layer_map: LayerMap | None = None
+        self._stats: dict[str, float] = {}
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """The devices the Trainer selected; Lightning fills this in, and the first becomes the root device."""
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        self._parallel_devices = devices
+        if not devices or self._device_given:
+            return
+        if len(devices) > 1:
+            raise ValueError(
+                f"strategy='{self.strategy_name}' trains on one device, but the Trainer selected {len(devices)} "
+                f"({', '.join(map(str, devices))}); pass devices=1"
+            )
+        self._root_device = devices[0]
+
+    @property
+    def offload_tier(self) -> str:
+        """The tier in use: ``offload`` with ``"auto"`` resolved for the root device."""
+        if self.offload == "auto":
+            return "cpu" if self.root_device.type == "cuda" else "none"
+        return self.offload
+
+    @property
+    def offload_stats(self) -> dict[str, float]:
+        """Residency and transfer counters of the offload tier (kept after fit); empty when nothing is offloaded.
+
+        Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state on the device, layers in slots
+        plus always-resident modules), ``resident_layers`` and ``peak_resident_layers``, ``backing_bytes``,
+        ``bytes_to_device``, ``bytes_to_backing``, and ``wait_seconds`` (time the step blocked on transfers).
+        """
+        return dict(self._stats)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="GRASS layer-wise optimizer-state offload, one device", override=True
+        )
+        strategy_registry.register(
+            "grass_offload_cpu",
+            cls,
+            description="GRASS with optimizer states in (pinned) host memory",
+            override=True,
+            offload="cpu",
+        )
+        strategy_registry.register(
+            "grass_offload_disk",
+            cls,
+            description="GRASS with optimizer states in files, read and written by a background thread",
+            override=True,
+            offload="disk",
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        # Strategy.setup without its last line: moving every optimizer state to the device is what this
+        # strategy exists to avoid; the state store places each layer's state itself.
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.model = self._setup_model(self.model)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def on_layer_map(self, layer_map: LayerMap) -> None:
+        """Group each layer's parameters and wrap the optimizer so its states are offloaded layer by layer."""
+        self._layer_map = layer_map
+        self._close_store()
+        if self.offload_tier == "none" or len(self.optimizers) != 1:
+            return
+        optimizer = self.optimizers[0]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        groups = [
+            [p for p in layer_map.layer_parameters(i) if id(p) in in_optimizer] for i in range(layer_map.num_layers)
+        ]
+        self._always_on_group = None
+        if self.offload_always_on:
+            grouped = {id(p) for params in groups for p in params}
+            always_on = {
+                id(p): p
+                for name in _ALWAYS_ON_GROUPS
+                for p in layer_map.group_parameters(name)
+                if id(p) in in_optimizer and id(p) not in grouped
+            }
+            self._always_on_group = len(groups)
+            groups.append(list(always_on.values()))
+        tier = DiskTier(self.offload_dir) if self.offload_tier == "disk" else HostTier(self.root_device)
+        store = LayerStateStore(optimizer, groups, tier, self.max_resident_layers)
+        self._layerwise = LayerwiseOptimizer(optimizer, store)
+        self._stats = store.stats
+        self.optimizers = [self._layerwise]
+        rank_zero_info(
+            f"GRASSStrategy: optimizer states offloaded to {self.offload_tier!r} layer by layer, at most "
+            f"{self.max_resident_layers} layers resident on {self.root_device}"
+        )
+
+    def on_active_layers(self, active_layers: Sequence[int]) -> None:
+        """Update order for the next steps: the active layers ascending, then the always-on group if offloaded."""
+        if self._layerwise is not None:
+            order = list(active_layers)
+            if self._always_on_group is not None:
+                order.append(self._always_on_group)
+            self._layerwise.set_order(order)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        layerwise = self._layerwise
+        if layerwise is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        layerwise.prefetch_first()
+        try:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            layerwise.store.discard_unused()
+            layerwise.store.set_always_resident_bytes(_state_bytes(layerwise.optimizer))
+            self._log_stats()
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # Strategy.load_optimizer_state_dict moves every state to the device after loading; a layer-wise
+        # optimizer loads offloaded states straight into the backing tier instead.
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
+            if not isinstance(optimizer, LayerwiseOptimizer):
+                _optimizer_to_device(optimizer, self.root_device)
+
+    @override
+    def teardown(self) -> None:
+        self._close_store()
+        super().teardown()
+
+    def _close_store(self) -> None:
+        if self._layerwise is not None:
+            self._layerwise.store.close()
+            self._layerwise = None
+
+    def _log_stats(self) -> None:
+        trainer = self.lightning_module.trainer
+        step = trainer.global_step + 1
+        if step % trainer.log_every_n_steps:
+            return
+        metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+def _state_bytes(optimizer: Optimizer) -> int:
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )

@@ -1,0 +1,256 @@
+"""GRASSStrategy inside a Trainer: names, devices, tiers, bit-identity, residency, checkpoints, config routes."""
+
+import csv
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+
+import lightning_grass
+from conftest import TinyCausalLM, make_trainer, token_batches
+from lightning_grass import GRASSCallback, GRASSStrategy
+from lightning_grass.offload import LayerwiseOptimizer
+
+
+def fit(strategy, max_steps=8, callback=None, module=None, **kwargs):
+    module = module or TinyCausalLM(weight_decay=0.1)
+    callbacks = [callback or GRASSCallback(mode="lisa", n_active=2, sample_every=2, seed=0)]
+    callbacks += kwargs.pop("extra_callbacks", [])
+    trainer = make_trainer(max_steps=max_steps, strategy=strategy, callbacks=callbacks, **kwargs)
+    trainer.fit(module, token_batches())
+    return module, trainer
+
+
+def same_weights(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "tier"), [("grass", "none"), ("grass_offload_cpu", "cpu"), ("grass_offload_disk", "disk")]
+)
+def test_registered_names_build_the_strategy(name, tier):
+    assert name in StrategyRegistry
+    trainer = make_trainer(max_steps=1, strategy=name)
+    assert isinstance(trainer.strategy, GRASSStrategy)
+    assert trainer.strategy.offload_tier == tier
+    assert trainer.strategy.root_device == torch.device("cpu")
+
+
+def test_registration_is_idempotent():
+    GRASSStrategy.register_strategies(StrategyRegistry)
+    GRASSStrategy.register_strategies(StrategyRegistry)
+    assert StrategyRegistry["grass_offload_disk"]["init_params"] == {"offload": "disk"}
+
+
+def test_root_device_follows_the_devices_lightning_selects():
+    by_name = GRASSStrategy()
+    by_name.parallel_devices = [torch.device("cuda", 1)]  # what the connector does for strategy="grass"
+    assert by_name.root_device == torch.device("cuda", 1)
+    assert by_name.offload_tier == "cpu", "auto offloads to pinned host memory on CUDA"
+    explicit = GRASSStrategy(device="cpu")
+    explicit.parallel_devices = [torch.device("cuda", 1)]
+    assert explicit.root_device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"trains on one device, but the Trainer selected 2 \(cuda:0, cuda:1\)"):
+        GRASSStrategy().parallel_devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(offload="nvme"), ValueError, r"offload='nvme' is not supported; use one of \('auto', 'none', 'cpu'"),
+        (dict(max_resident_layers=0), ValueError, "max_resident_layers=0 must be an integer >= 1"),
+        (dict(max_resident_layers=1.5), TypeError, "max_resident_layers=1.5 must be an integer >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GRASSStrategy(**kwargs)
+
+
+def test_every_tier_gives_the_same_weights_as_no_offload(tmp_path):
+    reference, _ = fit(GRASSStrategy(offload="none"))
+    for strategy in (GRASSStrategy(offload="cpu"), GRASSStrategy(offload="disk", offload_dir=tmp_path)):
+        module, trainer = fit(strategy)
+        assert same_weights(reference, module), strategy.offload
+        assert trainer.strategy.offload_stats["bytes_to_device"] > 0
+
+
+def test_no_offload_keeps_states_of_deactivated_layers_unlike_a_plain_strategy():
+    _, kept = fit(GRASSStrategy(offload="none"))
+    _, dropped = fit(SingleDeviceStrategy(device="cpu"))
+    all_layers = 4 * 9 + 3  # every layer was active at some step; plus embeddings, norm and head
+    assert len(kept.optimizers[0].state) == all_layers
+    assert len(dropped.optimizers[0].state) < all_layers
+
+
+def test_disk_tier_residency_bound_and_files(tmp_path):
+    seen = []
+
+    class WatchFiles(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(sorted(p.name for p in tmp_path.glob("grass-offload-*/*.bin")))
+
+    callback = GRASSCallback(mode="lisa", n_active=3, sample_every=1, seed=0)
+    strategy = GRASSStrategy(offload="disk", offload_dir=tmp_path, max_resident_layers=2)
+    _, trainer = fit(strategy, callback=callback, extra_callbacks=[WatchFiles()])
+    stats = trainer.strategy.offload_stats
+    assert stats["peak_resident_layers"] == 2, "three active layers per step, never more than two resident"
+    assert stats["resident_layers"] == 0
+    assert stats["bytes_to_backing"] >= stats["backing_bytes"] > 0
+    assert len(seen[-1]) == 4, "every layer has been active and has a state file"
+    assert list(tmp_path.iterdir()) == [], "teardown deleted the run's folder"
+
+
+def test_offload_always_on_moves_embedding_and_head_states_off_the_device(tmp_path):
+    _, resident = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path))
+    _, offloaded = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path, offload_always_on=True))
+    assert offloaded.strategy.offload_stats["resident_bytes"] == 0
+    assert resident.strategy.offload_stats["resident_bytes"] > 0
+
+
+def test_strategy_without_the_callback_trains_like_single_device():
+    plain_module = TinyCausalLM()
+    make_trainer(max_steps=4, strategy=SingleDeviceStrategy("cpu")).fit(plain_module, token_batches())
+    module = TinyCausalLM()
+    trainer = make_trainer(max_steps=4, strategy="grass_offload_disk")
+    trainer.fit(module, token_batches())
+    assert same_weights(plain_module, module)
+    assert not isinstance(trainer.optimizers[0], LayerwiseOptimizer)
+
+
+def test_offload_stats_are_logged(tmp_path):
+    _, trainer = fit(GRASSStrategy(offload="cpu"), logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as metrics:
+        rows = [row for row in csv.DictReader(metrics) if row.get("offload/bytes_to_device")]
+    assert [int(row["step"]) for row in rows] == [2, 4, 6, 8]
+    assert float(rows[-1]["offload/bytes_to_device"]) == trainer.strategy.offload_stats["bytes_to_device"]
+
+
+def _resumable_run(tmp_path, strategy, max_steps, resume_from=None, checkpoints=None):
+    module = TinyCausalLM(weight_decay=0.1)
+    callbacks = [GRASSCallback(probe_steps=2, sample_every=2, seed=0)]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(checkpoints, filename="{step}", every_n_train_steps=3, save_top_k=-1))
+    trainer = make_trainer(
+        max_steps=max_steps, strategy=strategy, callbacks=callbacks, enable_checkpointing=checkpoints is not None
+    )
+    trainer.fit(module, token_batches(num_batches=3), ckpt_path=resume_from)
+    return module, trainer, callbacks[0]
+
+
+def test_resume_with_the_disk_tier_is_bit_exact(tmp_path):
+    disk = lambda: GRASSStrategy(offload="disk", offload_dir=tmp_path / "offload")  # noqa: E731
+    full, full_trainer, full_callback = _resumable_run(tmp_path, disk(), 12, checkpoints=tmp_path / "ckpt")
+    checkpoint = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=False)
+    saved = checkpoint["optimizer_states"][0]["state"]
+    assert len(saved) > 2 * 9 + 3, "the checkpoint holds offloaded layers' states too"
+    assert all(t.device.type == "cpu" for s in saved.values() for t in s.values() if torch.is_tensor(t))
+
+    resumed, trainer, callback = _resumable_run(tmp_path, disk(), 12, resume_from=tmp_path / "ckpt" / "step=6.ckpt")
+    assert same_weights(full, resumed)
+    assert callback.history == full_callback.history
+    # The strategy's teardown freed the tier; compare the states at the last checkpoint of each run instead.
+    ckpt_dir = tmp_path / "ckpt2"
+    _resumable_run(tmp_path, disk(), 12, resume_from=tmp_path / "ckpt" / "step=6.ckpt", checkpoints=ckpt_dir)
+    final_full = torch.load(tmp_path / "ckpt" / "step=12.ckpt", weights_only=False)["optimizer_states"][0]
+    final_resumed = torch.load(ckpt_dir / "step=12.ckpt", weights_only=False)["optimizer_states"][0]
+    assert final_full["state"].keys() == final_resumed["state"].keys()
+    for index, state in final_full["state"].items():
+        assert all(torch.equal(v, final_resumed["state"][index][k]) for k, v in state.items()), index
+
+
+def test_checkpoint_after_teardown_is_refused_with_a_reason(tmp_path):
+    _, trainer = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path))
+    with pytest.raises(RuntimeError, match="freed when training ended"):
+        trainer.save_checkpoint(tmp_path / "late.ckpt")
+    assert not (tmp_path / "late.ckpt").exists()
+
+
+def test_a_step_the_grad_scaler_skips_leaves_offloaded_states_untouched(tmp_path):
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots[("before", trainer.global_step)] = trainer.optimizers[0].state_dict()
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 4:
+                next(p for p in pl_module.model.model.layers[0].parameters() if p.grad is not None).grad[0] = float(
+                    "inf"
+                )
+
+        def on_train_batch_end(self, trainer, *args):
+            snapshots[("after", trainer.global_step)] = trainer.optimizers[0].state_dict()
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    callback = GRASSCallback(mode="fixed", fixed_layers=[0, 2])
+    strategy = GRASSStrategy(offload="disk", offload_dir=tmp_path)
+    fit(strategy, max_steps=6, callback=callback, plugins=[plugin], extra_callbacks=[Snapshot()])
+    before, after = snapshots[("before", 4)]["state"], snapshots[("after", 5)]["state"]
+    assert before.keys() == after.keys() and before
+    for index, state in before.items():
+        assert all(torch.equal(v, after[index][k]) for k, v in state.items()), "skipped step changed a state"
+    changed = snapshots[("after", 6)]["state"]
+    assert any(not torch.equal(v, changed[i][k]) for i, s in after.items() for k, v in s.items())
+
+
+def test_hydra_target_instantiates_the_strategy(tmp_path):
+    from hydra.utils import instantiate
+
+    strategy = instantiate(
+        {
+            "_target_": "lightning_grass.GRASSStrategy",
+            "offload": "disk",
+            "offload_dir": str(tmp_path),
+            "max_resident_layers": 3,
+        }
+    )
+    assert isinstance(strategy, GRASSStrategy)
+    assert (strategy.offload, strategy.max_resident_layers) == ("disk", 3)
+    module, _ = fit(strategy, max_steps=2)
+
+
+@pytest.mark.parametrize(
+    "strategy_args",
+    [
+        ["--trainer.strategy=grass"],
+        [
+            "--trainer.strategy.class_path=lightning_grass.GRASSStrategy",
+            "--trainer.strategy.init_args.offload=disk",
+            "--trainer.strategy.init_args.max_resident_layers=3",
+        ],
+    ],
+    ids=["registered-name", "class_path"],
+)
+def test_lightning_cli_builds_the_strategy(strategy_args):
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(TinyCausalLM, run=False, args=["--trainer.accelerator=cpu", *strategy_args])
+    assert isinstance(cli.trainer.strategy, GRASSStrategy)
+    if "class_path" in strategy_args[0]:
+        assert (cli.trainer.strategy.offload, cli.trainer.strategy.max_resident_layers) == ("disk", 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: pinned-host tier with a copy stream")
+def test_cuda_pinned_host_tier_is_bit_identical_to_no_offload():
+    def run(offload):
+        module = TinyCausalLM(weight_decay=0.1)
+        callback = GRASSCallback(mode="lisa", n_active=2, sample_every=2, seed=0)
+        trainer = make_trainer(
+            accelerator="cuda", max_steps=8, strategy=GRASSStrategy(offload=offload), callbacks=[callback]
+        )
+        trainer.fit(module, token_batches())
+        return module, trainer
+
+    reference, _ = run("none")
+    module, trainer = run("cpu")
+    assert trainer.strategy.root_device.type == "cuda"
+    assert same_weights(reference, module)
+    assert trainer.strategy.offload_stats["peak_resident_layers"] <= 2
+
+
+def test_package_exports():
+    assert lightning_grass.GRASSStrategy is GRASSStrategy
