@@ -4,13 +4,13 @@ import csv
 
 import pytest
 import torch
+from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 import lightning_grass
-from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning_grass import GRASSCallback, GRASSStrategy
 from lightning_grass.offload import LayerwiseOptimizer
 
@@ -143,13 +143,13 @@ def _resumable_run(tmp_path, strategy, max_steps, resume_from=None, checkpoints=
 
 def test_resume_with_the_disk_tier_is_bit_exact(tmp_path):
     disk = lambda: GRASSStrategy(offload="disk", offload_dir=tmp_path / "offload")  # noqa: E731
-    full, full_trainer, full_callback = _resumable_run(tmp_path, disk(), 12, checkpoints=tmp_path / "ckpt")
+    full, _, full_callback = _resumable_run(tmp_path, disk(), 12, checkpoints=tmp_path / "ckpt")
     checkpoint = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=False)
     saved = checkpoint["optimizer_states"][0]["state"]
     assert len(saved) > 2 * 9 + 3, "the checkpoint holds offloaded layers' states too"
     assert all(t.device.type == "cpu" for s in saved.values() for t in s.values() if torch.is_tensor(t))
 
-    resumed, trainer, callback = _resumable_run(tmp_path, disk(), 12, resume_from=tmp_path / "ckpt" / "step=6.ckpt")
+    resumed, _, callback = _resumable_run(tmp_path, disk(), 12, resume_from=tmp_path / "ckpt" / "step=6.ckpt")
     assert same_weights(full, resumed)
     assert callback.history == full_callback.history
     # The strategy's teardown freed the tier; compare the states at the last checkpoint of each run instead.
@@ -210,7 +210,7 @@ def test_hydra_target_instantiates_the_strategy(tmp_path):
     )
     assert isinstance(strategy, GRASSStrategy)
     assert (strategy.offload, strategy.max_resident_layers) == ("disk", 3)
-    module, _ = fit(strategy, max_steps=2)
+    fit(strategy, max_steps=2)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from conftest import VOCAB, tiny_llama_config
 from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer
 
 # Active layers per step: several resamples, layers leaving and coming back.
@@ -141,7 +141,7 @@ def test_state_dict_after_close_says_why_it_cannot_be_complete(base_model, tmp_p
     layerwise = wrap(model, torch.optim.AdamW(model.parameters()), "disk", tmp_path)
     train(model, layerwise, SCHEDULE[:2])
     layerwise.store.close()
-    with pytest.raises(RuntimeError, match="freed when training ended .* save checkpoints during fit"):
+    with pytest.raises(RuntimeError, match=r"freed when training ended .* save checkpoints during fit"):
         layerwise.state_dict()
 
 
