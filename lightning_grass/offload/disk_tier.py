@@ -25,7 +25,9 @@ class DiskTier:
     the process's resident memory, which is what this tier exists to reduce. The operating system's page
     cache may still keep recently written layers in RAM; it gives that memory back under pressure.
 
-    Resident tensors must be on the CPU; for states on CUDA, use :class:`HostTier`.
+    States on an accelerator are staged through host memory: a write-back first copies them to the host
+    (synchronously), a fetch reads into host memory in the background and copies to the device when it is
+    waited for. That serves GPU users who are short of host RAM; with enough RAM, :class:`HostTier` is faster.
 
     Args:
         directory: Where to create this run's folder of layer files. ``None`` uses the system temp folder.
@@ -49,22 +51,28 @@ class DiskTier:
 
     def write(self, group: int, tensors: list[torch.Tensor]) -> Transfer:
         """Start writing ``tensors`` to the file of ``group``; keep them alive until the transfer is done."""
-        for tensor in tensors:
-            if tensor.device.type != "cpu":
-                raise ValueError(f"the disk tier takes CPU tensors, got one on {tensor.device}; use offload='cpu'")
         self._layouts[group] = [TensorSpec.of(t) for t in tensors]
-        path = self._path(group)
-        return Transfer.from_future(self._executor.submit(_write_file, path, tensors))
+        on_host = [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
+        return Transfer.from_future(self._executor.submit(_write_file, self._path(group), on_host))
 
     def read(self, group: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
-        """Allocate CPU tensors for ``specs`` and start filling them from the file of ``group``."""
-        tensors = [torch.empty(spec.shape, dtype=spec.dtype, device="cpu") for spec in specs]
-        future = self._executor.submit(_read_file, self._path(group), tensors)
-        return tensors, Transfer.from_future(future)
+        """Allocate resident tensors for ``specs`` and start filling them from the file of ``group``."""
+        tensors = [torch.empty(spec.shape, dtype=spec.dtype, device=spec.device) for spec in specs]
+        staged = [t if t.device.type == "cpu" else torch.empty_like(t, device="cpu") for t in tensors]
+        future = self._executor.submit(_read_file, self._path(group), staged)
+
+        def wait() -> None:
+            future.result()
+            for tensor, host in zip(tensors, staged, strict=True):
+                if tensor is not host:
+                    tensor.copy_(host)
+
+        return tensors, Transfer(wait=wait, done=future.done)
 
     def read_to_cpu(self, group: int) -> list[torch.Tensor]:
-        """The tensors of ``group``, read synchronously, for checkpoints."""
-        tensors, transfer = self.read(group, self._layouts[group])
+        """The tensors of ``group`` on the CPU, read synchronously, for checkpoints."""
+        specs = [TensorSpec(spec.shape, spec.dtype, torch.device("cpu")) for spec in self._layouts[group]]
+        tensors, transfer = self.read(group, specs)
         transfer.wait()
         return tensors
 

@@ -43,10 +43,3 @@ def test_unwritable_offload_dir_is_refused_with_the_path(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match=rf"offload_dir='{blocker / 'sub'}' is not a writable directory"):
         DiskTier(blocker / "sub")
-
-
-def test_disk_tier_refuses_device_tensors(tmp_path):
-    tier = DiskTier(tmp_path)
-    with pytest.raises(ValueError, match="the disk tier takes CPU tensors, got one on meta"):
-        tier.write(0, [torch.empty(2, device="meta")])
-    tier.close()
