@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional
+
+from lightning_grass.lm import CausalLMModule, warmup_cosine
+
+CONFIG = dict(
+    model_type="llama",
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=50,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture
+def module():
+    torch.manual_seed(0)
+    return CausalLMModule(config=CONFIG, weight_decay=0.1)
+
+
+def masked_batch():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 13, 14, -100, -100]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_loss_covers_response_tokens_only(module):
+    batch = masked_batch()
+    loss = module.training_step(batch, 0)
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    manual = functional.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    # Changing a prompt token's label target to -100 or not matters; changing masked positions' ids does not.
+    batch["labels"][0, 1] = 6
+    assert module.training_step(batch, 0).item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_validation_metrics_are_micro_token_accuracy_and_token_weighted_perplexity(module):
+    batch = masked_batch()
+    module.validation_step(batch, 0)
+    logits = module.model(**batch).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    kept = targets != -100
+    accuracy = (logits.argmax(-1)[kept] == targets[kept]).float().mean()
+    nll = functional.cross_entropy(logits[kept], targets[kept])
+    assert module.val_token_accuracy.compute().item() == pytest.approx(accuracy.item())
+    assert math.exp(module.val_nll.compute().item()) == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+def test_no_weight_decay_on_norms_and_biases(module):
+    class FakeTrainer:
+        estimated_stepping_batches = 100
+
+    module.trainer = FakeTrainer()  # configure_optimizers reads the run length from the trainer
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+
+
+def test_warmup_then_cosine_schedule():
+    multiplier = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert multiplier(0) == pytest.approx(0.1)
+    assert multiplier(9) == pytest.approx(1.0)
+    assert multiplier(10) == pytest.approx(1.0)
+    assert multiplier(60) == pytest.approx(0.55)
+    assert multiplier(110) == pytest.approx(0.1)
+
+
+def test_save_pretrained_reloads_model_and_tokenizer(module, tmp_path):
+    from lightning_grass.data import build_char_tokenizer
+
+    module.tokenizer = build_char_tokenizer()
+    module.save_pretrained(tmp_path / "model")
+    reloaded = CausalLMModule(pretrained_path=tmp_path / "model")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(module.model(input_ids=ids).logits, reloaded.model(input_ids=ids).logits)
+    text = "Tom has 5 apples.\n#### 5"
+    assert reloaded.tokenizer.encode(text, add_special_tokens=False) == module.tokenizer.encode(
+        text, add_special_tokens=False
+    )
+
+
+def test_missing_model_directory_says_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"pretrained_path='.*nothing' has no config.json: .*never downloaded"):
+        CausalLMModule(pretrained_path=tmp_path / "nothing")
+    with pytest.raises(ValueError, match="needs a 'model_type'"):
+        CausalLMModule(config={"num_hidden_layers": 2})
