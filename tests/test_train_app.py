@@ -112,3 +112,23 @@ def test_default_job_improves_exact_match_over_the_base(tmp_path):
     run([sys.executable, "-m", "lightning_grass.train", f"paths.output_dir={out}"], cwd=tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["exact_match_after"] > metrics["exact_match_before"] + 0.1
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    out = tmp_path / "search"
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_grass.train",
+        "hparams_search=optuna",
+        *TINY,
+        "logger=none",
+        "hydra.sweeper.n_trials=2",
+        "sampler.n_active=choice(1,2)",  # the 2-layer smoke model: gamma at most 2
+        f"paths.output_dir={out}",
+    ]
+    run(command, cwd=tmp_path)
+    trials = [json.loads((out / str(job) / "metrics.json").read_text()) for job in (0, 1)]
+    assert all(t["method"] == "grass" for t in trials)
+    best = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(t["exact_match_after"] for t in trials)
