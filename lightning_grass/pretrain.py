@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_grass.data import build_char_tokenizer, pretraining_corpus
+from lightning_grass.data import build_char_tokenizer, pretraining_corpus, vocabulary_config
 from lightning_grass.lm import CausalLMModule
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def build_base_model(
     tokenizer = build_char_tokenizer()
     config = {
         **model_config,
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        **vocabulary_config(tokenizer),
         "max_position_embeddings": max(seq_len, int(model_config.get("max_position_embeddings", seq_len))),
     }
     module = CausalLMModule(config=config, lr=lr, warmup_steps=max(1, max_steps // 20), weight_decay=0.01)

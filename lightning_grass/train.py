@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_grass import plots
 from lightning_grass.callback import GRASSCallback
-from lightning_grass.data import build_char_tokenizer
+from lightning_grass.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.evaluation import exact_match
 from lightning_grass.pretrain import build_base_model, ensure_base_model
 from lightning_grass.run_stats import RunStats
@@ -113,13 +113,7 @@ def _build_module(cfg: DictConfig) -> pl.LightningModule:
     if cfg.model.get("pretrained_path") is not None:
         return instantiate(cfg.model)
     tokenizer = build_char_tokenizer()
-    config = {
-        **OmegaConf.to_container(cfg.model.config, resolve=True),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    config = {**OmegaConf.to_container(cfg.model.config, resolve=True), **vocabulary_config(tokenizer)}
     node = OmegaConf.to_container(cfg.model, resolve=True)
     module = instantiate({**node, "config": config})
     module.tokenizer = tokenizer

@@ -93,18 +93,11 @@ def tiny_module() -> TinyCausalLM:
 @pytest.fixture(scope="session")
 def tiny_pretrained_dir(tmp_path_factory):
     """A tiny Llama with the built-in character tokenizer, saved with save_pretrained (no download)."""
-    from lightning_grass.data import build_char_tokenizer
+    from lightning_grass.data import build_char_tokenizer, vocabulary_config
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
-    config = tiny_llama_config(
-        2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=256,
-    )
+    config = tiny_llama_config(2, **vocabulary_config(tokenizer), max_position_embeddings=256)
     path = tmp_path_factory.mktemp("tiny_pretrained")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

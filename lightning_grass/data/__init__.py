@@ -7,7 +7,7 @@ from lightning_grass.data.datamodule import InstructionDataModule
 from lightning_grass.data.example import Example
 from lightning_grass.data.prompt import TokenizedExample, format_prompt, tokenize_example
 from lightning_grass.data.synthetic import TASKS, arithmetic_examples, multiple_choice_examples, pretraining_corpus
-from lightning_grass.data.tokenizer import build_char_tokenizer
+from lightning_grass.data.tokenizer import build_char_tokenizer, vocabulary_config
 
 __all__ = [
     "DEFAULT_ANSWER_PATTERN",
@@ -26,4 +26,5 @@ __all__ = [
     "multiple_choice_examples",
     "pretraining_corpus",
     "tokenize_example",
+    "vocabulary_config",
 ]

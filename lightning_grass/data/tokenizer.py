@@ -39,3 +39,20 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=unk,
         clean_up_tokenization_spaces=False,
     )
+
+
+def vocabulary_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Model-config entries that must agree with ``tokenizer``: vocabulary size and special-token ids.
+
+    Args:
+        tokenizer: The tokenizer a new model will be trained with.
+
+    Returns:
+        ``vocab_size``, ``pad_token_id``, ``bos_token_id`` and ``eos_token_id``.
+    """
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }

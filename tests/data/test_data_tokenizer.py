@@ -51,3 +51,10 @@ def test_save_and_reload_with_auto_tokenizer(tmp_path):
     assert (reloaded.pad_token_id, reloaded.eos_token_id, reloaded.bos_token_id, reloaded.unk_token_id) == (0, 2, 1, 3)
     assert len(reloaded) == len(tok)
     assert reloaded.encode("é", add_special_tokens=False) == [3]
+
+
+def test_vocabulary_config_matches_the_tokenizer():
+    from lightning_grass.data import build_char_tokenizer, vocabulary_config
+
+    tokenizer = build_char_tokenizer()
+    assert vocabulary_config(tokenizer) == {"vocab_size": 102, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
