@@ -44,7 +44,7 @@ class InstructionDataModule(pl.LightningDataModule):
         num_train: Training examples of a generated task, ``>= 1``.
         num_val: Validation examples, ``>= 1``.
         seed: Seed of the task generator and of the training shuffle.
-        max_length: The most tokens per example, ``>= 1``.
+        max_length: The most tokens per example, ``>= 1``. The default, 192, fits every synthetic example.
         batch_size: Examples per batch, ``>= 1``.
         truncation: ``"truncate"`` cuts the end of long responses; ``"skip"`` drops long examples.
         answer_pattern: Pattern extracting the answer from a file record's ``output``; ``None`` for no answer.
@@ -63,7 +63,7 @@ class InstructionDataModule(pl.LightningDataModule):
         num_train: int = 2000,
         num_val: int = 200,
         seed: int = 0,
-        max_length: int = 128,
+        max_length: int = 192,
         batch_size: int = 16,
         truncation: str = "truncate",
         answer_pattern: str | None = DEFAULT_ANSWER_PATTERN,
