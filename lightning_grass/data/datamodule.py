@@ -44,7 +44,8 @@ class InstructionDataModule(pl.LightningDataModule):
         num_train: Training examples of a generated task, ``>= 1``.
         num_val: Validation examples, ``>= 1``.
         seed: Seed of the task generator and of the training shuffle.
-        max_length: The most tokens per example, ``>= 1``. The default, 192, fits every synthetic example generated with default task options.
+        max_length: The most tokens per example, ``>= 1``. The default, 192, fits every synthetic example
+            generated with default task options.
         batch_size: Examples per batch, ``>= 1``.
         truncation: ``"truncate"`` cuts the end of long responses; ``"skip"`` drops long examples.
         answer_pattern: Pattern extracting the answer from a file record's ``output``; ``None`` for no answer.
