@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grass.layer_discovery import LayerMap
-from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer
+from lightning_grass.offload_strategy_mixin import LayerwiseOffloadMixin
 
 log = logging.getLogger(__name__)
 
-#: Accepted values of ``offload``.
-OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
-_ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
 
-
-class GRASSStrategy(SingleDeviceStrategy):
+class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
     """Single-device strategy that offloads each layer's optimizer state and steps the optimizer layer by layer.
 
     With :class:`~lightning_grass.GRASSCallback`, only the active layers get gradients. This strategy keeps
@@ -83,28 +74,15 @@ class GRASSStrategy(SingleDeviceStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
     ) -> None:
-        if offload not in OFFLOAD_TIERS:
-            raise ValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
-        if isinstance(max_resident_layers, bool) or not isinstance(max_resident_layers, int):
-            raise TypeError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
-        if max_resident_layers < 1:
-            raise ValueError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self.offload = offload
-        self.offload_dir = offload_dir
-        self.max_resident_layers = max_resident_layers
-        self.offload_always_on = offload_always_on
+        self._init_offload(offload, offload_dir, max_resident_layers, offload_always_on)
         self._device_given = device is not None
         self._parallel_devices: list[torch.device] | None = None
-        self._layerwise: LayerwiseOptimizer | None = None
-        self._always_on_group: int | None = None
-        self._layer_map: LayerMap | None = None
-        self._stats: dict[str, float] = {}
 
     @property
     def parallel_devices(self) -> list[torch.device] | None:
@@ -122,23 +100,6 @@ class GRASSStrategy(SingleDeviceStrategy):
                 f"({', '.join(map(str, devices))}); pass devices=1"
             )
         self._root_device = devices[0]
-
-    @property
-    def offload_tier(self) -> str:
-        """The tier in use: ``offload`` with ``"auto"`` resolved for the root device."""
-        if self.offload == "auto":
-            return "cpu" if self.root_device.type == "cuda" else "none"
-        return self.offload
-
-    @property
-    def offload_stats(self) -> dict[str, float]:
-        """Residency and transfer counters of the offload tier (kept after fit); empty when nothing is offloaded.
-
-        Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state on the device, layers in slots
-        plus always-resident modules), ``resident_layers`` and ``peak_resident_layers``, ``backing_bytes``,
-        ``bytes_to_device``, ``bytes_to_backing``, and ``wait_seconds`` (time the step blocked on transfers).
-        """
-        return dict(self._stats)
 
     @classmethod
     @override
@@ -173,99 +134,3 @@ class GRASSStrategy(SingleDeviceStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-
-    def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Group each layer's parameters and wrap the optimizer so its states are offloaded layer by layer."""
-        self._layer_map = layer_map
-        self._close_store()
-        if self.offload_tier == "none" or len(self.optimizers) != 1:
-            return
-        optimizer = self.optimizers[0]
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        groups = [
-            [p for p in layer_map.layer_parameters(i) if id(p) in in_optimizer] for i in range(layer_map.num_layers)
-        ]
-        self._always_on_group = None
-        if self.offload_always_on:
-            grouped = {id(p) for params in groups for p in params}
-            always_on = {
-                id(p): p
-                for name in _ALWAYS_ON_GROUPS
-                for p in layer_map.group_parameters(name)
-                if id(p) in in_optimizer and id(p) not in grouped
-            }
-            self._always_on_group = len(groups)
-            groups.append(list(always_on.values()))
-        tier = DiskTier(self.offload_dir) if self.offload_tier == "disk" else HostTier(self.root_device)
-        store = LayerStateStore(optimizer, groups, tier, self.max_resident_layers)
-        self._layerwise = LayerwiseOptimizer(optimizer, store)
-        self._stats = store.stats
-        self.optimizers = [self._layerwise]
-        rank_zero_info(
-            f"GRASSStrategy: optimizer states offloaded to {self.offload_tier!r} layer by layer, at most "
-            f"{self.max_resident_layers} layers resident on {self.root_device}"
-        )
-
-    def on_active_layers(self, active_layers: Sequence[int]) -> None:
-        """Update order for the next steps: the active layers ascending, then the always-on group if offloaded."""
-        if self._layerwise is not None:
-            order = list(active_layers)
-            if self._always_on_group is not None:
-                order.append(self._always_on_group)
-            self._layerwise.set_order(order)
-
-    @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: pl.LightningModule | torch.nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        layerwise = self._layerwise
-        if layerwise is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        layerwise.prefetch_first()
-        try:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        finally:
-            layerwise.store.discard_unused()
-            layerwise.store.set_always_resident_bytes(_state_bytes(layerwise.optimizer))
-            self._log_stats()
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        # Strategy.load_optimizer_state_dict moves every state to the device after loading; a layer-wise
-        # optimizer loads offloaded states straight into the backing tier instead.
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            optimizer.load_state_dict(state)
-            if not isinstance(optimizer, LayerwiseOptimizer):
-                _optimizer_to_device(optimizer, self.root_device)
-
-    @override
-    def teardown(self) -> None:
-        self._close_store()
-        super().teardown()
-
-    def _close_store(self) -> None:
-        if self._layerwise is not None:
-            self._layerwise.store.close()
-            self._layerwise = None
-
-    def _log_stats(self) -> None:
-        trainer = self.lightning_module.trainer
-        step = trainer.global_step + 1
-        if step % trainer.log_every_n_steps:
-            return
-        metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-
-
-def _state_bytes(optimizer: Optimizer) -> int:
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
