@@ -4,12 +4,22 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.config import GRASSConfig
+from lightning_grass.ddp_strategy import GRASSDDPStrategy
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.strategy import GRASSStrategy
 
 # Lightning finds strategy names by registration at import time, not through entry points.
 GRASSStrategy.register_strategies(StrategyRegistry)
+GRASSDDPStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["ActiveLayerListener", "GRASSCallback", "GRASSConfig", "GRASSStrategy", "LayerMap", "discover_layers"]
+__all__ = [
+    "ActiveLayerListener",
+    "GRASSCallback",
+    "GRASSConfig",
+    "GRASSDDPStrategy",
+    "GRASSStrategy",
+    "LayerMap",
+    "discover_layers",
+]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -149,6 +150,7 @@ class GRASSCallback(Callback):
         self._probe_sq: Tensor | None = None
         self._probe_hooks: list[RemovableHandle] = []
         self._free_probe_grads = True
+        self._probe_hooks_enabled = True
         self._micro_batch_closes_step = True
 
     @property
@@ -158,6 +160,10 @@ class GRASSCallback(Callback):
     @property
     def _train_start_step(self) -> int:
         return self.config.probe_steps if self.config.probes else 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -180,6 +186,7 @@ class GRASSCallback(Callback):
         self._mgn = MeanGradNorm(numel, device=device)
         self._probe_sq = torch.zeros(self.layer_map.num_layers, device=device)
         self._free_probe_grads = bool(self._always_on_params) or _grad_scaler(trainer) is None
+        self._probe_hooks_enabled = trainer.world_size == 1
         if state is not None:
             self._restore(state)
         else:
@@ -211,19 +218,18 @@ class GRASSCallback(Callback):
             return
         assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
         scale_sq = _grad_scale(trainer).square()
+        present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
+        grads = [self._measured_params[i].grad for i in present]
+        layer_sq = grouped_sq_norms(grads, self._group_index(tuple(present)), self.layer_map.num_layers)
+        if _unscales_in_step(optimizer):
+            layer_sq = layer_sq / scale_sq
         if self.phase == "probe":
-            layer_sq = self._probe_sq / scale_sq
+            layer_sq = layer_sq + self._probe_sq / scale_sq
             self._probe_sq.zero_()
             _record_scaler_inf_check(trainer, optimizer)
             for params in (*self._layer_params, self._always_on_params):
                 for p in params:
                     p.grad = None
-        else:
-            present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
-            grads = [self._measured_params[i].grad for i in present]
-            layer_sq = grouped_sq_norms(grads, self._group_index(tuple(present)), self.layer_map.num_layers)
-            if _unscales_in_step(optimizer):
-                layer_sq = layer_sq / scale_sq
         step_is_finite = torch.isfinite(layer_sq).all()
         found_inf = _scaler_found_inf(trainer, optimizer, layer_sq.device)
         if found_inf is not None:
@@ -355,8 +361,16 @@ class GRASSCallback(Callback):
         self._set_measured_params()
 
     def _set_measured_params(self) -> None:
-        """The parameters whose gradients are read at each training step, and the layer of each."""
-        measured = [(i, p) for i in self.active_layers for p in self._layer_params[i]]
+        """The parameters whose gradients are read at the optimizer step, and the layer of each.
+
+        While probing on one process, gradient hooks measure every layer and free its gradient during the
+        backward pass, so nothing is left to read. Under DDP the hooks would see gradients before the
+        all-reduce, so probing reads the synchronised gradients of every layer at the step instead.
+        """
+        if self.phase == "probe" and self._probe_hooks_enabled:
+            measured = []
+        else:
+            measured = [(i, p) for i in self.active_layers for p in self._layer_params[i]]
         self._measured_params = [p for _, p in measured]
         self._measured_groups = [layer for layer, _ in measured]
         self._group_index_cache.clear()
@@ -417,6 +431,8 @@ class GRASSCallback(Callback):
         )
 
     def _add_probe_hooks(self) -> None:
+        if not self._probe_hooks_enabled:
+            return
         for index, params in enumerate(self._layer_params):
             for p in params:
                 self._probe_hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_probe_grad, index)))
@@ -453,6 +469,25 @@ class GRASSCallback(Callback):
                 metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._optimizer_steps)
+
+
+def _check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies under which freezing layers would half-work."""
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "GRASSCallback does not support FSDP: under FSDP1 frozen parameters save no gradient memory, and "
+            "changing requires_grad after sharding may not take effect. Use strategy='grass' or 'grass_ddp'"
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(
+            "GRASSCallback does not support DeepSpeed: DeepSpeed manages its own optimizer state, so GRASS could "
+            "neither freeze layers reliably nor keep their states. Use strategy='grass' or 'grass_ddp'"
+        )
+    if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
+        raise ValueError(
+            "GRASSCallback cannot run with DDP static_graph=True: it assumes the same parameters get gradients at "
+            "every step, and GRASS changes the trained layers at every resample. Use strategy='grass_ddp'"
+        )
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

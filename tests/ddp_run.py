@@ -1,0 +1,59 @@
+"""Fit the tiny model with GRASS on N CPU processes (gloo) or one, and save what each rank ends with.
+
+Used by tests/test_ddp.py through a subprocess, because Lightning's DDP launcher re-runs this script for
+every other rank: ``python tests/ddp_run.py OUT --devices 2 --batch-size 2``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TinyCausalLM, token_batches
+
+from lightning_grass import GRASSCallback, GRASSDDPStrategy, GRASSStrategy
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out", type=Path)
+parser.add_argument("--devices", type=int, default=2)
+parser.add_argument("--batch-size", type=int, default=2)
+parser.add_argument("--samples", type=int, default=16)
+parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--offload", default="none")
+args = parser.parse_args()
+
+module = TinyCausalLM(weight_decay=0.1)
+callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+offload_dir = args.out / "offload"
+if args.devices > 1:
+    strategy = GRASSDDPStrategy(offload=args.offload, offload_dir=offload_dir, process_group_backend="gloo")
+else:
+    strategy = GRASSStrategy(offload=args.offload, offload_dir=offload_dir)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=args.devices,
+    strategy=strategy,
+    max_steps=args.steps,
+    callbacks=[callback],
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    use_distributed_sampler=False,
+)
+# The same samples in both set-ups, in order: rank r takes samples r, r + N, r + 2N, ... so one step of N
+# ranks with batch_size b covers exactly the samples of one step of one process with batch_size N * b.
+dataset = token_batches(num_batches=args.samples // args.batch_size, batch_size=args.batch_size).dataset
+sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+trainer.fit(module, DataLoader(dataset, batch_size=args.batch_size, sampler=sampler))
+result = {
+    "weights": {name: p.detach().clone() for name, p in module.named_parameters()},
+    "history": callback.history,
+    "importance": callback.importance,
+    "stats": trainer.strategy.offload_stats,
+}
+torch.save(result, args.out / f"rank{trainer.global_rank}.pt")

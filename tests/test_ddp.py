@@ -1,0 +1,66 @@
+"""GRASS on two CPU processes (gloo): equal replicas, equal decisions, and the single-process result."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from lightning_grass import GRASSDDPStrategy
+from lightning_grass.callback import _check_strategy
+
+RUNNER = Path(__file__).with_name("ddp_run.py")
+
+
+def run(out, *args):
+    out.mkdir()
+    result = subprocess.run([sys.executable, str(RUNNER), str(out), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+
+
+def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_global_batch(tmp_path):
+    rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", "--offload=disk")
+    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=4", "--offload=disk")
+
+    assert len(rank0["history"]) == 4, "probe end at step 2, then resamples at 4, 6 and 8"
+    assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
+    assert torch.equal(rank0["importance"], rank1["importance"])
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), f"replicas diverged at {name}"
+
+    assert [r["active_layers"] for r in rank0["history"]] == [r["active_layers"] for r in single["history"]]
+    assert torch.allclose(rank0["importance"], single["importance"], rtol=1e-4)
+    for name, weight in rank0["weights"].items():
+        assert torch.allclose(weight, single["weights"][name], atol=1e-5), name
+    assert rank0["stats"]["peak_resident_layers"] <= 2 and rank0["stats"]["bytes_to_device"] > 0
+
+
+def test_registered_names():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["grass_ddp"]["strategy"] is GRASSDDPStrategy
+    assert StrategyRegistry["grass_ddp_offload_disk"]["init_params"] == {"offload": "disk"}
+    assert GRASSDDPStrategy()._ddp_kwargs["find_unused_parameters"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(static_graph=True), "static_graph=True cannot be used with GRASS: DDP's static graph assumes"),
+        (dict(find_unused_parameters=False), "find_unused_parameters=False cannot be used with GRASS"),
+    ],
+)
+def test_ddp_settings_that_break_grass_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GRASSDDPStrategy(**kwargs)
+
+
+def test_sharded_strategies_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="does not support FSDP: under FSDP1 frozen parameters save no gradient"):
+        _check_strategy(FSDPStrategy())
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # DeepSpeed itself is not installed here
+    with pytest.raises(ValueError, match="does not support DeepSpeed: DeepSpeed manages its own optimizer state"):
+        _check_strategy(deepspeed)
