@@ -97,6 +97,7 @@ def run(name: str, args: argparse.Namespace, config: LlamaConfig, loader: DataLo
         probe_steps=args.probe_steps,
         sample_every=args.sample_every,
         seed=0,
+        skip_non_finite=False,  # measure MGN alone; the non-finite check costs every mode the same host read
         **CONFIGURATIONS[name],
     )
     timer = StepTimer(callback, config.num_hidden_layers)

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -74,6 +74,7 @@ class GRASSCallback(Callback):
         train_head: Keep the LM head trainable.
         train_final_norm: Keep the final norm trainable.
         seed: Seed of the sampling generator; ``None`` takes ``torch.initial_seed()`` at fit start.
+        skip_non_finite: Warn and skip the optimizer step when a layer's gradient holds NaN or Inf.
 
     See :class:`~lightning_grass.config.GRASSConfig` for each default and the reason for it.
 
@@ -110,6 +111,7 @@ class GRASSCallback(Callback):
         train_head: bool = True,
         train_final_norm: bool = True,
         seed: int | None = None,
+        skip_non_finite: bool = True,
     ) -> None:
         self.config = GRASSConfig(
             mode=mode,
@@ -126,6 +128,7 @@ class GRASSCallback(Callback):
             train_head=train_head,
             train_final_norm=train_final_norm,
             seed=seed,
+            skip_non_finite=skip_non_finite,
         )
         self.layer_map: LayerMap | None = None
         self.active_layers: list[int] = []
@@ -214,7 +217,7 @@ class GRASSCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         self._step_pending = True
-        if not self._measures_steps:
+        if not (self._measures_steps or self.config.skip_non_finite):
             return
         assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
         scale_sq = _grad_scale(trainer).square()
@@ -231,10 +234,33 @@ class GRASSCallback(Callback):
                 for p in params:
                     p.grad = None
         step_is_finite = torch.isfinite(layer_sq).all()
+        if self.config.skip_non_finite:
+            self._skip_if_non_finite(trainer, optimizer, layer_sq)
+        if not self._measures_steps:
+            return
         found_inf = _scaler_found_inf(trainer, optimizer, layer_sq.device)
         if found_inf is not None:
             step_is_finite = step_is_finite & (found_inf == 0)
         self._mgn.accumulate(layer_sq, self._active_mask, step_is_finite)
+
+    def _skip_if_non_finite(self, trainer: pl.Trainer, optimizer: Optimizer, layer_sq: Tensor) -> None:
+        """Warn about layers with NaN/Inf gradients and empty every gradient, so the optimizer step is a no-op.
+
+        The grad scaler skips such steps by itself under fp16; then only the warning is added.
+        """
+        bad = ~torch.isfinite(layer_sq)
+        if not bool(bad.any()):
+            return
+        layers = bad.nonzero().flatten().tolist()
+        step = self._optimizer_steps + 1
+        rank_zero_warn(
+            f"GRASS: optimizer step {step} has non-finite gradients in layers {layers}; the step is skipped "
+            "(no parameter or optimizer state changes) and left out of the importance estimate"
+        )
+        if _grad_scaler(trainer) is None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     @override
     def on_train_batch_end(

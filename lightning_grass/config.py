@@ -41,6 +41,9 @@ class GRASSConfig:
             that GRASS and LISA differ only in how layers are chosen.
         seed: Seed of the layer-sampling generator. ``None`` (default) takes ``torch.initial_seed()`` at
             fit start, so ``lightning.seed_everything`` controls it.
+        skip_non_finite: When a layer's gradient holds NaN or Inf, warn (naming the step and the layers) and
+            skip the optimizer step, as the fp16 grad scaler does. Default ``True``: one NaN would otherwise
+            poison the Adam moments of the active layers for good. It costs one host read per step.
     """
 
     mode: str = "grass"
@@ -57,6 +60,7 @@ class GRASSConfig:
     train_head: bool = True
     train_final_norm: bool = True
     seed: int | None = None
+    skip_non_finite: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -73,6 +77,9 @@ class GRASSConfig:
             raise ValueError(f"ema={self.ema!r} must be in (0, 1]")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        for name in ("train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
             raise ValueError(f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'")
         if self.mode == "fixed":

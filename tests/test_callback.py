@@ -231,7 +231,8 @@ def test_a_step_with_a_non_finite_layer_gradient_contributes_nothing():
     spy = GradSpy()
     inject = InjectInf(step=3, parameter=lambda module: layers_of(module)[broken].mlp.down_proj.weight)
     callback = GRASSCallback(probe_steps=1, sample_every=3, ema=0.5, seed=0)
-    fit(TinyCausalLM(), callback, max_steps=4, extra_callbacks=[spy, inject])
+    # The spy reads the gradients before GRASS drops those of the skipped step.
+    make_trainer(max_steps=4, callbacks=[spy, inject, callback]).fit(TinyCausalLM(), token_batches())
 
     probe, refresh = callback.history
     assert probe["active_layers"] == first_window.active_layers
@@ -379,3 +380,26 @@ def test_resume_is_bit_exact(tmp_path, interrupt_at):
     assert full_state.keys() == state.keys()
     for key in full_state:
         assert all(torch.equal(full_state[key][k], state[key][k]) for k in full_state[key]), key
+
+
+def test_a_non_finite_layer_gradient_skips_the_step_with_a_warning_and_training_goes_on():
+    first_window = GRASSCallback(probe_steps=1, seed=0)
+    fit(TinyCausalLM(), first_window, max_steps=1)
+    broken = first_window.active_layers[0]
+
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots[trainer.global_step] = snapshot(pl_module)
+
+    module = TinyCausalLM()
+    inject = InjectInf(step=2, parameter=lambda m: layers_of(m)[broken].mlp.down_proj.weight)
+    callback = GRASSCallback(probe_steps=1, sample_every=3, seed=0)
+    with pytest.warns(UserWarning, match=rf"optimizer step 3 has non-finite gradients in layers \[{broken}\]"):
+        fit(module, callback, max_steps=6, extra_callbacks=[inject, Snapshot()])
+
+    assert all(torch.equal(snapshots[2][name], snapshots[3][name]) for name in snapshots[2]), "step 3 changed nothing"
+    assert changed_layers(snapshots[3], module), "training went on after the skipped step"
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(math.isfinite(v) for record in callback.history for v in record["importance"])
