@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,6 +56,7 @@ class LayerwiseOffloadMixin:
         self._always_on_group: int | None = None
         self._layer_map: LayerMap | None = None
         self._stats: dict[str, float] = {}
+        self._noticed_no_callback = False
 
     @property
     def offload_tier(self) -> str:
@@ -76,6 +79,11 @@ class LayerwiseOffloadMixin:
         """Group each layer's parameters and wrap the optimizer so its states are offloaded layer by layer."""
         self._layer_map = layer_map
         self._close_store()
+        if self.offload_tier == "disk" and self.root_device.type != "cpu" and self.offload_dir is None:
+            raise ValueError(
+                f"offload='disk' on {self.root_device} needs offload_dir: GPU runs offload gigabytes of state, and "
+                "the system temp folder is often small or held in RAM. Pass offload_dir='/path/on/a/large/disk'"
+            )
         if self.offload_tier == "none" or len(self.optimizers) != 1:
             return
         optimizer = self.optimizers[0]
@@ -94,7 +102,11 @@ class LayerwiseOffloadMixin:
             }
             self._always_on_group = len(groups)
             groups.append(list(always_on.values()))
-        tier = DiskTier(self.offload_dir) if self.offload_tier == "disk" else HostTier(self.root_device)
+        if self.offload_tier == "disk":
+            tier = DiskTier(self.offload_dir)
+            _check_free_space(tier.directory, groups)
+        else:
+            tier = HostTier(self.root_device)
         store = LayerStateStore(optimizer, groups, tier, self.max_resident_layers)
         self._layerwise = LayerwiseOptimizer(optimizer, store)
         self._stats = store.stats
@@ -121,6 +133,12 @@ class LayerwiseOffloadMixin:
         **kwargs: Any,
     ) -> Any:
         layerwise = self._layerwise
+        if self._layer_map is None and not self._noticed_no_callback:
+            self._noticed_no_callback = True
+            rank_zero_info(
+                f"{type(self).__name__} is used without GRASSCallback: every parameter trains at every step and no "
+                "optimizer state is offloaded, as with Lightning's own strategy"
+            )
         if layerwise is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         layerwise.prefetch_first()
@@ -158,6 +176,19 @@ class LayerwiseOffloadMixin:
         metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _check_free_space(directory: os.PathLike, groups: list[list[torch.nn.Parameter]]) -> None:
+    """Refuse a disk tier that cannot hold two Adam-sized moments for every offloaded parameter."""
+    needed = 2 * sum(p.numel() * p.element_size() for params in groups for p in params)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ValueError(
+            f"offload_dir={str(Path(directory).parent)!r} has {free / 2**30:.2f} GiB free, but the layers' optimizer "
+            f"states need about {needed / 2**30:.2f} GiB (two moments per parameter); free space or choose "
+            "another offload_dir"
+        )
 
 
 def _state_bytes(optimizer: Optimizer) -> int:

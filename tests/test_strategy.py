@@ -1,6 +1,7 @@
 """GRASSStrategy inside a Trainer: names, devices, tiers, bit-identity, residency, checkpoints, config routes."""
 
 import csv
+import logging
 
 import pytest
 import torch
@@ -255,3 +256,35 @@ def test_cuda_tiers_are_bit_identical_to_no_offload(tmp_path, offload):
 
 def test_package_exports():
     assert lightning_grass.GRASSStrategy is GRASSStrategy
+
+
+def test_the_strategy_without_the_callback_says_so_once(caplog):
+    with caplog.at_level(logging.INFO):
+        make_trainer(max_steps=3, strategy="grass").fit(TinyCausalLM(), token_batches())
+    notices = [r.getMessage() for r in caplog.records if "used without GRASSCallback" in r.getMessage()]
+    assert notices == [
+        "GRASSStrategy is used without GRASSCallback: every parameter trains at every step and no "
+        "optimizer state is offloaded, as with Lightning's own strategy"
+    ]
+
+
+def test_disk_tier_on_a_gpu_needs_an_offload_dir():
+    strategy = GRASSStrategy(offload="disk")
+    strategy.parallel_devices = [torch.device("cuda", 0)]
+    with pytest.raises(ValueError, match=r"offload='disk' on cuda:0 needs offload_dir: .* Pass offload_dir="):
+        strategy.on_layer_map(None)
+
+
+def test_a_full_offload_dir_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    module = TinyCausalLM()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with pytest.raises(
+        ValueError, match=rf"offload_dir='{tmp_path}' has 0.00 GiB free, but the layers' optimizer states"
+    ):
+        fit(GRASSStrategy(offload="disk", offload_dir=tmp_path), module=module)
+    assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
+    assert list(tmp_path.iterdir()) == [], "the refused run left no folder behind"
