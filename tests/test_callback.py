@@ -356,14 +356,16 @@ def _train(max_steps, checkpoint_dir=None, resume_from=None):
     callback = GRASSCallback(probe_steps=4, sample_every=3, update_every=2, seed=0)
     callbacks = [callback]
     if checkpoint_dir is not None:
-        callbacks.append(ModelCheckpoint(checkpoint_dir, filename="{step}", every_n_train_steps=3, save_top_k=-1))
+        callbacks.append(ModelCheckpoint(checkpoint_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1))
     trainer = make_trainer(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=checkpoint_dir is not None)
-    # 3 batches per epoch: checkpoints fall on epoch boundaries, where a plain DataLoader resumes exactly.
-    trainer.fit(module, token_batches(num_batches=3), ckpt_path=resume_from)
+    # One batch per epoch: every step ends an epoch, where a plain DataLoader resumes exactly.
+    trainer.fit(module, token_batches(num_batches=1), ckpt_path=resume_from)
     return module, callback, trainer
 
 
-@pytest.mark.parametrize("interrupt_at", [3, 6], ids=["while-probing", "mid-window"])
+@pytest.mark.parametrize(
+    "interrupt_at", [3, 4, 6, 7], ids=["while-probing", "at-probe-end", "mid-window", "at-window-boundary"]
+)
 def test_resume_is_bit_exact(tmp_path, interrupt_at):
     full_module, full_callback, full_trainer = _train(12, checkpoint_dir=tmp_path)
     module, callback, trainer = _train(12, resume_from=tmp_path / f"step={interrupt_at}.ckpt")
