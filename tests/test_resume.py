@@ -48,10 +48,12 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_and_finishes
         stderr=subprocess.DEVNULL,
     )
     last = killed / "ckpt" / "last.ckpt"
+
+    def saved_step():
+        return torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-        last.exists() and torch.load(last, weights_only=False)["global_step"] >= 5
-    ):
+    while time.monotonic() < deadline and saved_step() < 5:
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
