@@ -78,7 +78,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     module.to(trainer.strategy.root_device)
     exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
 
-    model_dir = module.save_pretrained(output_dir / "model")
+    model_dir = output_dir / "model"
     metrics: dict[str, Any] = {
         "stage": "finetune",
         "method": cfg.sampler.mode if sampler is not None else "full",
@@ -96,13 +96,17 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if sampler is not None:
         metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
         metrics["history"] = sampler.history
+    if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
+        return metrics
+    module.save_pretrained(model_dir)
+    if sampler is not None:
         if any(record["importance"] is not None for record in sampler.history):
-            metrics["importance_heatmap"] = str(
-                plots.importance_heatmap(sampler.history, output_dir / "importance.png")
-            )
-        metrics["selection_plot"] = str(
-            plots.selection_frequency(sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers)
+            heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
+            metrics["importance_heatmap"] = str(heatmap)
+        selection = plots.selection_frequency(
+            sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers
         )
+        metrics["selection_plot"] = str(selection)
     _write_json(output_dir / "metrics.json", metrics)
     _print_summary(metrics, output_dir)
     return metrics

@@ -26,8 +26,8 @@ TINY = [
 ]
 
 
-def run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(command, cwd, timeout=300):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -109,7 +109,8 @@ def test_grass_cli_fit_and_print_config(tmp_path, tiny_pretrained_dir):
 @pytest.mark.slow
 def test_default_job_improves_exact_match_over_the_base(tmp_path):
     out = tmp_path / "default"
-    run([sys.executable, "-m", "lightning_grass.train", f"paths.output_dir={out}"], cwd=tmp_path)
+    # From a fresh folder the base model is built first (about 150 s here), then 500 steps are fitted.
+    run([sys.executable, "-m", "lightning_grass.train", f"paths.output_dir={out}"], cwd=tmp_path, timeout=1200)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["exact_match_after"] > metrics["exact_match_before"] + 0.1
 
@@ -132,3 +133,13 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     assert all(t["method"] == "grass" for t in trials)
     best = yaml.safe_load((out / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t["exact_match_after"] for t in trials)
+
+
+@pytest.mark.slow
+def test_grass_train_on_two_ddp_processes_writes_its_outputs_once(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "lightning_grass.train", *TINY, "strategy=grass_ddp", "trainer.devices=2"]
+    stdout = run([*command, f"paths.output_dir={out}"], cwd=tmp_path)
+    assert stdout.count("GRASS fine-tuning summary") == 1
+    assert json.loads((out / "metrics.json").read_text())["method"] == "grass"
+    assert (out / "train_ddp_process_1.log").is_file(), "Lightning's launcher ran a second process"
