@@ -7,6 +7,7 @@ grass-cli fit --config conf/cli/grass.yaml --trainer.strategy=grass --print_conf
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -20,8 +21,14 @@ log = logging.getLogger(__name__)
 class GRASSCLI(LightningCLI):
     """``LightningCLI`` over :class:`~lightning_grass.lm.CausalLMModule` and ``InstructionDataModule``.
 
-    The datamodule gets the model's tokenizer (or the built-in character tokenizer) before fitting.
+    The model's answer pattern is the data's (``--data.answer_pattern``), so exact match reads answers the
+    way the data writes them, and the datamodule gets the model's tokenizer (or the built-in character
+    tokenizer) before fitting.
     """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Derive ``model.answer_pattern`` from ``data.answer_pattern``."""
+        parser.link_arguments("data.answer_pattern", "model.answer_pattern")
 
     def before_fit(self) -> None:
         """Hand the model's tokenizer to the datamodule."""

@@ -71,7 +71,6 @@ def test_grass_cli_fit_and_print_config(tmp_path, tiny_pretrained_dir):
         f"--model.pretrained_path={tiny_pretrained_dir}",
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
-        "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}",
         "--data.num_train=32",
         "--data.num_val=8",
@@ -87,6 +86,7 @@ def test_grass_cli_fit_and_print_config(tmp_path, tiny_pretrained_dir):
     parsed = yaml.safe_load(printed)
     assert parsed["trainer"]["strategy"]["class_path"] == "lightning_grass.GRASSStrategy"
     assert parsed["trainer"]["callbacks"][0]["class_path"] == "lightning_grass.GRASSCallback"
+    assert parsed["data"]["answer_pattern"] == r"####\s*(\S+)"
 
     run(
         [

@@ -48,7 +48,9 @@ class InstructionDataModule(pl.LightningDataModule):
             generated with default task options.
         batch_size: Examples per batch, ``>= 1``.
         truncation: ``"truncate"`` cuts the end of long responses; ``"skip"`` drops long examples.
-        answer_pattern: Pattern extracting the answer from a file record's ``output``; ``None`` for no answer.
+        answer_pattern: Pattern extracting the answer from a file record's ``output``; ``""`` for no answer.
+            Typed ``str`` rather than optional so that the Lightning CLI keeps a value starting with ``#``
+            (it parses optional strings as YAML, where ``#`` starts a comment).
         task_options: Keyword arguments of the task generator, e.g. ``{"max_steps": 4}``; generated tasks only.
         num_workers: Data loader worker processes, ``>= 0``.
 
@@ -67,7 +69,7 @@ class InstructionDataModule(pl.LightningDataModule):
         max_length: int = 192,
         batch_size: int = 16,
         truncation: str = "truncate",
-        answer_pattern: str | None = DEFAULT_ANSWER_PATTERN,
+        answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         task_options: dict[str, Any] | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -117,7 +119,7 @@ class InstructionDataModule(pl.LightningDataModule):
         if self.task in TASKS:
             examples = TASKS[self.task](self.num_train + self.num_val, seed=self.seed, **self.task_options)
             return examples[: self.num_train], examples[self.num_train :]
-        examples = load_alpaca(self.task, self.answer_pattern)
+        examples = load_alpaca(self.task, self.answer_pattern or None)
         num_val = self.num_val if self.num_val <= len(examples) // 2 else max(1, len(examples) // 10)
         return examples[: len(examples) - num_val], examples[len(examples) - num_val :]
 

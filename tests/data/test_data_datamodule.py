@@ -206,7 +206,7 @@ def test_file_task_split(tok, tmp_path, messages):
     ten_percent.setup("fit")
     assert [example.answer for example in ten_percent.val_examples] == ["19", "20"]
     assert len(ten_percent._train) == 18
-    no_answers = _module(tok, task=str(path), answer_pattern=None, num_val=5)
+    no_answers = _module(tok, task=str(path), answer_pattern="", num_val=5)
     no_answers.setup("fit")
     assert all(example.answer is None for example in no_answers.val_examples)
 
