@@ -143,3 +143,24 @@ def test_grass_train_on_two_ddp_processes_writes_its_outputs_once(tmp_path):
     assert stdout.count("GRASS fine-tuning summary") == 1
     assert json.loads((out / "metrics.json").read_text())["method"] == "grass"
     assert (out / "train_ddp_process_1.log").is_file(), "Lightning's launcher ran a second process"
+
+
+def test_pretrain_tiny_experiment_builds_a_base_that_reloads(tmp_path):
+    base = tmp_path / "base"
+    overrides = [
+        "experiment=pretrain_tiny",
+        f"base.path={base}",
+        "base.build.max_steps=3",
+        "base.build.num_documents=200",
+        "base.build.model_config.num_hidden_layers=2",
+        "base.build.model_config.hidden_size=32",
+        "base.build.model_config.intermediate_size=64",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ]
+    stdout = run([sys.executable, "-m", "lightning_grass.train", *overrides], cwd=tmp_path)
+    assert f"Base model written to {base}" in stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stage"] == "pretrain"
+    reloaded = CausalLMModule(pretrained_path=base)
+    assert reloaded.model.config.num_hidden_layers == 2
+    assert reloaded.tokenizer.decode(reloaded.tokenizer.encode("7 + 5 = 12")) == "7 + 5 = 12"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".base-")], "no staging folder left behind"
