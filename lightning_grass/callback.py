@@ -20,13 +20,11 @@ from typing_extensions import override
 
 from lightning_grass.config import GRASSConfig
 from lightning_grass.importance import MeanGradNorm, grouped_sq_norms
-from lightning_grass.layer_discovery import LayerMap, discover_layers
+from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
 
 log = logging.getLogger(__name__)
-
-_ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
 
 
 class GRASSCallback(Callback):
@@ -424,7 +422,7 @@ class GRASSCallback(Callback):
         }
         trained: dict[int, nn.Parameter] = {}
         frozen: dict[int, nn.Parameter] = {}
-        for group in _ALWAYS_ON_GROUPS:
+        for group in ALWAYS_ON_GROUPS:
             for p in self.layer_map.group_parameters(group):
                 if id(p) in managed:
                     (trained if flags[group] else frozen)[id(p)] = p

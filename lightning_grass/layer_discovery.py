@@ -57,6 +57,10 @@ KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
 )
 
 
+#: The always-on groups of a :class:`LayerMap`, each a list of modules outside the blocks.
+ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
+
+
 @dataclass
 class LayerMap:
     """Where a model's transformer blocks and always-on modules are.
@@ -88,7 +92,7 @@ class LayerMap:
 
     def group_parameters(self, group: str) -> list[nn.Parameter]:
         """Parameters of an always-on group: ``"embeddings"``, ``"head"`` or ``"final_norm"``."""
-        if group not in ("embeddings", "head", "final_norm"):
+        if group not in ALWAYS_ON_GROUPS:
             raise ValueError(f"group={group!r} is not an always-on group; use 'embeddings', 'head' or 'final_norm'")
         return _unique(p for module in getattr(self, group) for p in module.parameters(recurse=False))
 

@@ -16,14 +16,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grass.layer_discovery import LayerMap
-from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer
+from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
+from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer, optimizer_state_bytes
 
 log = logging.getLogger(__name__)
 
 #: Accepted values of ``offload``.
 OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
-_ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
 
 
 class LayerwiseOffloadMixin:
@@ -96,7 +95,7 @@ class LayerwiseOffloadMixin:
             grouped = {id(p) for params in groups for p in params}
             always_on = {
                 id(p): p
-                for name in _ALWAYS_ON_GROUPS
+                for name in ALWAYS_ON_GROUPS
                 for p in layer_map.group_parameters(name)
                 if id(p) in in_optimizer and id(p) not in grouped
             }
@@ -146,7 +145,7 @@ class LayerwiseOffloadMixin:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
             layerwise.store.discard_unused()
-            layerwise.store.set_always_resident_bytes(_state_bytes(layerwise.optimizer))
+            layerwise.store.set_always_resident_bytes(optimizer_state_bytes(layerwise.optimizer))
             self._log_stats()
 
     @override
@@ -189,12 +188,3 @@ def _check_free_space(directory: os.PathLike, groups: list[list[torch.nn.Paramet
             f"states need about {needed / 2**30:.2f} GiB (two moments per parameter); free space or choose "
             "another offload_dir"
         )
-
-
-def _state_bytes(optimizer: Optimizer) -> int:
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )

@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_grass.offload import optimizer_state_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +45,7 @@ class RunStats(Callback):
             return
         self.step_seconds.append(time.perf_counter() - self._start)
         self._start = None
-        state_bytes = sum(
-            value.numel() * value.element_size()
-            for optimizer in trainer.optimizers
-            for state in optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor)
-        )
+        state_bytes = sum(optimizer_state_bytes(optimizer) for optimizer in trainer.optimizers)
         offload_peak = getattr(trainer.strategy, "offload_stats", {}).get("peak_resident_bytes", 0)
         self.peak_optimizer_state_bytes = max(self.peak_optimizer_state_bytes, state_bytes, int(offload_peak))
 

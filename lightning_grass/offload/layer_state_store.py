@@ -299,6 +299,16 @@ class LayerStateStore:
         stats["peak_resident_layers"] = max(stats["peak_resident_layers"], len(self._resident))
 
 
+def optimizer_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state``: the states resident now."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, Tensor)
+    )
+
+
 def _resident_spec(optimizer: Optimizer, param: nn.Parameter, key: str, value: Tensor) -> TensorSpec:
     """Dtype and device a checkpointed state tensor takes when resident, following torch's loading policy.
 
