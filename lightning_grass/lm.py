@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_grass.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.evaluation import exact_match
+from lightning_grass.lora import apply_lora, is_lora, save_merged
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class CausalLMModule(pl.LightningModule):
         answer_pattern: Regular expression whose first group is the final answer in generated text.
         max_new_tokens: Longest generation for exact match.
         eval_examples: How many validation examples are generated for exact match at each validation.
+        lora: ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``, ...) to train LoRA
+            adapters instead of the model's own weights; ``None`` trains the weights.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class CausalLMModule(pl.LightningModule):
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         max_new_tokens: int = 48,
         eval_examples: int = 64,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +89,8 @@ class CausalLMModule(pl.LightningModule):
             raise ValueError("CausalLMModule needs pretrained_path (a local directory) or config (a dict)")
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
         vocab = self.model.config.vocab_size
         self.val_token_accuracy = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE_INDEX)
         self.val_nll = MeanMetric()
@@ -147,9 +153,15 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the model and its tokenizer with ``save_pretrained`` so ``from_pretrained`` reloads both."""
+        """Write the model and its tokenizer with ``save_pretrained`` so ``from_pretrained`` reloads both.
+
+        LoRA adapters are merged into a copy of the base weights, so the directory holds a plain model.
+        """
         directory = Path(directory)
-        self.model.save_pretrained(directory)
+        if is_lora(self.model):
+            save_merged(self.model, directory)
+        else:
+            self.model.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         return directory
