@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 _VALUES = ("importance", "probabilities")
@@ -38,15 +39,25 @@ def importance_heatmap(history: Sequence[dict[str, Any]], path: str | Path, valu
         ValueError: If ``value`` is unknown or no record of ``history`` carries it (for example ``lisa`` mode
             has no importance).
     """
-    if value not in _VALUES:
-        raise ValueError(f"value={value!r} is not supported; use one of {_VALUES}")
-    records = [record for record in history if record.get(value) is not None]
-    if not records:
-        raise ValueError(f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)")
-    grid = np.array([record[value] for record in records], dtype=float).T
-    steps = [record["step"] for record in records]
+    steps, grid = _value_grid(history, value)
     fig = Figure(figsize=(max(4.0, 0.35 * len(steps) + 2), max(3.0, 0.3 * grid.shape[0] + 1.5)))
-    ax = fig.subplots()
+    draw_heatmap(fig, fig.subplots(), history, value)
+    return _save(fig, path)
+
+
+def draw_heatmap(fig: Figure, ax: Axes, history: Sequence[dict[str, Any]], value: str = "importance") -> None:
+    """Draw the heatmap of :func:`importance_heatmap` on ``ax``, with its colour bar, for composite figures.
+
+    Args:
+        fig: The figure that holds ``ax``.
+        ax: Where to draw.
+        history: ``GRASSCallback.history``.
+        value: ``"importance"`` (MGN) or ``"probabilities"``.
+
+    Raises:
+        ValueError: As :func:`importance_heatmap`.
+    """
+    steps, grid = _value_grid(history, value)
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 12 else 0)
     ax.set_yticks(range(grid.shape[0]))
@@ -54,7 +65,17 @@ def importance_heatmap(history: Sequence[dict[str, Any]], path: str | Path, valu
     ax.set_ylabel("layer")
     ax.set_title("mean gradient norm per layer" if value == "importance" else "sampling probability per layer")
     fig.colorbar(image, ax=ax, label=value)
-    return _save(fig, path)
+
+
+def _value_grid(history: Sequence[dict[str, Any]], value: str) -> tuple[list[int], np.ndarray]:
+    """The steps that carry ``value`` and the (layer, step) array of it."""
+    if value not in _VALUES:
+        raise ValueError(f"value={value!r} is not supported; use one of {_VALUES}")
+    records = [record for record in history if record.get(value) is not None]
+    if not records:
+        raise ValueError(f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)")
+    grid = np.array([record[value] for record in records], dtype=float).T
+    return [record["step"] for record in records], grid
 
 
 def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:

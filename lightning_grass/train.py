@@ -23,6 +23,7 @@ from lightning_grass import plots
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.evaluation import exact_match
+from lightning_grass.machine import describe_machine
 from lightning_grass.pretrain import build_base_model, ensure_base_model
 from lightning_grass.run_stats import RunStats
 
@@ -41,6 +42,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     Returns:
         The metrics written to ``metrics.json``.
     """
+    run_start = time.perf_counter()
     if cfg.stage == "pretrain":
         start = time.perf_counter()
         path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
@@ -81,7 +83,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     model_dir = output_dir / "model"
     metrics: dict[str, Any] = {
         "stage": "finetune",
-        "method": cfg.sampler.mode if sampler is not None else "full",
+        "method": _method_name(cfg, sampler),
         "task": cfg.data.task,
         "seed": cfg.seed,
         "exact_match_before": exact_match_before,
@@ -92,6 +94,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "base_build_seconds": base_seconds,
         "trainable_parameters_per_step": _trainable_per_step(module, sampler),
         "model_dir": str(model_dir),
+        "machine": describe_machine(trainer.strategy.root_device),
     }
     if sampler is not None:
         metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
@@ -99,6 +102,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
         return metrics
     module.save_pretrained(model_dir)
+    OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
     if sampler is not None:
         if any(record["importance"] is not None for record in sampler.history):
             heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
@@ -107,6 +111,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers
         )
         metrics["selection_plot"] = str(selection)
+    metrics["run_seconds"] = time.perf_counter() - run_start
     _write_json(output_dir / "metrics.json", metrics)
     _print_summary(metrics, output_dir)
     return metrics
@@ -124,9 +129,16 @@ def _build_module(cfg: DictConfig) -> pl.LightningModule:
     return module
 
 
+def _method_name(cfg: DictConfig, sampler: GRASSCallback | None) -> str:
+    """The sampler's mode; ``lora`` for LoRA adapters; ``full`` when every weight trains at every step."""
+    if sampler is not None:
+        return sampler.config.mode
+    return "lora" if cfg.model.get("lora") else "full"
+
+
 def _trainable_per_step(module: pl.LightningModule, sampler: GRASSCallback | None) -> int:
     if sampler is None or sampler.layer_map is None:
-        return sum(p.numel() for p in module.parameters())
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
     layer_map = sampler.layer_map
     per_layer = [sum(p.numel() for p in layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
     in_layers = {id(p) for i in range(layer_map.num_layers) for p in layer_map.layer_parameters(i)}

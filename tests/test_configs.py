@@ -39,12 +39,23 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         overrides.append(f"data.task={data}")
     cfg = compose_train(tmp_path, overrides)
     node = cfg.get(group) if group not in ("experiment", "hparams_search") else None
-    if group == "experiment":
+    if (group, option) == ("experiment", "pretrain_tiny"):
         assert cfg.stage == "pretrain"
+        return
+    if group == "experiment":  # the benchmark presets: a sweep of every method over both tasks, one process each
+        params = cfg.hydra.sweeper.params
+        assert params.sampler.split(",") == ["full", "lora", "lisa", "grass_static", "grass"]
+        tasks = {compose_train(tmp_path, [f"data={name}"]).data.task for name in params.data.split(",")}
+        assert tasks == {"arithmetic", "multiple_choice"} and len(params.seed.split(",")) >= 3
+        assert cfg.hydra.launcher._target_.endswith("ProcessLauncher")
         return
     if group == "hparams_search":
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
         assert cfg.optimized_metric == "exact_match_after"
+        return
+    if (group, option) == ("sampler", "lora"):
+        assert node is None and cfg.model.lora.r >= 1
+        assert type(instantiate(cfg.model)).__name__ == "CausalLMModule"
         return
     if node is None or isinstance(node, str) or not node:
         assert (group, option) in {("sampler", "full"), ("strategy", "auto"), ("callbacks", "none"), ("logger", "none")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from lightning_grass.data.example import Example
 from lightning_grass.data.prompt import format_prompt
@@ -56,6 +56,8 @@ _ADD_PHRASES = ("buys {n} more", "finds {n} more", "gets {n} more")
 _SUBTRACT_PHRASES = ("gives away {n}", "loses {n}", "sells {n}")
 _MULTIPLY_PHRASES = {2: "doubles them", 3: "triples them"}
 _MAX_CHOICES = 6
+#: The kinds of multiple-choice question: number comparison, alphabetical order, and ordering chains.
+MULTIPLE_CHOICE_KINDS = ("compare", "alphabet", "logic")
 _MAX_DOCUMENT_CHARS = 200
 
 
@@ -167,18 +169,21 @@ def _place(rng: random.Random, correct: str, others: list[str], position: int) -
     return options
 
 
-def _multiple_choice_question(rng: random.Random, num_choices: int, position: int) -> tuple[str, list[str]]:
+def _multiple_choice_question(
+    rng: random.Random, num_choices: int, position: int, kinds: Sequence[str]
+) -> tuple[str, list[str]]:
     """A comparison, alphabet or logic question whose right option sits at ``position``.
 
     Args:
         rng: The source of randomness.
         num_choices: How many options.
         position: Index of the right option.
+        kinds: The kinds to draw from (see :data:`MULTIPLE_CHOICE_KINDS`).
 
     Returns:
         The question line and the options.
     """
-    kind = rng.choice(("compare", "alphabet", "logic"))
+    kind = rng.choice(tuple(kinds))
     if kind == "compare":
         numbers = rng.sample(range(1, 100), num_choices)
         largest = rng.random() < 0.5
@@ -203,15 +208,18 @@ def _multiple_choice_question(rng: random.Random, num_choices: int, position: in
     return question, _place(rng, correct, [name for name in ranked if name != correct], position)
 
 
-def multiple_choice_examples(num_examples: int, seed: int = 0, num_choices: int = 4) -> list[Example]:
+def multiple_choice_examples(
+    num_examples: int, seed: int = 0, num_choices: int = 4, kinds: Sequence[str] = MULTIPLE_CHOICE_KINDS
+) -> list[Example]:
     r"""Questions answered by a letter, standing in for a commonsense multiple-choice suite.
 
-    Three kinds, drawn at random, each re-derivable from its text:
+    Three kinds, drawn at random from ``kinds``, each re-derivable from its text:
 
-    - ``"Which number is largest?"`` / ``"smallest"`` over distinct numbers 1..99;
-    - ``"Which word comes first in the alphabet?"`` / ``"last"`` over distinct lowercase :data:`WORDS`;
-    - a chain such as ``"Ann is taller than Bob. Bob is taller than Cy. Who is shortest?"`` (facts shuffled)
-      over distinct names, asking for one end of the chain, with every name as an option.
+    - ``compare``: ``"Which number is largest?"`` / ``"smallest"`` over distinct numbers 1..99;
+    - ``alphabet``: ``"Which word comes first in the alphabet?"`` / ``"last"`` over distinct lowercase
+      :data:`WORDS`;
+    - ``logic``: a chain such as ``"Ann is taller than Bob. Bob is taller than Cy. Who is shortest?"`` (facts
+      shuffled) over distinct names, asking for one end of the chain, with every name as an option.
 
     The instruction is the question, then one line per option: ``"A) 12"``. The right letters are balanced
     in every prefix of the list: each run of ``num_choices`` examples uses every letter once, in random
@@ -221,16 +229,20 @@ def multiple_choice_examples(num_examples: int, seed: int = 0, num_choices: int 
         num_examples: How many examples, ``>= 1``.
         seed: Seed of the ``random.Random`` that draws everything; the same seed gives the same list.
         num_choices: Options per question, 2 to 6.
+        kinds: Which kinds of question to draw, a non-empty subset of :data:`MULTIPLE_CHOICE_KINDS`.
 
     Returns:
         The examples, with ``output == "The answer is B\n#### B"`` and ``answer == "B"`` for letter B.
 
     Raises:
-        ValueError: For ``num_examples < 1`` or ``num_choices`` outside 2..6.
+        ValueError: For ``num_examples < 1``, ``num_choices`` outside 2..6, or unknown or no ``kinds``.
     """
     _require_positive("num_examples", num_examples)
     if not 2 <= num_choices <= _MAX_CHOICES:
         raise ValueError(f"num_choices={num_choices!r} must be between 2 and {_MAX_CHOICES}")
+    kinds = list(kinds)
+    if not kinds or not set(kinds) <= set(MULTIPLE_CHOICE_KINDS):
+        raise ValueError(f"kinds={kinds!r} must be a non-empty subset of {list(MULTIPLE_CHOICE_KINDS)}")
     rng = random.Random(seed)
     examples = []
     block: list[int] = []
@@ -238,7 +250,7 @@ def multiple_choice_examples(num_examples: int, seed: int = 0, num_choices: int 
         if index % num_choices == 0:
             block = rng.sample(range(num_choices), num_choices)
         position = block[index % num_choices]
-        question, options = _multiple_choice_question(rng, num_choices, position)
+        question, options = _multiple_choice_question(rng, num_choices, position, kinds)
         lettered = "\n".join(f"{string.ascii_uppercase[i]}) {option}" for i, option in enumerate(options))
         letter = string.ascii_uppercase[position]
         examples.append(

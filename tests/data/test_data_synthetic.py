@@ -135,6 +135,21 @@ def test_multiple_choice_answers_are_correct(num_choices):
     assert min(kinds.values()) > 50
 
 
+@pytest.mark.parametrize("kinds", [["compare"], ["alphabet", "logic"]])
+def test_multiple_choice_draws_only_the_chosen_kinds(kinds):
+    drawn = Counter()
+    for example in multiple_choice_examples(120, seed=3, num_choices=3, kinds=kinds):
+        letter, (kind,) = _derive_mc_answer(example.instruction)
+        assert example.answer == letter
+        drawn[kind] += 1
+    assert set(drawn) == set(kinds)
+
+
+def test_all_kinds_by_default_draw_the_same_examples_as_naming_them():
+    named = multiple_choice_examples(50, seed=4, kinds=("compare", "alphabet", "logic"))
+    assert named == multiple_choice_examples(50, seed=4)
+
+
 def test_multiple_choice_letters_are_balanced():
     counts = Counter(example.answer for example in multiple_choice_examples(400, seed=0))
     assert counts == {"A": 100, "B": 100, "C": 100, "D": 100}
@@ -186,6 +201,8 @@ def test_pretraining_corpus_holds_no_task_solutions():
         (lambda: multiple_choice_examples(-1), "num_examples=-1 must be >= 1"),
         (lambda: multiple_choice_examples(5, num_choices=1), "num_choices=1 must be between 2 and 6"),
         (lambda: multiple_choice_examples(5, num_choices=7), "num_choices=7 must be between 2 and 6"),
+        (lambda: multiple_choice_examples(5, kinds=[]), "kinds=[] must be a non-empty subset of"),
+        (lambda: multiple_choice_examples(5, kinds=["riddle"]), "kinds=['riddle'] must be a non-empty subset of"),
         (lambda: pretraining_corpus(0), "num_documents=0 must be >= 1"),
     ],
 )

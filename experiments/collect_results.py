@@ -1,0 +1,51 @@
+"""Turn a benchmark sweep into ``experiments/results/<preset>/results.md``, ``runs.json`` and figures.
+
+    grass-train -m experiment=bench_small
+    python experiments/collect_results.py outputs/bench_small/<time> --preset small
+
+The sweep's command is read back from the sweep's ``multirun.yaml`` and written into ``results.md`` with
+this script's own command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lightning_grass.benchmark import write_results
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """The ``grass-train -m ...`` command line that produced ``sweep_dir``, from its ``multirun.yaml``."""
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        raise FileNotFoundError(f"{multirun} is missing: is {sweep_dir} a grass-train -m sweep directory?")
+    overrides = OmegaConf.load(multirun).hydra.overrides.task
+    return " ".join(["grass-train", "-m", *(shlex.quote(o) for o in overrides)])
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="the sweep directory that grass-train -m wrote")
+    parser.add_argument("--preset", required=True, help="the preset's name: results go to experiments/results/<preset>")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of experiments/results/<preset>")
+    args = parser.parse_args(argv)
+    out_dir = args.out or RESULTS_DIR / args.preset
+    collector = " ".join(
+        ["python", "experiments/collect_results.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
+    )
+    path = write_results(
+        args.sweep_dir, out_dir, f"Benchmark: the `{args.preset}` preset", [sweep_command(args.sweep_dir), collector]
+    )
+    print(f"Wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
