@@ -42,7 +42,7 @@ def importance_heatmap(history: Sequence[dict[str, Any]], path: str | Path, valu
     steps, grid = _value_grid(history, value)
     fig = Figure(figsize=(max(4.0, 0.35 * len(steps) + 2), max(3.0, 0.3 * grid.shape[0] + 1.5)))
     draw_heatmap(fig, fig.subplots(), history, value)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_heatmap(fig: Figure, ax: Axes, history: Sequence[dict[str, Any]], value: str = "importance") -> None:
@@ -117,7 +117,7 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
     ax.set_xlabel("layer")
     ax.set_ylabel("windows active")
     ax.set_title("layer selection frequency")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:
@@ -128,7 +128,16 @@ def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:
     return 1 + max((max(record["active_layers"]) for record in history if record["active_layers"]), default=-1)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Lay out ``fig`` and write it as PNG, creating parent directories.
+
+    Args:
+        fig: The figure.
+        path: Where to write.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -9,6 +9,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
+# A 2-layer Llama as the config dict that CausalLMModule(config=...) takes.
+MODULE_CONFIG = dict(
+    model_type="llama",
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=50,
+    max_position_embeddings=64,
+)
 
 
 def tiny_llama_config(num_layers: int = 4, **overrides) -> LlamaConfig:

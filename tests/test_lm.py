@@ -2,20 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import MODULE_CONFIG as CONFIG
 from torch.nn import functional
 
 from lightning_grass.lm import CausalLMModule, warmup_cosine
-
-CONFIG = dict(
-    model_type="llama",
-    num_hidden_layers=2,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=50,
-    max_position_embeddings=64,
-)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import MODULE_CONFIG as CONFIG
 from conftest import make_trainer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
@@ -9,16 +10,6 @@ from transformers import AutoModelForCausalLM
 from lightning_grass.lm import CausalLMModule
 from lightning_grass.lora import apply_lora, is_lora
 
-CONFIG = dict(
-    model_type="llama",
-    num_hidden_layers=2,
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=50,
-    max_position_embeddings=64,
-)
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 

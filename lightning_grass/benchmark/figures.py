@@ -33,8 +33,7 @@ def accuracy_vs_memory(table: Mapping[str, Sequence[MethodSummary]], path: str |
     Returns:
         The path written.
     """
-    fig = Figure(figsize=(5.0 * len(table), 4.0))
-    axes = np.atleast_1d(fig.subplots(1, len(table)))
+    fig, axes = _panels(len(table), 5.0)
     for ax, (task, rows) in zip(axes, table.items(), strict=True):
         for row in rows:
             x, y = row.peak_memory_bytes / _MIB, 100 * row.exact_match_mean
@@ -45,7 +44,7 @@ def accuracy_vs_memory(table: Mapping[str, Sequence[MethodSummary]], path: str |
         ax.set_ylabel("exact match (%)")
         ax.set_title(Path(task).name)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def importance_by_task(histories: Mapping[str, Sequence[dict[str, Any]]], path: str | Path) -> Path:
@@ -58,12 +57,11 @@ def importance_by_task(histories: Mapping[str, Sequence[dict[str, Any]]], path: 
     Returns:
         The path written.
     """
-    fig = Figure(figsize=(5.5 * len(histories), 3.8))
-    axes = np.atleast_1d(fig.subplots(1, len(histories)))
+    fig, axes = _panels(len(histories), 5.5)
     for ax, (task, history) in zip(axes, histories.items(), strict=True):
         plots.draw_heatmap(fig, ax, history, "importance")
         ax.set_title(f"{Path(task).name}: mean gradient norm per layer")
-    return _save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def selection_frequency_by_method(runs: Sequence[Run], path: str | Path) -> Path:
@@ -80,8 +78,7 @@ def selection_frequency_by_method(runs: Sequence[Run], path: str | Path) -> Path
     """
     sampled = [run for run in runs if "layer_selection_counts" in run.metrics]
     tasks = sorted({run.task for run in sampled})
-    fig = Figure(figsize=(5.5 * max(1, len(tasks)), 3.8))
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(tasks))))
+    fig, axes = _panels(len(tasks), 5.5)
     for ax, task in zip(axes, tasks, strict=False):
         methods = [m for m in METHOD_LABELS if any(r.method == m and r.task == task for r in sampled)]
         width = 0.8 / len(methods)
@@ -103,12 +100,10 @@ def selection_frequency_by_method(runs: Sequence[Run], path: str | Path) -> Path
         ax.set_ylabel("share of active slots")
         ax.set_title(Path(task).name)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plots.save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+def _panels(count: int, width: float) -> tuple[Figure, np.ndarray]:
+    """A figure with ``count`` panels side by side, each ``width`` inches wide."""
+    fig = Figure(figsize=(width * max(1, count), 3.9))
+    return fig, np.atleast_1d(fig.subplots(1, max(1, count)))

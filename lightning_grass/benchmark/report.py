@@ -99,6 +99,8 @@ def _markdown(
 ) -> str:
     machine = runs[0].metrics.get("machine", {})
     run_seconds = sum(float(run.metrics.get("run_seconds") or 0.0) for run in runs)
+    ends = [(run.directory / "metrics.json").stat().st_mtime for run in runs]
+    starts = [end - float(run.metrics.get("run_seconds") or 0.0) for end, run in zip(ends, runs, strict=True)]
     parts = [
         f"# {title}",
         "",
@@ -109,29 +111,28 @@ def _markdown(
         "```",
         "",
         f"Machine: {_describe(machine)}.",
-        f"The runs' own wall time adds up to {run_seconds / 60:.1f} min (process start-up excluded).",
+        f"The sweep ran for {(max(ends) - min(starts)) / 60:.1f} min, from the first job's start to the last one's "
+        f"end; the jobs' own wall times add up to {run_seconds / 60:.1f} min (process start-up excluded).",
         "",
         "Exact match is the share of validation examples whose final answer, parsed from a greedy generation, "
         "equals the reference; mean ± sample standard deviation over seeds. Peak memory is "
         + ("`torch.cuda.max_memory_allocated`" if machine.get("device", "cpu") != "cpu" else "the process's peak RSS")
-        + " of each run, averaged over seeds; optimizer state is the most the optimizer held on the device "
-        "after any step. Step times are the median over seeds of each run's median optimizer step, and the "
-        "last column divides them by LISA's on the same task in the same sweep.",
+        + " of each run, averaged over seeds. Optimizer state is the most the optimizer held on the device "
+        "after any step: `GRASSStrategy` moves the states of layers not being updated to host memory when "
+        "training on a GPU, but on a CPU device (`offload: auto`) they stay, so a sampler's column reaches "
+        "full fine-tuning's once every layer has been drawn. Step times are the median over seeds of each "
+        "run's median optimizer step, and the last column divides them by LISA's on the same task in the "
+        "same sweep.",
     ]
     for task, rows in table.items():
         before = rows[0].exact_match_before
         parts += ["", f"## {task}", "", f"Base model before fine-tuning: {100 * before:.1f}% exact match.", ""]
         parts.append(format_table(rows))
-    parts += ["", "## Hyperparameters", "", "Shared by every method of a task (checked across all runs):", ""]
-    for task, config in shared.items():
-        parts += [
-            f"`{task}`:",
-            "",
-            "```yaml",
-            OmegaConf.to_yaml(OmegaConf.create(config), sort_keys=True).rstrip(),
-            "```",
-            "",
-        ]
+    common, per_task = _split_common(shared)
+    parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
+    parts += _yaml_block(common)
+    for task, config in per_task.items():
+        parts += [f"and on `{task}`:", "", *_yaml_block(config)]
     parts += ["Set per method (the method's own config group, `conf/sampler/<method>.yaml`):", ""]
     parts += ["| method | settings |", "|---|---|"]
     for method, settings in own.items():
@@ -147,6 +148,17 @@ def _markdown(
         if (out_dir / name).is_file():
             parts += [f"![{captions[key]}]({name})", "", captions[key], ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _split_common(shared: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The top-level entries equal on every task, and each task's other entries."""
+    configs = list(shared.values())
+    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)}
+    return common, {task: {k: v for k, v in c.items() if k not in common} for task, c in shared.items()}
+
+
+def _yaml_block(config: Mapping[str, Any]) -> list[str]:
+    return ["```yaml", OmegaConf.to_yaml(OmegaConf.create(dict(config)), sort_keys=True).rstrip(), "```", ""]
 
 
 def _describe(machine: Mapping[str, Any]) -> str:

@@ -13,6 +13,14 @@ from lightning_grass.benchmark.runs import METHOD_LABELS, Run
 #: Config entries that may differ between the runs of one task: the method's own settings and the seed.
 METHOD_KEYS = ("sampler", "model.lora")
 PER_RUN_KEYS = ("seed", "data.seed", "paths", "task_name")
+#: GRASSCallback settings that have no effect in a sampling mode, left out of that mode's listing.
+_IMPORTANCE_SETTINGS = ("probe_steps", "update_every", "temperature", "ema", "normalize", "skip_non_finite")
+INERT_SETTINGS = {
+    "lisa": (*_IMPORTANCE_SETTINGS, "fixed_layers"),
+    "fixed": (*_IMPORTANCE_SETTINGS, "sample_every", "n_active"),
+    "grass_static": ("update_every", "ema", "fixed_layers"),
+    "grass": ("fixed_layers",),
+}
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ def shared_hyperparameters(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
 
 
 def method_hyperparameters(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
-    """Each method's own settings: the sampler's (n_active, probe_steps, sample_every, ...) or LoRA's.
+    """Each method's own settings: its sampler's, less those inert in its mode (:data:`INERT_SETTINGS`), or LoRA's.
 
     Args:
         runs: From :func:`~lightning_grass.benchmark.runs.load_runs`.
@@ -129,7 +137,8 @@ def method_hyperparameters(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     for run in runs:
         sampler = run.config.get("sampler") or {}
         lora = (run.config.get("model") or {}).get("lora") or {}
-        own = {k: v for k, v in sampler.items() if k not in ("_target_", "seed", "mode")} | dict(lora)
+        left_out = ("_target_", "seed", "mode", *INERT_SETTINGS.get(sampler.get("mode"), ()))
+        own = {k: v for k, v in sampler.items() if k not in left_out} | dict(lora)
         settings.setdefault(run.method, own)
     return settings
 

@@ -18,7 +18,14 @@ CONFIG = {
     "model": {"lr": 0.002, "lora": None},
     "sampler": None,
 }
-SAMPLER = {"_target_": "lightning_grass.GRASSCallback", "mode": "grass", "n_active": 2, "seed": 0, "ema": 0.5}
+SAMPLER = {
+    "_target_": "lightning_grass.GRASSCallback",
+    "mode": "grass",
+    "n_active": 2,
+    "seed": 0,
+    "ema": 0.5,
+    "probe_steps": 10,
+}
 
 
 def make_run(method, seed, score, step, task="arithmetic", memory=100 * 2**20, config_changes=None):
@@ -83,7 +90,16 @@ def test_methods_may_differ_only_in_their_own_settings():
         "model": {"lr": 0.002},
     }
     own = method_hyperparameters(runs)
-    assert own == {"full": {}, "lora": {"r": 8, "lora_alpha": 16}, "grass": {"n_active": 2, "ema": 0.5}}
+    assert own == {
+        "full": {},
+        "lora": {"r": 8, "lora_alpha": 16},
+        "grass": {"n_active": 2, "ema": 0.5, "probe_steps": 10},
+    }
+
+
+def test_settings_a_mode_ignores_are_not_listed_for_it():
+    runs = [make_run("lisa", 0, 0.5, 0.1), make_run("grass_static", 0, 0.5, 0.1)]
+    assert method_hyperparameters(runs) == {"lisa": {"n_active": 2}, "grass_static": {"n_active": 2, "probe_steps": 10}}
 
 
 def test_a_method_tuned_on_its_own_is_refused():
