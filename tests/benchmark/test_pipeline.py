@@ -18,7 +18,7 @@ TINY = [
     "trainer.max_steps=14",
     "model.eval_examples=4",
     "model.max_new_tokens=4",
-    "hydra.sweeper.params.seed=0",
+    "seed=0",
     "hydra.launcher.jobs=2",
     "hydra.launcher.threads_per_job=1",
 ]
