@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_grass.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.evaluation import exact_match
-from lightning_grass.lora import apply_lora, is_lora, save_merged
+from lightning_grass.lora import apply_lora, save_merged
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CausalLMModule(pl.LightningModule):
         LoRA adapters are merged into a copy of the base weights, so the directory holds a plain model.
         """
         directory = Path(directory)
-        if is_lora(self.model):
+        if self.hparams.lora is not None:
             save_merged(self.model, directory)
         else:
             self.model.save_pretrained(directory)

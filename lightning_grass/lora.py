@@ -41,11 +41,6 @@ def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
 
 
-def is_lora(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft`` model (one that :func:`apply_lora` returned)."""
-    return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
-
-
 def save_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write a ``peft`` model with its adapters merged into a copy of the base weights.
 

@@ -44,9 +44,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """
     run_start = time.perf_counter()
     if cfg.stage == "pretrain":
-        start = time.perf_counter()
         path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
-        metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - start}
+        metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - run_start}
         _write_json(output_dir / "metrics.json", metrics)
         print(f"Base model written to {path}")
         return metrics
