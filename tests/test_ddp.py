@@ -1,5 +1,6 @@
 """GRASS on two CPU processes (gloo): equal replicas, equal decisions, and the single-process result."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from tolerances import fp32_sum_rtol
 
 from lightning_grass import GRASSDDPStrategy
 from lightning_grass.callback import _check_strategy
@@ -16,14 +18,17 @@ RUNNER = Path(__file__).with_name("ddp_run.py")
 
 def run(out, *args):
     out.mkdir()
-    result = subprocess.run([sys.executable, str(RUNNER), str(out), *args], capture_output=True, text=True, timeout=300)
+    # One thread per process in both set-ups, so that every matrix product runs the same kernel.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, str(RUNNER), str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
 
 
 def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_global_batch(tmp_path):
     rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", "--offload=disk")
-    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=4", "--offload=disk")
+    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=2", "--accumulate=2", "--offload=disk")
 
     assert len(rank0["history"]) == 4, "probe end at step 2, then resamples at 4, 6 and 8"
     assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
@@ -31,10 +36,17 @@ def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_glo
     for name, weight in rank0["weights"].items():
         assert torch.equal(weight, rank1["weights"][name]), f"replicas diverged at {name}"
 
+    # One process accumulating the ranks' two micro-batches computes the same gradients bitwise: each micro-batch
+    # runs the same kernels on the same samples; Lightning halves the loss of each (a power of two, exact
+    # through backward), DDP halves each rank's gradient, and a sum of two terms does not depend on their order.
     assert [r["active_layers"] for r in rank0["history"]] == [r["active_layers"] for r in single["history"]]
-    assert torch.allclose(rank0["importance"], single["importance"], rtol=1e-4)
     for name, weight in rank0["weights"].items():
-        assert torch.allclose(weight, single["weights"][name], atol=1e-5), name
+        assert torch.equal(weight, single["weights"][name]), name
+    # MGN adds the per-parameter squared norms of a layer in another order under DDP (read at the step, not in
+    # gradient hooks): a float32 sum over at most a layer's elements, then a division, a root and an EMA.
+    layer_numel = max(rank0["layer_numel"])
+    rtol = fp32_sum_rtol(layer_numel + len(rank0["history"]), extra_operations=12)
+    assert torch.allclose(rank0["importance"], single["importance"], rtol=rtol, atol=0)
     assert rank0["stats"]["peak_resident_layers"] <= 2 and rank0["stats"]["bytes_to_device"] > 0
 
 

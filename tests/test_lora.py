@@ -49,7 +49,14 @@ def test_training_changes_adapters_only_and_the_save_is_a_plain_merged_model(tmp
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     module.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, module.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        adapted = module.model(input_ids=ids).logits
+        with module.model.disable_adapter():
+            effect = (adapted - module.model(input_ids=ids).logits).abs().max()
+        error = (merged(ids).logits - adapted).abs().max()
+    # A merge that dropped the adapters or scaled them wrongly is off by a large part of their effect on the
+    # logits; folding them into the weights only changes float32 roundings, orders of magnitude smaller.
+    assert effect > 1e-2, "the adapters trained enough to tell a merged model from the base"
+    assert error <= 1e-3 * effect
 
 
 def test_unknown_lora_field_is_named():
