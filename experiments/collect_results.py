@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
-
-from lightning_grass.benchmark import write_results
+from reporting import write_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

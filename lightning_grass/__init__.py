@@ -4,10 +4,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.config import GRASSConfig
-from lightning_grass.ddp_strategy import GRASSDDPStrategy
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
-from lightning_grass.strategy import GRASSStrategy
+from lightning_grass.strategies import GRASSDDPStrategy, GRASSStrategy
 
 # Lightning finds strategy names by registration at import time, not through entry points.
 GRASSStrategy.register_strategies(StrategyRegistry)

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_grass.config import GRASSConfig
-from lightning_grass.importance import MeanGradNorm, grouped_sq_norms
+from lightning_grass.gradient_measurement import LayerGradientMeter
+from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
-
-log = logging.getLogger(__name__)
 
 
 class GRASSCallback(Callback):
@@ -48,10 +44,10 @@ class GRASSCallback(Callback):
     Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
     weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
 
-    Measurements happen on optimizer-step boundaries: after gradient accumulation, after AMP unscaling (also
-    for fused optimizers that unscale inside ``step()``), before clipping. They use batched tensor ops and no
-    host synchronisation; the host reads the accumulators only when it refreshes or resamples. A step with a
-    non-finite layer gradient, or one the grad scaler skips, contributes nothing to MGN.
+    Gradients are measured on optimizer-step boundaries, after gradient accumulation and AMP unscaling, before
+    clipping (:class:`~lightning_grass.gradient_measurement.LayerGradientMeter`). The measurement uses batched
+    tensor ops and no host synchronisation; the host reads the accumulators only when it refreshes or
+    resamples. A step with a non-finite layer gradient, or one the grad scaler skips, adds nothing to MGN.
 
     With ``Trainer(strategy="grass")`` (:class:`~lightning_grass.GRASSStrategy`), the states of deactivated
     layers are kept off the device and a layer drawn again resumes its moments. With any other strategy they
@@ -138,21 +134,13 @@ class GRASSCallback(Callback):
         self._step_pending = False
         self._generator = torch.Generator()
         self._mgn: MeanGradNorm | None = None
+        self._meter: LayerGradientMeter | None = None
         self._state_to_restore: dict[str, Any] | None = None
         self._optimizer: Optimizer | None = None
         self._listener: ActiveLayerListener | None = None
         self._layer_params: list[list[nn.Parameter]] = []
         self._always_on_params: list[nn.Parameter] = []
         self._frozen_always_on_params: list[nn.Parameter] = []
-        self._measured_params: list[nn.Parameter] = []
-        self._measured_groups: list[int] = []
-        self._group_index_cache: dict[tuple[int, ...], Tensor] = {}
-        self._active_mask: Tensor | None = None
-        self._probe_sq: Tensor | None = None
-        self._probe_hooks: list[RemovableHandle] = []
-        self._free_probe_grads = True
-        self._probe_hooks_enabled = True
-        self._micro_batch_closes_step = True
 
     @property
     def _measures_steps(self) -> bool:
@@ -185,9 +173,13 @@ class GRASSCallback(Callback):
         device = self._layer_params_device()
         numel = torch.tensor([sum(p.numel() for p in params) for params in self._layer_params])
         self._mgn = MeanGradNorm(numel, device=device)
-        self._probe_sq = torch.zeros(self.layer_map.num_layers, device=device)
-        self._free_probe_grads = bool(self._always_on_params) or _grad_scaler(trainer) is None
-        self._probe_hooks_enabled = trainer.world_size == 1
+        self._meter = LayerGradientMeter(
+            self._layer_params,
+            self._always_on_params,
+            device,
+            use_probe_hooks=trainer.world_size == 1,
+            free_probe_grads=bool(self._always_on_params) or _grad_scaler(trainer) is None,
+        )
         if state is not None:
             self._restore(state)
         else:
@@ -208,7 +200,7 @@ class GRASSCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # Lightning's own rule for whether this micro-batch ends in an optimizer step.
-        self._micro_batch_closes_step = not trainer.fit_loop.epoch_loop._should_accumulate()
+        self._meter.micro_batch_closes_step = not trainer.fit_loop.epoch_loop._should_accumulate()
 
     @override
     def on_before_optimizer_step(
@@ -217,48 +209,14 @@ class GRASSCallback(Callback):
         self._step_pending = True
         if not (self._measures_steps or self.config.skip_non_finite):
             return
-        assert self._mgn is not None and self._probe_sq is not None and self._active_mask is not None
-        scale_sq = _grad_scale(trainer).square()
-        present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
-        grads = [self._measured_params[i].grad for i in present]
-        layer_sq = grouped_sq_norms(grads, self._group_index(tuple(present)), self.layer_map.num_layers)
-        if _unscales_in_step(optimizer):
-            layer_sq = layer_sq / scale_sq
-        if self.phase == "probe":
-            layer_sq = layer_sq + self._probe_sq / scale_sq
-            self._probe_sq.zero_()
-            _record_scaler_inf_check(trainer, optimizer)
-            for params in (*self._layer_params, self._always_on_params):
-                for p in params:
-                    p.grad = None
-        step_is_finite = torch.isfinite(layer_sq).all()
+        assert self._mgn is not None and self._meter is not None
+        scaler = _grad_scaler(trainer)
+        layer_sq = self._meter.read_step(optimizer, scaler, probing=self.phase == "probe")
         if self.config.skip_non_finite:
-            self._skip_if_non_finite(trainer, optimizer, layer_sq)
-        if not self._measures_steps:
-            return
-        found_inf = _scaler_found_inf(trainer, optimizer, layer_sq.device)
-        if found_inf is not None:
-            step_is_finite = step_is_finite & (found_inf == 0)
-        self._mgn.accumulate(layer_sq, self._active_mask, step_is_finite)
-
-    def _skip_if_non_finite(self, trainer: pl.Trainer, optimizer: Optimizer, layer_sq: Tensor) -> None:
-        """Warn about layers with NaN/Inf gradients and empty every gradient, so the optimizer step is a no-op.
-
-        The grad scaler skips such steps by itself under fp16; then only the warning is added.
-        """
-        bad = ~torch.isfinite(layer_sq)
-        if not bool(bad.any()):
-            return
-        layers = bad.nonzero().flatten().tolist()
-        step = self._optimizer_steps + 1
-        rank_zero_warn(
-            f"GRASS: optimizer step {step} has non-finite gradients in layers {layers}; the step is skipped "
-            "(no parameter or optimizer state changes) and left out of the importance estimate"
-        )
-        if _grad_scaler(trainer) is None:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+            self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=self._optimizer_steps + 1)
+        if self._measures_steps:
+            step_is_finite = self._meter.step_is_finite(layer_sq, optimizer, scaler)
+            self._mgn.accumulate(layer_sq, self._meter.active_mask, step_is_finite)
 
     @override
     def on_train_batch_end(
@@ -274,7 +232,7 @@ class GRASSCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.layer_map is None:
             return
-        self._remove_probe_hooks()
+        self._meter.stop_probe_hooks()
         for params in (*self._layer_params, self._always_on_params, self._frozen_always_on_params):
             for p in params:
                 p.requires_grad_(True)
@@ -308,7 +266,7 @@ class GRASSCallback(Callback):
         self._generator.manual_seed(trainer.strategy.broadcast(seed, src=0))
         if self.phase == "probe":
             self._activate(list(range(self.layer_map.num_layers)))
-            self._add_probe_hooks()
+            self._meter.start_probe_hooks()
             return
         if self.config.mode == "fixed":
             self._activate(list(self.config.fixed_layers))
@@ -329,7 +287,7 @@ class GRASSCallback(Callback):
         self._generator.set_state(state["generator"])
         self._activate(list(state["active_layers"]))
         if self.phase == "probe":
-            self._add_probe_hooks()
+            self._meter.start_probe_hooks()
 
     def _on_optimizer_step_done(self, trainer: pl.Trainer) -> None:
         assert self._mgn is not None
@@ -337,7 +295,7 @@ class GRASSCallback(Callback):
         if self.phase == "probe":
             if self._optimizer_steps < config.probe_steps:
                 return
-            self._remove_probe_hooks()
+            self._meter.stop_probe_hooks()
             self.phase = "train"
             self._set_importance(self._mgn.initialize())
             self._resample(trainer)
@@ -364,7 +322,7 @@ class GRASSCallback(Callback):
 
     def _activate(self, layers: list[int]) -> None:
         """Make exactly ``layers`` trainable, drop the optimizer state of layers leaving the active set."""
-        assert self._optimizer is not None and self._mgn is not None
+        assert self._optimizer is not None and self._meter is not None
         leaving = set(self.active_layers) - set(layers)
         self.active_layers = sorted(layers)
         active = set(layers)
@@ -379,34 +337,7 @@ class GRASSCallback(Callback):
             for index in leaving:
                 for p in self._layer_params[index]:
                     self._optimizer.state.pop(p, None)
-        mask = torch.zeros(self.layer_map.num_layers, dtype=torch.bool)
-        mask[self.active_layers] = True
-        self._active_mask = mask.to(self._mgn.layer_numel.device)
-        self._set_measured_params()
-
-    def _set_measured_params(self) -> None:
-        """The parameters whose gradients are read at the optimizer step, and the layer of each.
-
-        While probing on one process, gradient hooks measure every layer and free its gradient during the
-        backward pass, so nothing is left to read. Under DDP the hooks would see gradients before the
-        all-reduce, so probing reads the synchronised gradients of every layer at the step instead.
-        """
-        if self.phase == "probe" and self._probe_hooks_enabled:
-            measured = []
-        else:
-            measured = [(i, p) for i in self.active_layers for p in self._layer_params[i]]
-        self._measured_params = [p for _, p in measured]
-        self._measured_groups = [layer for layer, _ in measured]
-        self._group_index_cache.clear()
-
-    def _group_index(self, present: tuple[int, ...]) -> Tensor:
-        """Layer index of the measured parameters that have a gradient, cached so that no step copies it."""
-        index = self._group_index_cache.get(present)
-        if index is None:
-            groups = torch.tensor([self._measured_groups[i] for i in present], dtype=torch.long)
-            index = groups.to(self._mgn.layer_numel.device)
-            self._group_index_cache[present] = index
-        return index
+        self._meter.set_active(self.active_layers, probing=self.phase == "probe")
 
     def _collect_parameters(self, pl_module: pl.LightningModule) -> None:
         """Split the parameters that require grad now into per-layer lists and the trained always-on set."""
@@ -454,26 +385,6 @@ class GRASSCallback(Callback):
             "train. Unfreeze the layers before fit"
         )
 
-    def _add_probe_hooks(self) -> None:
-        if not self._probe_hooks_enabled:
-            return
-        for index, params in enumerate(self._layer_params):
-            for p in params:
-                self._probe_hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_probe_grad, index)))
-
-    def _remove_probe_hooks(self) -> None:
-        for handle in self._probe_hooks:
-            handle.remove()
-        self._probe_hooks.clear()
-
-    def _on_probe_grad(self, layer: int, param: Tensor) -> None:
-        """Fold one parameter's accumulated gradient into the probe norms, then free it."""
-        if not self._micro_batch_closes_step:
-            return
-        self._probe_sq[layer] += torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
-        if self._free_probe_grads:
-            param.grad = None
-
     def _record(self, trainer: pl.Trainer, resampled: bool, refreshed: bool) -> None:
         record = {
             "step": self._optimizer_steps,
@@ -516,41 +427,3 @@ def _check_strategy(strategy: Strategy) -> None:
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     return getattr(trainer.precision_plugin, "scaler", None)
-
-
-def _unscales_in_step(optimizer: Optimizer) -> bool:
-    """Fused optimizers unscale inside ``step()``: Lightning then skips ``unscale_`` and the hook sees scaled grads."""
-    return getattr(optimizer, "_step_supports_amp_scaling", False)
-
-
-def _scaler_found_inf(trainer: pl.Trainer, optimizer: Optimizer, device: torch.device) -> Tensor | None:
-    """The grad scaler's own non-finite check of this step (a device tensor), if it has made one yet.
-
-    ``unscale_`` records it before ``on_before_optimizer_step``; ``scaler.step`` skips the step when it is
-    non-zero. Optimizers that unscale inside ``step()`` have no record yet, and ``None`` is returned.
-    """
-    scaler = _grad_scaler(trainer)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    return sum(value.to(device) for value in found.values()) if found else None
-
-
-def _record_scaler_inf_check(trainer: pl.Trainer, optimizer: Optimizer) -> None:
-    """Let the grad scaler check this step's gradients before probing removes them.
-
-    For optimizers that unscale inside ``step()``, Lightning does not call ``unscale_`` and the scaler checks
-    gradients inside ``scaler.step``. Probing removes the gradients first, and ``scaler.update`` would then
-    fail for want of a check, so the check is made here, while the gradients still exist.
-    """
-    scaler = _grad_scaler(trainer)
-    if scaler is not None and scaler.is_enabled() and _unscales_in_step(optimizer):
-        scaler.unscale_(optimizer)
-
-
-def _grad_scale(trainer: pl.Trainer) -> Tensor:
-    """The AMP loss scale as a device tensor (read without a host sync), or 1 without a grad scaler."""
-    scaler = _grad_scaler(trainer)
-    if scaler is None or not scaler.is_enabled():
-        return torch.ones(())
-    return scaler._get_scale_async()

@@ -104,7 +104,7 @@ def tiny_module() -> TinyCausalLM:
 @pytest.fixture(scope="session")
 def tiny_pretrained_dir(tmp_path_factory):
     """A tiny Llama with the built-in character tokenizer, saved with save_pretrained (no download)."""
-    from lightning_grass.data import build_char_tokenizer, vocabulary_config
+    from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ class ProcessLauncherConf:
     """Config of :class:`ProcessLauncher`."""
 
     _target_: str = "hydra_plugins.lightning_grass_launcher.process_launcher.ProcessLauncher"
-    module: str = "lightning_grass.train"
+    module: str = "lightning_grass.app.train"
     jobs: int = 1
     threads_per_job: Any = None
 
@@ -55,7 +55,7 @@ class ProcessLauncher(Launcher):
     """
 
     def __init__(
-        self, module: str = "lightning_grass.train", jobs: int = 1, threads_per_job: int | None = None
+        self, module: str = "lightning_grass.app.train", jobs: int = 1, threads_per_job: int | None = None
     ) -> None:
         if jobs < 1:
             raise ValueError(f"hydra.launcher.jobs={jobs!r} must be >= 1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -12,8 +11,6 @@ from pathlib import Path
 import torch
 
 from lightning_grass.offload.transfer import TensorSpec, Transfer
-
-log = logging.getLogger(__name__)
 
 
 class DiskTier:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from lightning_grass.offload.transfer import TensorSpec, Transfer
-
-log = logging.getLogger(__name__)
 
 
 class HostTier:

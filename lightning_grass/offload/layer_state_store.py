@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -13,8 +12,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_grass.offload.transfer import TensorSpec, Transfer
-
-log = logging.getLogger(__name__)
 
 
 class BackingTier(Protocol):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,8 +10,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_grass.offload.layer_state_store import LayerStateStore
-
-log = logging.getLogger(__name__)
 
 _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 

@@ -1,0 +1,30 @@
+"""Instruction data for GRASS fine-tuning: synthetic tasks, Alpaca files, a char tokenizer, a DataModule."""
+
+from lightning_grass.app.data.alpaca import DataFormatError, load_alpaca
+from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, answers_match, extract_answer
+from lightning_grass.app.data.collate import collate_batch
+from lightning_grass.app.data.datamodule import InstructionDataModule
+from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.prompt import TokenizedExample, format_prompt, tokenize_example
+from lightning_grass.app.data.synthetic import TASKS, arithmetic_examples, multiple_choice_examples, pretraining_corpus
+from lightning_grass.app.data.tokenizer import build_char_tokenizer, vocabulary_config
+
+__all__ = [
+    "DEFAULT_ANSWER_PATTERN",
+    "TASKS",
+    "DataFormatError",
+    "Example",
+    "InstructionDataModule",
+    "TokenizedExample",
+    "answers_match",
+    "arithmetic_examples",
+    "build_char_tokenizer",
+    "collate_batch",
+    "extract_answer",
+    "format_prompt",
+    "load_alpaca",
+    "multiple_choice_examples",
+    "pretraining_corpus",
+    "tokenize_example",
+    "vocabulary_config",
+]

@@ -1,0 +1,154 @@
+"""Loading Alpaca-format instruction data from a local ``.json`` or ``.jsonl`` file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, extract_answer
+from lightning_grass.app.data.example import Example
+
+#: File suffixes :func:`load_alpaca` reads.
+SUFFIXES = (".json", ".jsonl")
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as Alpaca records; the message names the file and the place."""
+
+
+def _string_field(record: dict[str, Any], field: str, where: str, default: str | None = None) -> str:
+    """The string value of ``record[field]``.
+
+    Args:
+        record: The record.
+        field: The field's name.
+        where: File and record or line, for the message.
+        default: The value of a missing field; ``None`` makes the field required.
+
+    Returns:
+        The field's value.
+
+    Raises:
+        DataFormatError: When the field is missing and required, or is not a string.
+    """
+    if field not in record:
+        if default is None:
+            raise DataFormatError(f"{where}: missing required field {field!r}; expected a string")
+        return default
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _to_example(record: Any, where: str, answer_pattern: str | None) -> Example:
+    """Validate one record and turn it into an ``Example``.
+
+    Args:
+        record: The parsed JSON value.
+        where: File and record or line, for the message.
+        answer_pattern: Pattern for :func:`extract_answer` on ``output``, or ``None`` for no answer.
+
+    Returns:
+        The example. An explicit string ``answer`` field wins over the extracted answer.
+
+    Raises:
+        DataFormatError: For a record that is not an object, or a missing or non-string field.
+    """
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: record must be a JSON object, got {type(record).__name__}")
+    output = _string_field(record, "output", where)
+    answer = extract_answer(output, answer_pattern) if answer_pattern else None
+    if record.get("answer") is not None:
+        answer = _string_field(record, "answer", where)
+    return Example(
+        instruction=_string_field(record, "instruction", where),
+        input=_string_field(record, "input", where, default=""),
+        output=output,
+        answer=answer,
+    )
+
+
+def _parse_json(text: str, path: Path) -> list[tuple[Any, str]]:
+    """Records of a ``.json`` file holding one array, each with where it is.
+
+    Args:
+        text: The file's content.
+        path: The file, for messages.
+
+    Returns:
+        ``(record, "file, record index i")`` pairs.
+
+    Raises:
+        DataFormatError: For invalid JSON or a top-level value that is not an array.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{path}: invalid JSON: {error}") from error
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON array of records at the top level, got {type(data).__name__}")
+    return [(record, f"{path}, record index {index}") for index, record in enumerate(data)]
+
+
+def _parse_jsonl(text: str, path: Path) -> list[tuple[Any, str]]:
+    """Records of a ``.jsonl`` file, one per non-blank line, each with where it is.
+
+    Args:
+        text: The file's content.
+        path: The file, for messages.
+
+    Returns:
+        ``(record, "file, line n")`` pairs, ``n`` counted from 1.
+
+    Raises:
+        DataFormatError: For a line that is not valid JSON.
+    """
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            records.append((json.loads(line), where))
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{where}: invalid JSON: {error}") from error
+    return records
+
+
+def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_ANSWER_PATTERN) -> list[Example]:
+    """Read Alpaca records (``instruction``, optional ``input``, ``output``, optional ``answer``) from a file.
+
+    A ``.json`` file holds one JSON array of records; a ``.jsonl`` file holds one record per line, blank
+    lines allowed. ``instruction`` and ``output`` must be strings, ``input`` is a string or missing (then
+    ``""``). The answer is a string ``answer`` field when the record has one, otherwise the answer
+    extracted from ``output`` with ``answer_pattern``.
+
+    Args:
+        path: The ``.json`` or ``.jsonl`` file, UTF-8.
+        answer_pattern: Pattern for :func:`extract_answer` on ``output``; ``None`` leaves ``answer`` as
+            ``None`` unless the record has an ``answer`` field.
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        FileNotFoundError: When ``path`` does not exist.
+        DataFormatError: For another suffix, invalid JSON, a record that is not an object, a missing or
+            non-string field, or a file without records. The message names the file and the record index
+            (``.json``) or the line, counted from 1 (``.jsonl``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Alpaca data file {path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataFormatError(f"{path}: unsupported suffix {path.suffix!r}; expected one of {SUFFIXES}")
+    text = path.read_text(encoding="utf-8")
+    parse = _parse_json if suffix == ".json" else _parse_jsonl
+    records = parse(text, path) if text.strip() else []
+    if not records:
+        raise DataFormatError(f"{path} contains no examples; expected at least one record")
+    return [_to_example(record, where, answer_pattern) for record, where in records]

@@ -1,0 +1,245 @@
+"""``InstructionDataModule``: a synthetic task or a local Alpaca file, tokenized with the prompt masked out."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_grass.app.data.alpaca import load_alpaca
+from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN
+from lightning_grass.app.data.collate import collate_batch
+from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.prompt import (
+    TRUNCATION_POLICIES,
+    TokenizedExample,
+    check_special_tokens,
+    tokenize_example,
+)
+from lightning_grass.app.data.synthetic import TASKS
+
+
+class InstructionDataModule(pl.LightningDataModule):
+    """Train and validation batches of one instruction task, with the loss on the response only.
+
+    ``task`` is either a name in :data:`~lightning_grass.app.data.TASKS` or a path to a local ``.json`` or
+    ``.jsonl`` Alpaca file:
+
+    - a generated task draws ``num_train + num_val`` examples from its generator with ``seed`` (and
+      ``task_options`` as keyword arguments); the first ``num_train`` are the training split, the rest
+      the validation split;
+    - a file (read with :func:`~lightning_grass.app.data.load_alpaca` and ``answer_pattern``) gives its last
+      ``num_val`` records to validation and all the others to training. When ``num_val`` is more than half
+      of the records, validation gets the last 10% instead (at least one record). ``num_train`` is unused.
+
+    The tokenizer may be passed here or assigned to :attr:`tokenizer` any time before :meth:`setup`. Each
+    example is tokenized by :func:`~lightning_grass.app.data.tokenize_example`; ``setup`` logs, once per split,
+    how many examples were truncated or skipped and keeps the totals over both splits in
+    :attr:`num_truncated` and :attr:`num_skipped`.
+
+    Args:
+        task: A name in ``TASKS`` or the path of a ``.json`` / ``.jsonl`` file.
+        tokenizer: A tokenizer with pad and eos tokens, or ``None`` to assign it later.
+        num_train: Training examples of a generated task, ``>= 1``.
+        num_val: Validation examples, ``>= 1``.
+        seed: Seed of the task generator and of the training shuffle.
+        max_length: The most tokens per example, ``>= 1``. The default, 192, fits every synthetic example
+            generated with default task options.
+        batch_size: Examples per batch, ``>= 1``.
+        truncation: ``"truncate"`` cuts the end of long responses; ``"skip"`` drops long examples.
+        answer_pattern: Pattern extracting the answer from a file record's ``output``; ``""`` for no answer.
+            Typed ``str`` rather than optional so that the Lightning CLI keeps a value starting with ``#``
+            (it parses optional strings as YAML, where ``#`` starts a comment).
+        task_options: Keyword arguments of the task generator, e.g. ``{"max_steps": 4}``; generated tasks only.
+        num_workers: Data loader worker processes, ``>= 0``.
+
+    Raises:
+        ValueError: For an unknown task that is not an existing file, ``task_options`` with a file, an
+            unknown ``truncation``, or a count outside the ranges above.
+    """
+
+    def __init__(
+        self,
+        task: str = "arithmetic",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        num_train: int = 2000,
+        num_val: int = 200,
+        seed: int = 0,
+        max_length: int = 192,
+        batch_size: int = 16,
+        truncation: str = "truncate",
+        answer_pattern: str = DEFAULT_ANSWER_PATTERN,
+        task_options: dict[str, Any] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS and not Path(task).is_file():
+            raise ValueError(
+                f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing .json/.jsonl file"
+            )
+        if task_options and task not in TASKS:
+            raise ValueError(f"task_options={task_options!r} apply only to generated tasks, not to file {task!r}")
+        if truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
+        for name, value, minimum in (
+            ("num_train", num_train, 1),
+            ("num_val", num_val, 1),
+            ("max_length", max_length, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < minimum:
+                raise ValueError(f"{name}={value!r} must be >= {minimum}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.task = task
+        self.tokenizer = tokenizer
+        self.num_train = num_train
+        self.num_val = num_val
+        self.seed = seed
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.truncation = truncation
+        self.answer_pattern = answer_pattern
+        self.task_options = dict(task_options or {})
+        self.num_workers = num_workers
+        self.num_truncated = 0
+        self.num_skipped = 0
+        self._train: list[TokenizedExample] | None = None
+        self._val: list[TokenizedExample] | None = None
+        self._val_examples: list[Example] | None = None
+        self._built_with: PreTrainedTokenizerBase | None = None
+
+    def _splits(self) -> tuple[list[Example], list[Example]]:
+        """The raw training and validation examples.
+
+        Returns:
+            ``(train, val)``, split as described in the class docstring.
+        """
+        if self.task in TASKS:
+            examples = TASKS[self.task](self.num_train + self.num_val, seed=self.seed, **self.task_options)
+            return examples[: self.num_train], examples[self.num_train :]
+        examples = load_alpaca(self.task, self.answer_pattern or None)
+        num_val = self.num_val if self.num_val <= len(examples) // 2 else max(1, len(examples) // 10)
+        return examples[: len(examples) - num_val], examples[len(examples) - num_val :]
+
+    def _tokenize(self, examples: list[Example], split: str) -> tuple[list[TokenizedExample], list[Example]]:
+        """Tokenize one split, count and log what was truncated or skipped.
+
+        Args:
+            examples: The raw examples of the split.
+            split: ``"training"`` or ``"validation"``, for messages.
+
+        Returns:
+            The tokenized examples and the raw examples they came from, in the same order.
+
+        Raises:
+            ValueError: When every example of the split was skipped.
+        """
+        tokenized, kept = [], []
+        for example in examples:
+            result = tokenize_example(self.tokenizer, example, self.max_length, self.truncation)
+            if result is not None:
+                tokenized.append(result)
+                kept.append(example)
+        num_truncated = sum(result.truncated for result in tokenized)
+        num_skipped = len(examples) - len(tokenized)
+        prefix = f"{{}} of {len(examples)} {split} examples were longer than max_length={self.max_length}"
+        if num_truncated:
+            rank_zero_info(f"{prefix.format(num_truncated)} and were truncated")
+        if num_skipped:
+            reason = " (their prompt alone fills max_length)" if self.truncation == "truncate" else ""
+            rank_zero_info(f"{prefix.format(num_skipped)} and were skipped{reason}")
+        if not tokenized:
+            hint = (
+                "raise max_length" if self.truncation == "truncate" else "raise max_length or use truncation='truncate'"
+            )
+            raise ValueError(
+                f"the {split} split of task {self.task!r} contains no examples after skipping {num_skipped} "
+                f"of {len(examples)} longer than max_length={self.max_length}; expected at least one, so {hint}"
+            )
+        self.num_truncated += num_truncated
+        self.num_skipped += num_skipped
+        return tokenized, kept
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build and tokenize both splits; later calls with the same tokenizer do nothing.
+
+        Args:
+            stage: The Lightning stage; both splits are built whatever it is.
+
+        Raises:
+            ValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token, or a split is empty.
+        """
+        if self.tokenizer is None:
+            raise ValueError(
+                "InstructionDataModule.tokenizer is None; pass tokenizer=... or set datamodule.tokenizer before setup()"
+            )
+        check_special_tokens(self.tokenizer)
+        if self._built_with is self.tokenizer:
+            return
+        self.num_truncated = self.num_skipped = 0
+        train, val = self._splits()
+        if not train:
+            raise ValueError(f"the training split of task {self.task!r} contains no examples; expected at least one")
+        if not val:
+            raise ValueError(f"the validation split of task {self.task!r} contains no examples; expected at least one")
+        self._train, _ = self._tokenize(train, "training")
+        self._val, self._val_examples = self._tokenize(val, "validation")
+        self._built_with = self.tokenizer
+
+    def _loader(self, dataset: list[TokenizedExample] | None, shuffle: bool) -> DataLoader:
+        """A data loader over one tokenized split.
+
+        Args:
+            dataset: The split, ``None`` before :meth:`setup`.
+            shuffle: Whether to shuffle with a generator seeded by ``seed``.
+
+        Returns:
+            The data loader, collating with :func:`~lightning_grass.app.data.collate_batch`.
+
+        Raises:
+            RuntimeError: Before :meth:`setup`.
+        """
+        if dataset is None:
+            raise RuntimeError("InstructionDataModule.setup() must run before a dataloader is requested")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=partial(collate_batch, pad_token_id=self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """The training batches, shuffled by a generator seeded with ``seed``.
+
+        Returns:
+            A data loader of ``input_ids``, ``attention_mask`` and ``labels`` batches.
+        """
+        return self._loader(self._train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation batches, in order.
+
+        Returns:
+            A data loader of ``input_ids``, ``attention_mask`` and ``labels`` batches.
+        """
+        return self._loader(self._val, shuffle=False)
+
+    @property
+    def val_examples(self) -> list[Example]:
+        """The raw validation examples that were kept, in the order of :meth:`val_dataloader`.
+
+        Raises:
+            RuntimeError: Before :meth:`setup`.
+        """
+        if self._val_examples is None:
+            raise RuntimeError("InstructionDataModule.setup() must run before val_examples is read")
+        return self._val_examples

@@ -1,0 +1,63 @@
+"""``RunStats``: per-step time, optimizer-state bytes and peak memory of a run, for its summary."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_grass.offload import optimizer_state_bytes
+
+
+class RunStats(Callback):
+    """Records the wall time of each optimizer step and the largest optimizer state held on the device.
+
+    Optimizer-state bytes are read from ``optimizer.state`` after each step; with ``GRASSStrategy`` the
+    strategy's ``peak_resident_bytes`` (which also sees states that are resident only during the step) is
+    taken when larger.
+    """
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self.peak_optimizer_state_bytes = 0
+        self._start: float | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        self.step_seconds.append(time.perf_counter() - self._start)
+        self._start = None
+        state_bytes = sum(optimizer_state_bytes(optimizer) for optimizer in trainer.optimizers)
+        offload_peak = getattr(trainer.strategy, "offload_stats", {}).get("peak_resident_bytes", 0)
+        self.peak_optimizer_state_bytes = max(self.peak_optimizer_state_bytes, state_bytes, int(offload_peak))
+
+    def summary(self, device: torch.device) -> dict[str, float]:
+        """Median step time (s), peak optimizer-state bytes and peak memory (CUDA allocated, or process RSS)."""
+        return {
+            "median_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else float("nan"),
+            "optimizer_state_bytes_peak": self.peak_optimizer_state_bytes,
+            "peak_memory_bytes": peak_memory_bytes(device),
+        }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """``torch.cuda.max_memory_allocated`` on CUDA, otherwise the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,182 @@
+"""``grass-train``: the Hydra entry point that fine-tunes a causal LM with GRASS and reports what it did.
+
+Run ``grass-train`` (or ``python -m lightning_grass.app.train``) from the repository; the configs live in
+``conf/``. Any config value can be overridden on the command line (``trainer.max_steps=50 sampler=lisa``),
+and ``grass-train -m sampler=lisa,grass seed=0,1`` runs one job per combination.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_grass import plots
+from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
+from lightning_grass.app.evaluation import exact_match
+from lightning_grass.app.machine import describe_machine
+from lightning_grass.app.pretrain import build_base_model, ensure_base_model
+from lightning_grass.app.run_stats import RunStats
+from lightning_grass.callback import GRASSCallback
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Build the base if needed, fine-tune, evaluate before and after, and write the run's outputs.
+
+    Args:
+        cfg: The composed config (see ``conf/train.yaml``).
+        output_dir: The run's directory.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    run_start = time.perf_counter()
+    if cfg.stage == "pretrain":
+        path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
+        metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - run_start}
+        _write_json(output_dir / "metrics.json", metrics)
+        print(f"Base model written to {path}")
+        return metrics
+
+    base_seconds = None
+    pretrained_path = cfg.model.get("pretrained_path")
+    if pretrained_path is not None and cfg.base.build_if_missing and Path(pretrained_path) == Path(cfg.base.path):
+        _, base_seconds = ensure_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+    module = _build_module(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.tokenizer = module.tokenizer
+    datamodule.setup("fit")
+
+    sampler: GRASSCallback | None = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    stats = RunStats()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += [stats] + ([sampler] if sampler is not None else [])
+    loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy, default_root_dir=str(output_dir)
+    )
+
+    eval_examples = datamodule.val_examples[: cfg.model.get("eval_examples", 64)]
+    pattern = cfg.model.get("answer_pattern") or cfg.data.get("answer_pattern")
+    exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    module.to(trainer.strategy.root_device)
+    exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+
+    model_dir = output_dir / "model"
+    metrics: dict[str, Any] = {
+        "stage": "finetune",
+        "method": _method_name(cfg, sampler),
+        "task": cfg.data.task,
+        "seed": cfg.seed,
+        "exact_match_before": exact_match_before,
+        "exact_match_after": exact_match_after,
+        **{k: float(v) for k, v in trainer.callback_metrics.items()},
+        **stats.summary(trainer.strategy.root_device),
+        "fit_seconds": fit_seconds,
+        "base_build_seconds": base_seconds,
+        "trainable_parameters_per_step": _trainable_per_step(module, sampler),
+        "model_dir": str(model_dir),
+        "machine": describe_machine(trainer.strategy.root_device),
+    }
+    if sampler is not None:
+        metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
+        metrics["history"] = sampler.history
+    if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
+        return metrics
+    module.save_pretrained(model_dir)
+    OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
+    if sampler is not None:
+        if any(record["importance"] is not None for record in sampler.history):
+            heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
+            metrics["importance_heatmap"] = str(heatmap)
+        selection = plots.selection_frequency(
+            sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers
+        )
+        metrics["selection_plot"] = str(selection)
+    metrics["run_seconds"] = time.perf_counter() - run_start
+    _write_json(output_dir / "metrics.json", metrics)
+    _print_summary(metrics, output_dir)
+    return metrics
+
+
+def _build_module(cfg: DictConfig) -> pl.LightningModule:
+    """The model from a local directory, or from a config with the built-in tokenizer's vocabulary."""
+    if cfg.model.get("pretrained_path") is not None:
+        return instantiate(cfg.model)
+    tokenizer = build_char_tokenizer()
+    config = {**OmegaConf.to_container(cfg.model.config, resolve=True), **vocabulary_config(tokenizer)}
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    module = instantiate({**node, "config": config})
+    module.tokenizer = tokenizer
+    return module
+
+
+def _method_name(cfg: DictConfig, sampler: GRASSCallback | None) -> str:
+    """The sampler's mode; ``lora`` for LoRA adapters; ``full`` when every weight trains at every step."""
+    if sampler is not None:
+        return sampler.config.mode
+    return "lora" if cfg.model.get("lora") else "full"
+
+
+def _trainable_per_step(module: pl.LightningModule, sampler: GRASSCallback | None) -> int:
+    if sampler is None or sampler.layer_map is None:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    layer_map = sampler.layer_map
+    per_layer = [sum(p.numel() for p in layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
+    in_layers = {id(p) for i in range(layer_map.num_layers) for p in layer_map.layer_parameters(i)}
+    always_on = sum(p.numel() for p in module.parameters() if id(p) not in in_layers)
+    return always_on + sum(sorted(per_layer, reverse=True)[: sampler.config.n_active])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    mib = 2**20
+    lines = [
+        "",
+        f"GRASS fine-tuning summary ({metrics['method']} on {metrics['task']}, seed {metrics['seed']})",
+        f"  exact match       {metrics['exact_match_before']:.1%} before -> {metrics['exact_match_after']:.1%} after",
+        f"  peak memory       {metrics['peak_memory_bytes'] / mib:.0f} MiB",
+        f"  optimizer state   {metrics['optimizer_state_bytes_peak'] / mib:.1f} MiB at peak on the device",
+        f"  median step       {metrics['median_step_seconds'] * 1e3:.0f} ms; fit took {metrics['fit_seconds']:.0f} s",
+    ]
+    if metrics.get("base_build_seconds") is not None:
+        lines.append(f"  base model        built in {metrics['base_build_seconds']:.0f} s (first run only)")
+    if "layer_selection_counts" in metrics:
+        lines.append(f"  layer activity    windows active per layer: {metrics['layer_selection_counts']}")
+    lines += [
+        f"  metrics           {output_dir / 'metrics.json'}",
+        f"  model             {metrics['model_dir']}",
+    ]
+    if "importance_heatmap" in metrics:
+        lines.append(f"  importance plot   {metrics['importance_heatmap']}")
+    print("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers such as Optuna."""
+    metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    metric = cfg.get("optimized_metric")
+    return float(metrics[metric]) if metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""``LayerGradientMeter``: each layer's squared gradient norm at an optimizer step, as GRASS's MGN needs it.
+
+Gradients are read on optimizer-step boundaries: after gradient accumulation, after AMP unscaling (also for
+fused optimizers, which unscale inside ``step()`` and leave the gradients scaled until then), before
+clipping. The reads are batched tensor ops without a host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_grass.importance import grouped_sq_norms
+
+
+class LayerGradientMeter:
+    """Reads ``||g_t^(l)||^2`` for every measured layer ``l`` at each optimizer step.
+
+    Outside probing, the measured layers are the active ones, and their gradients are read at the optimizer
+    step. While probing on one process, every layer trains, and gradient hooks fold each parameter's
+    accumulated gradient into per-layer sums during the backward pass and free it at once, so probing holds
+    no more gradient memory than training. Under DDP the hooks would see gradients before the all-reduce, so
+    probing reads the synchronised gradients of every layer at the step instead (``use_probe_hooks=False``).
+
+    Args:
+        layer_params: The managed parameters of each layer.
+        always_on_params: The trained parameters outside the layers (embeddings, head, final norm).
+        device: Where the per-layer sums live: the device of the gradients.
+        use_probe_hooks: Measure probing steps in gradient hooks (one process) rather than at the step.
+        free_probe_grads: Let the hooks free each gradient once it is measured. Keep them when a grad scaler
+            must still check them and no always-on parameter keeps the step alive.
+    """
+
+    def __init__(
+        self,
+        layer_params: Sequence[Sequence[nn.Parameter]],
+        always_on_params: Sequence[nn.Parameter],
+        device: torch.device,
+        use_probe_hooks: bool,
+        free_probe_grads: bool,
+    ) -> None:
+        self.num_layers = len(layer_params)
+        self.device = device
+        self.micro_batch_closes_step = True
+        self.active_mask = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
+        self._layer_params = layer_params
+        self._always_on_params = always_on_params
+        self._use_probe_hooks = use_probe_hooks
+        self._free_probe_grads = free_probe_grads
+        self._probe_sq = torch.zeros(self.num_layers, device=device)
+        self._probe_hooks: list[RemovableHandle] = []
+        self._measured_params: list[nn.Parameter] = []
+        self._measured_groups: list[int] = []
+        self._group_index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    def set_active(self, active_layers: Sequence[int], probing: bool) -> None:
+        """Measure ``active_layers`` from the next step on; while probing with hooks, the hooks measure instead."""
+        mask = torch.zeros(self.num_layers, dtype=torch.bool)
+        mask[list(active_layers)] = True
+        self.active_mask = mask.to(self.device)
+        if probing and self._use_probe_hooks:
+            measured = []
+        else:
+            measured = [(i, p) for i in active_layers for p in self._layer_params[i]]
+        self._measured_params = [p for _, p in measured]
+        self._measured_groups = [layer for layer, _ in measured]
+        self._group_index_cache.clear()
+
+    def start_probe_hooks(self) -> None:
+        """Measure every layer's gradient in the backward pass (one process only)."""
+        if not self._use_probe_hooks:
+            return
+        for index, params in enumerate(self._layer_params):
+            for p in params:
+                self._probe_hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_probe_grad, index)))
+
+    def stop_probe_hooks(self) -> None:
+        """Remove the probing hooks."""
+        for handle in self._probe_hooks:
+            handle.remove()
+        self._probe_hooks.clear()
+
+    def read_step(self, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, probing: bool) -> Tensor:
+        """This step's unscaled ``||g^(l)||^2`` per layer, zero for layers that were not measured.
+
+        While probing, it also removes every managed gradient, so that the optimizer step changes nothing
+        and creates no state; the grad scaler checks the gradients first.
+
+        Args:
+            optimizer: The optimizer about to step.
+            scaler: The AMP grad scaler, if any.
+            probing: Whether this is a probing step.
+
+        Returns:
+            A float32 tensor of shape ``(L,)`` on :attr:`device`; non-finite where a gradient is.
+        """
+        scale_sq = _grad_scale(scaler).square()
+        present = [i for i, p in enumerate(self._measured_params) if p.grad is not None]
+        grads = [self._measured_params[i].grad for i in present]
+        layer_sq = grouped_sq_norms(grads, self._group_index(tuple(present)), self.num_layers)
+        if _unscales_in_step(optimizer):
+            layer_sq = layer_sq / scale_sq
+        if probing:
+            layer_sq = layer_sq + self._probe_sq / scale_sq
+            self._probe_sq.zero_()
+            _record_scaler_inf_check(scaler, optimizer)
+            for params in (*self._layer_params, self._always_on_params):
+                for p in params:
+                    p.grad = None
+        return layer_sq
+
+    def step_is_finite(self, layer_sq: Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> Tensor:
+        """A device boolean: no layer's gradient was NaN or Inf, and the grad scaler did not skip the step."""
+        finite = torch.isfinite(layer_sq).all()
+        found_inf = _scaler_found_inf(scaler, optimizer, layer_sq.device)
+        return finite if found_inf is None else finite & (found_inf == 0)
+
+    def skip_if_non_finite(
+        self, layer_sq: Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, step: int
+    ) -> None:
+        """Warn about layers with NaN/Inf gradients and empty every gradient, so the optimizer step is a no-op.
+
+        The grad scaler skips such steps by itself under fp16; then only the warning is added. This reads one
+        boolean on the host.
+        """
+        bad = ~torch.isfinite(layer_sq)
+        if not bool(bad.any()):
+            return
+        layers = bad.nonzero().flatten().tolist()
+        rank_zero_warn(
+            f"GRASS: optimizer step {step} has non-finite gradients in layers {layers}; the step is skipped "
+            "(no parameter or optimizer state changes) and left out of the importance estimate"
+        )
+        if scaler is None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _group_index(self, present: tuple[int, ...]) -> Tensor:
+        """Layer index of the measured parameters that have a gradient, cached so that no step copies it."""
+        index = self._group_index_cache.get(present)
+        if index is None:
+            groups = torch.tensor([self._measured_groups[i] for i in present], dtype=torch.long)
+            index = groups.to(self.device)
+            self._group_index_cache[present] = index
+        return index
+
+    def _on_probe_grad(self, layer: int, param: Tensor) -> None:
+        """Fold one parameter's accumulated gradient into the probe norms, then free it."""
+        if not self.micro_batch_closes_step:
+            return
+        self._probe_sq[layer] += torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        if self._free_probe_grads:
+            param.grad = None
+
+
+def _unscales_in_step(optimizer: Optimizer) -> bool:
+    """Fused optimizers unscale inside ``step()``: Lightning then skips ``unscale_`` and the hook sees scaled grads."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def _scaler_found_inf(scaler: torch.amp.GradScaler | None, optimizer: Optimizer, device: torch.device) -> Tensor | None:
+    """The grad scaler's own non-finite check of this step (a device tensor), if it has made one yet.
+
+    ``unscale_`` records it before ``on_before_optimizer_step``; ``scaler.step`` skips the step when it is
+    non-zero. Optimizers that unscale inside ``step()`` have no record yet, and ``None`` is returned.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return sum(value.to(device) for value in found.values()) if found else None
+
+
+def _record_scaler_inf_check(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -> None:
+    """Let the grad scaler check this step's gradients before probing removes them.
+
+    For optimizers that unscale inside ``step()``, Lightning does not call ``unscale_`` and the scaler checks
+    gradients inside ``scaler.step``. Probing removes the gradients first, and ``scaler.update`` would then
+    fail for want of a check, so the check is made here, while the gradients still exist.
+    """
+    if scaler is not None and scaler.is_enabled() and _unscales_in_step(optimizer):
+        scaler.unscale_(optimizer)
+
+
+def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor:
+    """The AMP loss scale as a device tensor (read without a host sync), or 1 without a grad scaler."""
+    if scaler is None or not scaler.is_enabled():
+        return torch.ones(())
+    return scaler._get_scale_async()

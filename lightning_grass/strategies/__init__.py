@@ -1,0 +1,6 @@
+"""GRASS's Lightning strategies: one device and DDP, sharing the layer-wise optimizer-state offload."""
+
+from lightning_grass.strategies.ddp import GRASSDDPStrategy
+from lightning_grass.strategies.single_device import GRASSStrategy
+
+__all__ = ["GRASSDDPStrategy", "GRASSStrategy"]

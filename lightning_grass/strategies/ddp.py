@@ -1,0 +1,73 @@
+"""``GRASSDDPStrategy``: GRASS on several devices and nodes with DDP, with the same optimizer-state offload."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
+
+
+class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
+    """``DDPStrategy`` for GRASS, with :class:`~lightning_grass.GRASSStrategy`'s offload tiers.
+
+    GRASS freezes layers after DDP has wrapped the model (``GRASSCallback`` acts at fit start), so DDP's
+    reducer knows every parameter; frozen layers then produce no gradient, which DDP accepts only with
+    ``find_unused_parameters=True``, set here for you. ``static_graph=True`` is refused: it assumes the same
+    parameters receive gradients at every step, and GRASS changes them at every resample. Every rank trains
+    the same layers (rank 0 samples, then broadcasts), and MGN is read from the all-reduced gradients, so it
+    is the same on every rank.
+
+    Launch it as any Lightning DDP run: ``Trainer(strategy="grass_ddp", devices=N, num_nodes=M)``, under
+    ``torchrun`` or SLURM.
+
+    Args:
+        offload: ``"auto"``, ``"none"``, ``"cpu"`` or ``"disk"``, as for ``GRASSStrategy``.
+        offload_dir: Folder for the disk tier; each rank creates its own subfolder.
+        max_resident_layers: Layers whose states may sit on the device at once.
+        offload_always_on: Also offload the embeddings', head's and final norm's states.
+        **ddp_kwargs: Passed to ``DDPStrategy`` (and on to ``DistributedDataParallel``).
+
+    Raises:
+        ValueError: For ``static_graph=True`` or ``find_unused_parameters=False``.
+    """
+
+    strategy_name = "grass_ddp"
+
+    def __init__(
+        self,
+        offload: str = "auto",
+        offload_dir: str | os.PathLike | None = None,
+        max_resident_layers: int = 2,
+        offload_always_on: bool = False,
+        **ddp_kwargs: Any,
+    ) -> None:
+        if ddp_kwargs.get("static_graph"):
+            raise ValueError(
+                "static_graph=True cannot be used with GRASS: DDP's static graph assumes the same parameters get "
+                "gradients at every step, and GRASS changes the trained layers at every resample"
+            )
+        if ddp_kwargs.get("find_unused_parameters") is False:
+            raise ValueError(
+                "find_unused_parameters=False cannot be used with GRASS: frozen layers get no gradient, so DDP must "
+                "look for unused parameters (GRASSDDPStrategy sets it to True)"
+            )
+        self._init_offload(offload, offload_dir, max_resident_layers, offload_always_on)
+        super().__init__(**{**ddp_kwargs, "find_unused_parameters": True})
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="GRASS on DDP, optimizer-state offload per rank", override=True
+        )
+        strategy_registry.register(
+            "grass_ddp_offload_disk",
+            cls,
+            description="GRASS on DDP with optimizer states in files",
+            override=True,
+            offload="disk",
+        )

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lightning_grass.app.data import DataFormatError, Example, load_alpaca
+
+RECORDS = [
+    {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5\n#### 5"},
+    {"instruction": "Pick one.", "input": "A) x\nB) y", "output": "The answer is B\n#### B"},
+    {"instruction": "Say hi.", "output": "hi"},
+    {"instruction": "Count.", "output": "1 2 3\n#### 3", "answer": "three"},
+]
+
+EXPECTED = [
+    Example("Add 2 and 3.", "", "2 + 3 = 5\n#### 5", "5"),
+    Example("Pick one.", "A) x\nB) y", "The answer is B\n#### B", "B"),
+    Example("Say hi.", "", "hi", None),
+    Example("Count.", "", "1 2 3\n#### 3", "three"),
+]
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_load_json(tmp_path):
+    path = _write(tmp_path / "train.json", json.dumps(RECORDS, indent=2))
+    assert load_alpaca(path) == EXPECTED
+    assert load_alpaca(str(path)) == EXPECTED
+
+
+def test_load_jsonl_with_blank_lines(tmp_path):
+    lines = [json.dumps(record) for record in RECORDS]
+    path = _write(tmp_path / "train.JSONL", "\n".join([lines[0], "", lines[1], "   ", lines[2], lines[3], ""]))
+    assert load_alpaca(path) == EXPECTED
+
+
+def test_answer_pattern(tmp_path):
+    path = _write(tmp_path / "d.jsonl", json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[3]))
+    assert [example.answer for example in load_alpaca(path, answer_pattern=None)] == [None, "three"]
+    assert [example.answer for example in load_alpaca(path, answer_pattern=r"= (\d+)")] == ["5", "three"]
+    null_answer = dict(RECORDS[0], answer=None)
+    path = _write(tmp_path / "n.json", json.dumps([null_answer]))
+    assert load_alpaca(path)[0].answer == "5"
+
+
+def _error(path):
+    with pytest.raises(DataFormatError) as info:
+        load_alpaca(path)
+    assert isinstance(info.value, ValueError)
+    return str(info.value)
+
+
+def test_jsonl_invalid_json_names_line(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", json.dumps(RECORDS[0]) + "\n\n{not json}\n")
+    message = _error(path)
+    assert message.startswith(f"{path}, line 3: invalid JSON: ")
+    assert "Expecting property name enclosed in double quotes" in message
+
+
+def test_jsonl_record_not_object(tmp_path):
+    path = _write(tmp_path / "list.jsonl", json.dumps(RECORDS[0]) + "\n[1, 2]\n")
+    assert _error(path) == f"{path}, line 2: record must be a JSON object, got list"
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"input": "", "output": "x"}, "missing required field 'instruction'; expected a string"),
+        ({"instruction": "q"}, "missing required field 'output'; expected a string"),
+        ({"instruction": 3, "output": "x"}, "field 'instruction' must be a string, got int 3"),
+        ({"instruction": "q", "output": None}, "field 'output' must be a string, got NoneType None"),
+        ({"instruction": "q", "input": ["a"], "output": "x"}, "field 'input' must be a string, got list ['a']"),
+        ({"instruction": "q", "output": "x", "answer": 42}, "field 'answer' must be a string, got int 42"),
+    ],
+)
+def test_jsonl_field_errors(tmp_path, record, message):
+    path = _write(tmp_path / "fields.jsonl", json.dumps(RECORDS[0]) + "\n" + json.dumps(record) + "\n")
+    assert _error(path) == f"{path}, line 2: {message}"
+
+
+def test_json_errors_name_record_index(tmp_path):
+    path = _write(tmp_path / "fields.json", json.dumps([RECORDS[0], RECORDS[1], {"instruction": "q"}]))
+    assert _error(path) == f"{path}, record index 2: missing required field 'output'; expected a string"
+    path = _write(tmp_path / "scalar.json", json.dumps([RECORDS[0], "text"]))
+    assert _error(path) == f"{path}, record index 1: record must be a JSON object, got str"
+
+
+def test_json_invalid_and_not_array(tmp_path):
+    path = _write(tmp_path / "broken.json", '[{"instruction": "q",\n')
+    message = _error(path)
+    assert message.startswith(f"{path}: invalid JSON: ")
+    assert "line 2" in message
+    path = _write(tmp_path / "object.json", json.dumps(RECORDS[0]))
+    assert _error(path) == f"{path}: expected a JSON array of records at the top level, got dict"
+
+
+@pytest.mark.parametrize(("name", "text"), [("empty.json", "[]"), ("blank.json", "  \n"), ("blank.jsonl", "\n\n")])
+def test_no_examples(tmp_path, name, text):
+    path = _write(tmp_path / name, text)
+    assert _error(path) == f"{path} contains no examples; expected at least one record"
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Alpaca data file {missing} does not exist")):
+        load_alpaca(missing)
+    path = _write(tmp_path / "data.csv", "instruction,output\n")
+    assert _error(path) == f"{path}: unsupported suffix '.csv'; expected one of ('.json', '.jsonl')"

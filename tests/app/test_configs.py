@@ -1,0 +1,71 @@
+"""Every option of every config group composes, and its node instantiates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from lightning_grass.app.train import CONFIG_DIR
+
+GROUPS = ["model", "data", "sampler", "strategy", "trainer", "callbacks", "logger", "experiment", "hparams_search"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))]
+
+
+def compose_train(tmp_path, overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+    return cfg
+
+
+def test_every_group_has_options():
+    assert {group for group, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, option):
+    overrides = [f"{group}={option}", f"base.path={tiny_pretrained_dir}"]
+    if (group, option) == ("model", "local"):
+        overrides.append(f"model.pretrained_path={tiny_pretrained_dir}")
+    if (group, option) == ("data", "alpaca_json"):
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"instruction": "1 + 1?", "output": "#### 2"}\n')
+        overrides.append(f"data.task={data}")
+    cfg = compose_train(tmp_path, overrides)
+    node = cfg.get(group) if group not in ("experiment", "hparams_search") else None
+    if (group, option) == ("experiment", "pretrain_tiny"):
+        assert cfg.stage == "pretrain"
+        return
+    if group == "experiment":  # the benchmark presets: a sweep of every method over both tasks, one process each
+        params = cfg.hydra.sweeper.params
+        assert params.sampler.split(",") == ["full", "lora", "lisa", "grass_static", "grass"]
+        tasks = {compose_train(tmp_path, [f"data={name}"]).data.task for name in params.data.split(",")}
+        assert tasks == {"arithmetic", "multiple_choice"} and len(params.seed.split(",")) >= 3
+        assert cfg.hydra.launcher._target_.endswith("ProcessLauncher")
+        return
+    if group == "hparams_search":
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        assert cfg.optimized_metric == "exact_match_after"
+        return
+    if (group, option) == ("sampler", "lora"):
+        assert node is None and cfg.model.lora.r >= 1
+        assert type(instantiate(cfg.model)).__name__ == "CausalLMModule"
+        return
+    if node is None or isinstance(node, str) or not node:
+        assert (group, option) in {("sampler", "full"), ("strategy", "auto"), ("callbacks", "none"), ("logger", "none")}
+        return
+    if group in ("callbacks", "logger"):
+        built = [instantiate(c, **({"save_dir": str(tmp_path)} if group == "logger" else {})) for c in node.values()]
+        assert built
+        return
+    kwargs = {}
+    if group == "trainer" and node.accelerator == "gpu" and not torch.cuda.is_available():
+        kwargs["accelerator"] = "cpu"  # everything else about the GPU trainer config is still built
+    built = instantiate(node, **kwargs)
+    assert type(built).__name__ == node._target_.rsplit(".", 1)[1]

@@ -1,0 +1,29 @@
+"""The README's Python example runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+from tolerances import fp32_sum_rtol
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    assert type(namespace["trainer"].strategy).__name__ == "GRASSStrategy"
+    exec(compile(blocks[1], str(README), "exec"), namespace)
+
+    grass = namespace["grass"]
+    assert grass.phase == "train"
+    assert len(grass.active_layers) == 2
+    # A float32 softmax over 8 layers: each entry within a few roundings, and a sum of 8 terms.
+    assert grass.probabilities.sum().item() == pytest.approx(1.0, rel=fp32_sum_rtol(8, extra_operations=8))
+    assert [record["step"] for record in grass.history] == [5, 15, 25, 35]
+    assert namespace["trainer"].strategy.offload_stats["peak_resident_layers"] <= 2
+    assert (tmp_path / "importance.png").stat().st_size > 0
+    assert (tmp_path / "selection.png").stat().st_size > 0
