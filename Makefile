@@ -4,17 +4,19 @@ VENV ?= .venv
 # The CPU build of torch by default; override for a CUDA build, e.g. `make test TORCH_SPEC="torch==2.13.0"`
 # with your own index, or `TORCH_SPEC=` to keep the torch you already have in the venv.
 TORCH_SPEC ?= torch==2.13.0
+# The versions the suite was tested with (everything but torch); `CONSTRAINTS=` installs the newest allowed.
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install train test lint format clean
+.PHONY: install train test lint format constraints check-install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet $(TORCH_SPEC))
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +35,22 @@ test: lint
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Pin the newest versions pyproject.toml allows today: resolve them in a fresh venv and write constraints.txt.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),.venv-constraints/bin/python -m pip install --quiet $(TORCH_SPEC))
+	.venv-constraints/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# The versions 'make test' runs with: pip constraints for everything but torch (TORCH_SPEC sets it)."; \
+	  echo "# Written by 'make constraints'; then run 'make clean test' and commit this file."; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	rm -rf .venv-constraints
+
+# What a user gets: the library alone in a fresh venv, then the app from a wheel with the checkout gone.
+check-install:
+	bash .ci/check-install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info outputs multirun

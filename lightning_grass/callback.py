@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_grass.config import GRASSConfig
+from lightning_grass.errors import SettingValueError
 from lightning_grass.gradient_measurement import LayerGradientMeter
 from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
@@ -255,7 +256,7 @@ class GRASSCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_mode = state_dict["config"]["mode"]
         if saved_mode != self.config.mode:
-            raise ValueError(
+            raise SettingValueError(
                 f"the checkpoint was written by GRASSCallback(mode={saved_mode!r}), this one has "
                 f"mode={self.config.mode!r}; resume with the same mode"
             )
@@ -409,17 +410,17 @@ class GRASSCallback(Callback):
 def _check_strategy(strategy: Strategy) -> None:
     """Refuse strategies under which freezing layers would half-work."""
     if isinstance(strategy, FSDPStrategy):
-        raise ValueError(
+        raise SettingValueError(
             "GRASSCallback does not support FSDP: under FSDP1 frozen parameters save no gradient memory, and "
             "changing requires_grad after sharding may not take effect. Use strategy='grass' or 'grass_ddp'"
         )
     if isinstance(strategy, DeepSpeedStrategy):
-        raise ValueError(
+        raise SettingValueError(
             "GRASSCallback does not support DeepSpeed: DeepSpeed manages its own optimizer state, so GRASS could "
             "neither freeze layers reliably nor keep their states. Use strategy='grass' or 'grass_ddp'"
         )
     if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
-        raise ValueError(
+        raise SettingValueError(
             "GRASSCallback cannot run with DDP static_graph=True: it assumes the same parameters get gradients at "
             "every step, and GRASS changes the trained layers at every resample. Use strategy='grass_ddp'"
         )

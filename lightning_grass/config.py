@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.sampling import NORMALIZATIONS
 
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
@@ -70,23 +71,25 @@ class GRASSConfig:
         if self.update_every is not None:
             _check_int("update_every", self.update_every, minimum=1)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise TypeError(f"temperature={self.temperature!r} must be a number > 0")
+            raise SettingTypeError(f"temperature={self.temperature!r} must be a number > 0")
         if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+            raise SettingValueError(f"temperature={self.temperature!r} must be > 0")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 < self.ema <= 1:
-            raise ValueError(f"ema={self.ema!r} must be in (0, 1]")
+            raise SettingValueError(f"ema={self.ema!r} must be in (0, 1]")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         for name in ("train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
+                raise SettingTypeError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
-            raise ValueError(f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'")
+            raise SettingValueError(
+                f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'"
+            )
         if self.mode == "fixed":
             self._check_fixed_layers()
         else:
             if self.fixed_layers is not None:
-                raise ValueError(
+                raise SettingValueError(
                     f"fixed_layers={list(self.fixed_layers)} is only used with mode='fixed', not {self.mode!r}"
                 )
             _check_int("n_active", self.n_active, minimum=1)
@@ -105,38 +108,40 @@ class GRASSConfig:
         """Validate the settings that depend on the model.
 
         Raises:
-            ValueError: If ``n_active`` exceeds ``num_layers``, or a fixed layer is out of range.
+            SettingValueError: If ``n_active`` exceeds ``num_layers``, or a fixed layer is out of range.
         """
         if self.mode == "fixed":
             bad = [i for i in self.fixed_layers or () if i >= num_layers]
             if bad:
-                raise ValueError(
+                raise SettingValueError(
                     f"fixed_layers={list(self.fixed_layers or ())} has indices {bad} out of range: "
                     f"the model has {num_layers} layers (0 to {num_layers - 1})"
                 )
         elif self.n_active > num_layers:
-            raise ValueError(f"n_active={self.n_active} must be between 1 and the number of layers ({num_layers})")
+            raise SettingValueError(
+                f"n_active={self.n_active} must be between 1 and the number of layers ({num_layers})"
+            )
 
     def _check_fixed_layers(self) -> None:
         layers = self.fixed_layers
         if layers is None or isinstance(layers, (str, bytes)) or not len(layers):
-            raise ValueError(f"fixed_layers={layers!r}: mode='fixed' needs a non-empty list of layer indices")
+            raise SettingValueError(f"fixed_layers={layers!r}: mode='fixed' needs a non-empty list of layer indices")
         for index in layers:
             _check_int("fixed_layers", index, minimum=0)
         duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
         if duplicates:
-            raise ValueError(f"fixed_layers={list(layers)} repeats {duplicates}; each layer may appear once")
+            raise SettingValueError(f"fixed_layers={list(layers)} repeats {duplicates}; each layer may appear once")
         object.__setattr__(self, "fixed_layers", tuple(sorted(layers)))
         object.__setattr__(self, "n_active", len(layers))
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+        raise SettingValueError(f"{name}={value!r} is not supported; use one of {allowed}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an integer >= {minimum}")
+        raise SettingTypeError(f"{name}={value!r} must be an integer >= {minimum}")
     if value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+        raise SettingValueError(f"{name}={value!r} must be an integer >= {minimum}")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lightning_grass.errors import SettingValueError
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def discover_layers(model: nn.Module, layers: str | None = None) -> LayerMap:
         The :class:`LayerMap` of ``model``.
 
     Raises:
-        ValueError: If ``layers`` does not resolve to a non-empty ``nn.ModuleList``, or if no candidate
+        SettingValueError: If ``layers`` does not resolve to a non-empty ``nn.ModuleList``, or if no candidate
             container exists. The message lists the candidate paths that were seen.
 
     Example::
@@ -145,13 +147,13 @@ def _resolve_override(model: nn.Module, layers: str, candidates: dict[str, nn.Mo
     module: object = model
     for part in layers.split("."):
         if not part.isidentifier() or not hasattr(module, part):
-            raise ValueError(
+            raise SettingValueError(
                 f"layers={layers!r} does not resolve on {type(model).__name__}: no attribute {part!r}. "
                 f"Candidate paths: {_describe(candidates)}"
             )
         module = getattr(module, part)
     if not isinstance(module, nn.ModuleList) or not len(module):
-        raise ValueError(
+        raise SettingValueError(
             f"layers={layers!r} resolves to {type(module).__name__}, not a non-empty nn.ModuleList. "
             f"Candidate paths: {_describe(candidates)}"
         )
@@ -171,7 +173,7 @@ def _match_known_layout(candidates: dict[str, nn.ModuleList]) -> tuple[str, tupl
 def _largest_uniform_list(model: nn.Module, candidates: dict[str, nn.ModuleList]) -> str:
     uniform = [name for name, container in candidates.items() if len({type(block) for block in container}) == 1]
     if not uniform:
-        raise ValueError(
+        raise SettingValueError(
             f"no transformer blocks found in {type(model).__name__}: no nn.ModuleList of same-class blocks. "
             f"Candidate paths: {_describe(candidates)}. Pass layers='dotted.path.to.blocks'."
         )

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+
+from lightning_grass._extras import require_app_extra
+
+try:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+except ModuleNotFoundError:
+    require_app_extra("lightning_grass.plots", ["matplotlib"])
+    raise
 
 _VALUES = ("importance", "probabilities")
 

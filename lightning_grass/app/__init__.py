@@ -5,3 +5,7 @@ match (``evaluation``), the LoRA baseline (``lora``), the tiny pretrained base (
 records (``run_stats``, ``machine``) and the two entry points (``train``, ``cli``). Its extra dependencies
 come with ``pip install "lightning_grass[app]"``.
 """
+
+from lightning_grass._extras import require_app_extra
+
+require_app_extra("lightning_grass.app (grass-train, grass-cli, LoRA, plots)")

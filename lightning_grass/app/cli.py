@@ -2,6 +2,9 @@
 
 grass-cli fit --config conf/cli/grass.yaml
 grass-cli fit --config conf/cli/grass.yaml --trainer.strategy=grass --print_config
+
+Bad input stops it with one line, ``error: <message>``, and exit status 2, as jsonargparse does for a
+malformed argument (see :mod:`lightning_grass.app.input_errors`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_grass  # noqa: F401  (registers strategy="grass" and its presets)
 from lightning_grass.app.data import InstructionDataModule, build_char_tokenizer
+from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.lm import CausalLMModule
 
 
@@ -36,7 +40,8 @@ class GRASSCLI(LightningCLI):
 
 def main() -> None:
     """Console entry point of ``grass-cli``."""
-    GRASSCLI(CausalLMModule, InstructionDataModule, save_config_kwargs={"overwrite": True})
+    with report_input_errors():
+        GRASSCLI(CausalLMModule, InstructionDataModule, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

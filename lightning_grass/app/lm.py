@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from lightning_grass.app.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.lora import apply_lora, save_merged
+from lightning_grass.errors import MissingPathError, SettingValueError
 
 IGNORE_INDEX = -100
 
@@ -70,7 +71,7 @@ class CausalLMModule(pl.LightningModule):
         if pretrained_path is not None:
             path = Path(pretrained_path)
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"pretrained_path={str(path)!r} has no config.json: point it at a directory written by "
                     "save_pretrained (models are never downloaded)"
                 )
@@ -80,10 +81,10 @@ class CausalLMModule(pl.LightningModule):
             settings = dict(config)
             model_type = settings.pop("model_type", None)
             if model_type is None:
-                raise ValueError(f"config={config!r} needs a 'model_type' such as 'llama'")
+                raise SettingValueError(f"config={config!r} needs a 'model_type' such as 'llama'")
             self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
         else:
-            raise ValueError("CausalLMModule needs pretrained_path (a local directory) or config (a dict)")
+            raise SettingValueError("CausalLMModule needs pretrained_path (a local directory) or config (a dict)")
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:

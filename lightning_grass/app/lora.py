@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_grass.errors import SettingValueError
+
 
 def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
     """Wrap a causal LM in ``peft`` LoRA adapters; the base weights are frozen, the adapters train.
@@ -24,20 +26,19 @@ def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
         The ``peft`` model. Only the adapter parameters have ``requires_grad=True``.
 
     Raises:
-        ImportError: When ``peft`` is not installed.
-        ValueError: For a setting that ``LoraConfig`` does not have, or a rank below 1.
+        SettingValueError: For a setting that ``LoraConfig`` does not have, or a rank below 1.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:  # pragma: no cover - peft is a dependency of the package
-        raise ImportError("lora settings need peft: pip install peft") from error
+    from peft import LoraConfig, get_peft_model  # imported on use: importing peft takes seconds
+
     allowed = {field.name for field in dataclasses.fields(LoraConfig)} - {"task_type"}
     unknown = sorted(set(settings) - allowed)
     if unknown:
-        raise ValueError(f"lora has unknown field(s) {unknown}; LoraConfig accepts e.g. r, lora_alpha, target_modules")
+        raise SettingValueError(
+            f"lora has unknown field(s) {unknown}; LoraConfig accepts e.g. r, lora_alpha, target_modules"
+        )
     rank = settings.get("r", 8)
     if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora.r={rank!r} must be an integer >= 1")
+        raise SettingValueError(f"lora.r={rank!r} must be an integer >= 1")
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
 
 

@@ -1,8 +1,10 @@
 """``grass-train``: the Hydra entry point that fine-tunes a causal LM with GRASS and reports what it did.
 
-Run ``grass-train`` (or ``python -m lightning_grass.app.train``) from the repository; the configs live in
-``conf/``. Any config value can be overridden on the command line (``trainer.max_steps=50 sampler=lisa``),
-and ``grass-train -m sampler=lisa,grass seed=0,1`` runs one job per combination.
+``grass-train`` (or ``python -m lightning_grass.app.train``) runs from any directory: its configs ship in the
+package (``lightning_grass.conf``, the repository's ``conf/``), and ``--config-dir DIR`` adds your own.
+Any config value can be overridden on the command line (``trainer.max_steps=50 sampler=lisa``), and
+``grass-train -m sampler=lisa,grass seed=0,1`` runs one job per combination. Bad input stops the run with
+one line, ``error: <message>``, and exit status 2 (see :mod:`lightning_grass.app.input_errors`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_grass import plots
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
+from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
 from lightning_grass.app.run_stats import RunStats
 from lightning_grass.callback import GRASSCallback
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+#: The package that holds the configs: the repository's ``conf/``, installed as ``lightning_grass.conf``.
+CONFIG_PACKAGE = "lightning_grass.conf"
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -170,10 +174,11 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print("\n".join(lines))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers such as Optuna."""
-    metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with report_input_errors():
+        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     metric = cfg.get("optimized_metric")
     return float(metrics[metric]) if metric else None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_grass.errors import SettingValueError
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
 
@@ -30,7 +31,7 @@ class DiskTier:
         directory: Where to create this run's folder of layer files. ``None`` uses the system temp folder.
 
     Raises:
-        ValueError: If ``directory`` cannot be created or written to.
+        SettingValueError: If ``directory`` cannot be created or written to.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
@@ -39,7 +40,7 @@ class DiskTier:
             parent.mkdir(parents=True, exist_ok=True)
             self.directory = Path(tempfile.mkdtemp(prefix="grass-offload-", dir=parent))
         except OSError as error:
-            raise ValueError(
+            raise SettingValueError(
                 f"offload_dir={str(parent)!r} is not a writable directory ({error.strerror}); choose a folder this "
                 "process can create files in"
             ) from error

@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
+from lightning_grass.errors import SettingValueError
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
 
 
@@ -32,7 +33,7 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
         **ddp_kwargs: Passed to ``DDPStrategy`` (and on to ``DistributedDataParallel``).
 
     Raises:
-        ValueError: For ``static_graph=True`` or ``find_unused_parameters=False``.
+        SettingValueError: For ``static_graph=True`` or ``find_unused_parameters=False``.
     """
 
     strategy_name = "grass_ddp"
@@ -46,12 +47,12 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         if ddp_kwargs.get("static_graph"):
-            raise ValueError(
+            raise SettingValueError(
                 "static_graph=True cannot be used with GRASS: DDP's static graph assumes the same parameters get "
                 "gradients at every step, and GRASS changes the trained layers at every resample"
             )
         if ddp_kwargs.get("find_unused_parameters") is False:
-            raise ValueError(
+            raise SettingValueError(
                 "find_unused_parameters=False cannot be used with GRASS: frozen layers get no gradient, so DDP must "
                 "look for unused parameters (GRASSDDPStrategy sets it to True)"
             )

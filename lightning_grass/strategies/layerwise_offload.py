@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
 from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer, optimizer_state_bytes
 
@@ -45,11 +46,11 @@ class LayerwiseOffloadMixin:
         offload_always_on: bool,
     ) -> None:
         if offload not in OFFLOAD_TIERS:
-            raise ValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+            raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
         if isinstance(max_resident_layers, bool) or not isinstance(max_resident_layers, int):
-            raise TypeError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
+            raise SettingTypeError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
         if max_resident_layers < 1:
-            raise ValueError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
+            raise SettingValueError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
         self.offload = offload
         self.offload_dir = offload_dir
         self.max_resident_layers = max_resident_layers
@@ -82,7 +83,7 @@ class LayerwiseOffloadMixin:
         self._layer_map = layer_map
         self._close_store()
         if self.offload_tier == "disk" and self.root_device.type != "cpu" and self.offload_dir is None:
-            raise ValueError(
+            raise SettingValueError(
                 f"offload='disk' on {self.root_device} needs offload_dir: GPU runs offload gigabytes of state, and "
                 "the system temp folder is often small or held in RAM. Pass offload_dir='/path/on/a/large/disk'"
             )
@@ -186,7 +187,7 @@ def _check_free_space(directory: os.PathLike, groups: list[list[torch.nn.Paramet
     free = shutil.disk_usage(directory).free
     if free < needed:
         shutil.rmtree(directory, ignore_errors=True)
-        raise ValueError(
+        raise SettingValueError(
             f"offload_dir={str(Path(directory).parent)!r} has {free / 2**30:.2f} GiB free, but the layers' optimizer "
             f"states need about {needed / 2**30:.2f} GiB (two moments per parameter); free space or choose "
             "another offload_dir"

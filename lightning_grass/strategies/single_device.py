@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_grass.errors import SettingValueError
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
 
 
@@ -91,7 +92,7 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
         if not devices or self._device_given:
             return
         if len(devices) > 1:
-            raise ValueError(
+            raise SettingValueError(
                 f"strategy='{self.strategy_name}' trains on one device, but the Trainer selected {len(devices)} "
                 f"({', '.join(map(str, devices))}); pass devices=1"
             )

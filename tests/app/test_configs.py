@@ -1,22 +1,28 @@
 """Every option of every config group composes, and its node instantiates."""
 
-from pathlib import Path
+from importlib.resources import files
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lightning_grass.app.train import CONFIG_DIR
+from lightning_grass.app.train import CONFIG_PACKAGE
 
 GROUPS = ["model", "data", "sampler", "strategy", "trainer", "callbacks", "logger", "experiment", "hparams_search"]
-OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))]
+CONFIGS = files(CONFIG_PACKAGE)
+OPTIONS = [
+    (group, path.name.removesuffix(".yaml"))
+    for group in GROUPS
+    for path in sorted(CONFIGS.joinpath(group).iterdir(), key=lambda p: p.name)
+    if path.name.endswith(".yaml")
+]
 
 
 def compose_train(tmp_path, overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):

@@ -1,6 +1,6 @@
 """Instruction data for GRASS fine-tuning: synthetic tasks, Alpaca files, a char tokenizer, a DataModule."""
 
-from lightning_grass.app.data.alpaca import DataFormatError, load_alpaca
+from lightning_grass.app.data.alpaca import load_alpaca
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, answers_match, extract_answer
 from lightning_grass.app.data.collate import collate_batch
 from lightning_grass.app.data.datamodule import InstructionDataModule
@@ -8,6 +8,7 @@ from lightning_grass.app.data.example import Example
 from lightning_grass.app.data.prompt import TokenizedExample, format_prompt, tokenize_example
 from lightning_grass.app.data.synthetic import TASKS, arithmetic_examples, multiple_choice_examples, pretraining_corpus
 from lightning_grass.app.data.tokenizer import build_char_tokenizer, vocabulary_config
+from lightning_grass.errors import DataFormatError
 
 __all__ = [
     "DEFAULT_ANSWER_PATTERN",

@@ -9,13 +9,10 @@ from typing import Any
 
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, extract_answer
 from lightning_grass.app.data.example import Example
+from lightning_grass.errors import DataFormatError, MissingPathError
 
 #: File suffixes :func:`load_alpaca` reads.
 SUFFIXES = (".json", ".jsonl")
-
-
-class DataFormatError(ValueError):
-    """A data file that cannot be read as Alpaca records; the message names the file and the place."""
 
 
 def _string_field(record: dict[str, Any], field: str, where: str, default: str | None = None) -> str:
@@ -135,14 +132,14 @@ def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_AN
         The examples, in file order.
 
     Raises:
-        FileNotFoundError: When ``path`` does not exist.
+        MissingPathError: When ``path`` does not exist.
         DataFormatError: For another suffix, invalid JSON, a record that is not an object, a missing or
             non-string field, or a file without records. The message names the file and the record index
             (``.json``) or the line, counted from 1 (``.jsonl``).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Alpaca data file {path} does not exist or is not a file")
+        raise MissingPathError(f"Alpaca data file {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataFormatError(f"{path}: unsupported suffix {path.suffix!r}; expected one of {SUFFIXES}")

@@ -23,6 +23,7 @@ from lightning_grass.app.data.prompt import (
     tokenize_example,
 )
 from lightning_grass.app.data.synthetic import TASKS
+from lightning_grass.errors import DataFormatError, SettingValueError
 
 
 class InstructionDataModule(pl.LightningDataModule):
@@ -60,7 +61,7 @@ class InstructionDataModule(pl.LightningDataModule):
         num_workers: Data loader worker processes, ``>= 0``.
 
     Raises:
-        ValueError: For an unknown task that is not an existing file, ``task_options`` with a file, an
+        SettingValueError: For an unknown task that is not an existing file, ``task_options`` with a file, an
             unknown ``truncation``, or a count outside the ranges above.
     """
 
@@ -80,13 +81,15 @@ class InstructionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if task not in TASKS and not Path(task).is_file():
-            raise ValueError(
+            raise SettingValueError(
                 f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing .json/.jsonl file"
             )
         if task_options and task not in TASKS:
-            raise ValueError(f"task_options={task_options!r} apply only to generated tasks, not to file {task!r}")
+            raise SettingValueError(
+                f"task_options={task_options!r} apply only to generated tasks, not to file {task!r}"
+            )
         if truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
+            raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
         for name, value, minimum in (
             ("num_train", num_train, 1),
             ("num_val", num_val, 1),
@@ -95,7 +98,7 @@ class InstructionDataModule(pl.LightningDataModule):
             ("num_workers", num_workers, 0),
         ):
             if value < minimum:
-                raise ValueError(f"{name}={value!r} must be >= {minimum}")
+                raise SettingValueError(f"{name}={value!r} must be >= {minimum}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.task = task
         self.tokenizer = tokenizer
@@ -139,7 +142,7 @@ class InstructionDataModule(pl.LightningDataModule):
             The tokenized examples and the raw examples they came from, in the same order.
 
         Raises:
-            ValueError: When every example of the split was skipped.
+            DataFormatError: When every example of the split was skipped.
         """
         tokenized, kept = [], []
         for example in examples:
@@ -159,7 +162,7 @@ class InstructionDataModule(pl.LightningDataModule):
             hint = (
                 "raise max_length" if self.truncation == "truncate" else "raise max_length or use truncation='truncate'"
             )
-            raise ValueError(
+            raise DataFormatError(
                 f"the {split} split of task {self.task!r} contains no examples after skipping {num_skipped} "
                 f"of {len(examples)} longer than max_length={self.max_length}; expected at least one, so {hint}"
             )
@@ -174,10 +177,11 @@ class InstructionDataModule(pl.LightningDataModule):
             stage: The Lightning stage; both splits are built whatever it is.
 
         Raises:
-            ValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token, or a split is empty.
+            SettingValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token.
+            DataFormatError: When a split is empty.
         """
         if self.tokenizer is None:
-            raise ValueError(
+            raise SettingValueError(
                 "InstructionDataModule.tokenizer is None; pass tokenizer=... or set datamodule.tokenizer before setup()"
             )
         check_special_tokens(self.tokenizer)
@@ -186,9 +190,13 @@ class InstructionDataModule(pl.LightningDataModule):
         self.num_truncated = self.num_skipped = 0
         train, val = self._splits()
         if not train:
-            raise ValueError(f"the training split of task {self.task!r} contains no examples; expected at least one")
+            raise DataFormatError(
+                f"the training split of task {self.task!r} contains no examples; expected at least one"
+            )
         if not val:
-            raise ValueError(f"the validation split of task {self.task!r} contains no examples; expected at least one")
+            raise DataFormatError(
+                f"the validation split of task {self.task!r} contains no examples; expected at least one"
+            )
         self._train, _ = self._tokenize(train, "training")
         self._val, self._val_examples = self._tokenize(val, "validation")
         self._built_with = self.tokenizer

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from lightning_grass.app.data.example import Example
+from lightning_grass.errors import SettingValueError
 
 #: Label value that ``torch.nn.functional.cross_entropy`` ignores.
 IGNORE_INDEX = -100
@@ -55,14 +56,14 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer: The tokenizer to check.
 
     Raises:
-        ValueError: When the tokenizer has no pad token or no eos token.
+        SettingValueError: When the tokenizer has no pad token or no eos token.
     """
     if tokenizer.pad_token_id is None:
-        raise ValueError(
+        raise SettingValueError(
             "tokenizer has no pad token; set tokenizer.pad_token (e.g. tokenizer.pad_token = tokenizer.eos_token)"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos token; set tokenizer.eos_token so that responses can end")
+        raise SettingValueError("tokenizer has no eos token; set tokenizer.eos_token so that responses can end")
 
 
 def tokenize_example(
@@ -82,12 +83,12 @@ def tokenize_example(
         ``"truncate"`` when the prompt alone has ``max_length`` tokens or more.
 
     Raises:
-        ValueError: For ``max_length < 1``, an unknown ``truncation``, or a tokenizer without pad or eos token.
+        SettingValueError: For ``max_length < 1``, an unknown ``truncation``, or a tokenizer without pad or eos token.
     """
     if max_length < 1:
-        raise ValueError(f"max_length={max_length!r} must be >= 1")
+        raise SettingValueError(f"max_length={max_length!r} must be >= 1")
     if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
+        raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
     check_special_tokens(tokenizer)
     prompt_ids = tokenizer.encode(format_prompt(example), add_special_tokens=False)
     response_ids = [*tokenizer.encode(example.output, add_special_tokens=False), tokenizer.eos_token_id]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from lightning_grass.app.data.example import Example
 from lightning_grass.app.data.prompt import format_prompt
+from lightning_grass.errors import SettingValueError
 
 #: Names with their pronoun, shared by the tasks and the pretraining corpus.
 PEOPLE = (
@@ -69,10 +70,10 @@ def _require_positive(name: str, value: int) -> None:
         value: The argument's value.
 
     Raises:
-        ValueError: When ``value < 1``.
+        SettingValueError: When ``value < 1``.
     """
     if value < 1:
-        raise ValueError(f"{name}={value!r} must be >= 1")
+        raise SettingValueError(f"{name}={value!r} must be >= 1")
 
 
 def _arithmetic_example(rng: random.Random, min_steps: int, max_steps: int, max_value: int) -> Example:
@@ -139,14 +140,14 @@ def arithmetic_examples(
         The examples, with the question as ``instruction``, ``input == ""`` and the final number as ``answer``.
 
     Raises:
-        ValueError: For an argument outside the ranges above.
+        SettingValueError: For an argument outside the ranges above.
     """
     _require_positive("num_examples", num_examples)
     _require_positive("min_steps", min_steps)
     if max_steps < min_steps:
-        raise ValueError(f"max_steps={max_steps!r} must be >= min_steps={min_steps!r}")
+        raise SettingValueError(f"max_steps={max_steps!r} must be >= min_steps={min_steps!r}")
     if max_value < 2:
-        raise ValueError(f"max_value={max_value!r} must be >= 2")
+        raise SettingValueError(f"max_value={max_value!r} must be >= 2")
     rng = random.Random(seed)
     return [_arithmetic_example(rng, min_steps, max_steps, max_value) for _ in range(num_examples)]
 
@@ -235,14 +236,14 @@ def multiple_choice_examples(
         The examples, with ``output == "The answer is B\n#### B"`` and ``answer == "B"`` for letter B.
 
     Raises:
-        ValueError: For ``num_examples < 1``, ``num_choices`` outside 2..6, or unknown or no ``kinds``.
+        SettingValueError: For ``num_examples < 1``, ``num_choices`` outside 2..6, or unknown or no ``kinds``.
     """
     _require_positive("num_examples", num_examples)
     if not 2 <= num_choices <= _MAX_CHOICES:
-        raise ValueError(f"num_choices={num_choices!r} must be between 2 and {_MAX_CHOICES}")
+        raise SettingValueError(f"num_choices={num_choices!r} must be between 2 and {_MAX_CHOICES}")
     kinds = list(kinds)
     if not kinds or not set(kinds) <= set(MULTIPLE_CHOICE_KINDS):
-        raise ValueError(f"kinds={kinds!r} must be a non-empty subset of {list(MULTIPLE_CHOICE_KINDS)}")
+        raise SettingValueError(f"kinds={kinds!r} must be a non-empty subset of {list(MULTIPLE_CHOICE_KINDS)}")
     rng = random.Random(seed)
     examples = []
     block: list[int] = []
@@ -394,7 +395,7 @@ def pretraining_corpus(num_documents: int, seed: int = 0) -> list[str]:
         The documents, each shorter than 200 characters.
 
     Raises:
-        ValueError: For ``num_documents < 1``.
+        SettingValueError: For ``num_documents < 1``.
     """
     _require_positive("num_documents", num_documents)
     rng = random.Random(seed)
