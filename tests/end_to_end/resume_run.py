@@ -1,7 +1,8 @@
 """Fit the tiny model with GRASS and the disk tier, checkpointing every step; optionally resume.
 
-Used by tests/test_resume.py through a subprocess, so that the run can be killed with SIGKILL:
-``python tests/resume_run.py OUT --max-steps 12 [--resume] [--step-seconds 0.3]``.
+Used by tests/end_to_end/test_resume_after_interruption.py through a subprocess, so that the run can be
+killed with SIGKILL:
+``python tests/end_to_end/resume_run.py OUT --max-steps 12 [--resume] [--step-seconds 0.3]``.
 """
 
 import argparse

@@ -50,6 +50,22 @@ def test_grass_train_writes_metrics_model_and_plots(tmp_path):
     assert reloaded.model.config.num_hidden_layers == 2
 
 
+def test_a_config_directory_of_your_own_adds_options(tmp_path):
+    own = tmp_path / "my_conf" / "sampler"
+    own.mkdir(parents=True)
+    (own / "lisa_every_step.yaml").write_text(
+        "_target_: lightning_grass.GRASSCallback\nmode: lisa\nn_active: 1\nsample_every: 1\nseed: 0\n"
+    )
+    out = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("sampler.")]
+    overrides = [*tiny, "sampler=lisa_every_step", "logger=none", f"paths.output_dir={out}"]
+    command = [sys.executable, "-m", "lightning_grass.app.train", "--config-dir", str(tmp_path / "my_conf")]
+    run([*command, *overrides], cwd=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "lisa"
+    assert sum(metrics["layer_selection_counts"]) == 7, "one layer drawn at the start and after each of 6 steps"
+
+
 def test_multirun_writes_one_directory_per_job(tmp_path):
     out = tmp_path / "sweep"
     command = [

@@ -27,3 +27,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["trainer"].strategy.offload_stats["peak_resident_layers"] <= 2
     assert (tmp_path / "importance.png").stat().st_size > 0
     assert (tmp_path / "selection.png").stat().st_size > 0
+
+
+def test_the_layout_section_matches_the_tree():
+    text = README.read_text()
+    layout = text[text.index("## Layout") :]
+    mentioned = set(re.findall(r"\b\w+\.py\b", layout))
+    repo = README.parent
+    modules = {p for p in repo.glob("lightning_grass/**/*.py") if "app/data" not in p.as_posix()}
+    assert {p.name for p in modules if p.name != "__init__.py"} <= mentioned
+    assert mentioned <= {p.name for p in repo.rglob("*.py") if ".venv" not in p.parts}
+    for folder in re.findall(r"^\s*([\w/]+/)\s", layout, flags=re.MULTILINE):
+        assert any(path.is_dir() for path in repo.glob(f"**/{folder}") if ".venv" not in path.parts), folder

@@ -1,8 +1,8 @@
 """Fit the tiny model with GRASS on N CPU processes (gloo) or one, and save what each rank ends with.
 
-Used by tests/test_ddp.py through a subprocess, because Lightning's DDP launcher re-runs this script for
-every other rank: ``python tests/ddp_run.py OUT --devices 2 --batch-size 2``, and the one-process reference
-``python tests/ddp_run.py OUT --devices 1 --batch-size 2 --accumulate 2``.
+Used by tests/strategies/test_ddp.py through a subprocess, because Lightning's DDP launcher re-runs this script for
+every other rank: ``python tests/strategies/ddp_run.py OUT --devices 2 --batch-size 2``, and the one-process reference
+``python tests/strategies/ddp_run.py OUT --devices 1 --batch-size 2 --accumulate 2``.
 """
 
 import argparse
