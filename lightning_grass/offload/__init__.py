@@ -1,8 +1,19 @@
-"""Layer-wise optimizer-state offload: backing tiers, the per-layer state store, and the layer-wise step."""
+"""Optimizer-state offload: backing tiers, fp32 master weights, the per-tensor state store, the offloaded step."""
 
 from lightning_grass.offload.disk_tier import DiskTier
 from lightning_grass.offload.host_tier import HostTier
-from lightning_grass.offload.layer_state_store import LayerStateStore, optimizer_state_bytes
-from lightning_grass.offload.layerwise_optimizer import LayerwiseOptimizer
+from lightning_grass.offload.master_weights import MASTER_KEY, needs_master
+from lightning_grass.offload.offloaded_optimizer import OffloadedOptimizer
+from lightning_grass.offload.state_bytes import expected_state_bytes, optimizer_state_bytes
+from lightning_grass.offload.tensor_state_store import TensorStateStore
 
-__all__ = ["DiskTier", "HostTier", "LayerStateStore", "LayerwiseOptimizer", "optimizer_state_bytes"]
+__all__ = [
+    "MASTER_KEY",
+    "DiskTier",
+    "HostTier",
+    "OffloadedOptimizer",
+    "TensorStateStore",
+    "expected_state_bytes",
+    "needs_master",
+    "optimizer_state_bytes",
+]

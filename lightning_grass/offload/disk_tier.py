@@ -1,4 +1,4 @@
-"""Backing tier on disk: one file per layer group, read and written by a background I/O thread."""
+"""Backing tier on disk: one file per offloaded tensor's state, read and written by a background I/O thread."""
 
 from __future__ import annotations
 
@@ -15,20 +15,20 @@ from lightning_grass.offload.transfer import TensorSpec, Transfer
 
 
 class DiskTier:
-    """Keeps each layer group's offloaded state tensors in one file, like ZeRO-Infinity's NVMe tier.
+    """Keeps each offloaded tensor's optimizer state in one file, like ZeRO-Infinity's NVMe tier.
 
     Reads and writes run on a single background thread, so they overlap with compute on the main thread
     (file I/O releases the GIL). Files are written and read with plain ``write``/``readinto`` into freshly
     allocated tensors rather than memory-mapped: pages of a mapped file that were touched would count as
     the process's resident memory, which is what this tier exists to reduce. The operating system's page
-    cache may still keep recently written layers in RAM; it gives that memory back under pressure.
+    cache may still keep recently written states in RAM; it gives that memory back under pressure.
 
     States on an accelerator are staged through host memory: a write-back first copies them to the host
     (synchronously), a fetch reads into host memory in the background and copies to the device when it is
     waited for. That serves GPU users who are short of host RAM; with enough RAM, :class:`HostTier` is faster.
 
     Args:
-        directory: Where to create this run's folder of layer files. ``None`` uses the system temp folder.
+        directory: Where to create this run's folder of state files. ``None`` uses the system temp folder.
 
     Raises:
         SettingValueError: If ``directory`` cannot be created or written to.
@@ -47,17 +47,17 @@ class DiskTier:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grass-disk-tier")
         self._layouts: dict[int, list[TensorSpec]] = {}
 
-    def write(self, group: int, tensors: list[torch.Tensor]) -> Transfer:
-        """Start writing ``tensors`` to the file of ``group``; keep them alive until the transfer is done."""
-        self._layouts[group] = [TensorSpec.of(t) for t in tensors]
+    def write(self, unit: int, tensors: list[torch.Tensor]) -> Transfer:
+        """Start writing ``tensors`` to the file of ``unit``; keep them alive until the transfer is done."""
+        self._layouts[unit] = [TensorSpec.of(t) for t in tensors]
         on_host = [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
-        return Transfer.from_future(self._executor.submit(_write_file, self._path(group), on_host))
+        return Transfer.from_future(self._executor.submit(_write_file, self._path(unit), on_host))
 
-    def read(self, group: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
-        """Allocate resident tensors for ``specs`` and start filling them from the file of ``group``."""
+    def read(self, unit: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
+        """Allocate resident tensors for ``specs`` and start filling them from the file of ``unit``."""
         tensors = [torch.empty(spec.shape, dtype=spec.dtype, device=spec.device) for spec in specs]
         staged = [t if t.device.type == "cpu" else torch.empty_like(t, device="cpu") for t in tensors]
-        future = self._executor.submit(_read_file, self._path(group), staged)
+        future = self._executor.submit(_read_file, self._path(unit), staged)
 
         def wait() -> None:
             future.result()
@@ -67,15 +67,15 @@ class DiskTier:
 
         return tensors, Transfer(wait=wait, done=future.done)
 
-    def read_to_cpu(self, group: int) -> list[torch.Tensor]:
-        """The tensors of ``group`` on the CPU, read synchronously, for checkpoints."""
-        specs = [TensorSpec(spec.shape, spec.dtype, torch.device("cpu")) for spec in self._layouts[group]]
-        tensors, transfer = self.read(group, specs)
+    def read_to_cpu(self, unit: int) -> list[torch.Tensor]:
+        """The tensors of ``unit`` on the CPU, read synchronously, for checkpoints."""
+        specs = [TensorSpec(spec.shape, spec.dtype, torch.device("cpu")) for spec in self._layouts[unit]]
+        tensors, transfer = self.read(unit, specs)
         transfer.wait()
         return tensors
 
     def backing_bytes(self) -> int:
-        """Bytes held in layer files."""
+        """Bytes held in state files."""
         return sum(spec.nbytes for specs in self._layouts.values() for spec in specs)
 
     def close(self) -> None:
@@ -84,8 +84,8 @@ class DiskTier:
         shutil.rmtree(self.directory, ignore_errors=True)
         self._layouts.clear()
 
-    def _path(self, group: int) -> Path:
-        return self.directory / f"group_{group:04d}.bin"
+    def _path(self, unit: int) -> Path:
+        return self.directory / f"state_{unit:05d}.bin"
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -104,4 +104,4 @@ def _read_file(path: Path, tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             view = _raw_bytes(tensor)
             if file.readinto(view) != len(view):
-                raise OSError(f"offload file {path} is shorter than the layer state it should hold")
+                raise OSError(f"offload file {path} is shorter than the state it should hold")

@@ -29,15 +29,15 @@ class HostTier:
         self._buffers: dict[int, list[torch.Tensor]] = {}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def write(self, group: int, tensors: list[torch.Tensor]) -> Transfer:
-        """Start copying ``tensors`` into the backing buffers of ``group``.
+    def write(self, unit: int, tensors: list[torch.Tensor]) -> Transfer:
+        """Start copying ``tensors`` into the backing buffers of ``unit``.
 
         The caller must keep ``tensors`` alive until the returned transfer is done.
         """
-        buffers = self._buffers.get(group)
+        buffers = self._buffers.get(unit)
         if buffers is None or [tuple(b.shape) for b in buffers] != [tuple(t.shape) for t in tensors]:
             buffers = [self._empty_host(t) for t in tensors]
-            self._buffers[group] = buffers
+            self._buffers[unit] = buffers
         if self._stream is None:
             for buffer, tensor in zip(buffers, tensors, strict=True):
                 buffer.copy_(tensor)
@@ -52,13 +52,13 @@ class HostTier:
             event.record(self._stream)
         return Transfer(wait=event.synchronize, done=event.query)
 
-    def read(self, group: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
-        """Allocate resident tensors for ``specs`` and start filling them from the backing buffers of ``group``.
+    def read(self, unit: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
+        """Allocate resident tensors for ``specs`` and start filling them from the backing buffers of ``unit``.
 
         The tensors may only be used after the returned transfer is done; on CUDA the compute stream is made
         to wait for the copy, so kernels queued after ``wait()`` see the data.
         """
-        buffers = self._buffers[group]
+        buffers = self._buffers[unit]
         tensors = [torch.empty(spec.shape, dtype=spec.dtype, device=spec.device) for spec in specs]
         if self._stream is None:
             for tensor, buffer in zip(tensors, buffers, strict=True):
@@ -77,9 +77,9 @@ class HostTier:
 
         return tensors, Transfer(wait=wait, done=event.query)
 
-    def read_to_cpu(self, group: int) -> list[torch.Tensor]:
-        """Copies of the backing tensors of ``group`` on the CPU, for checkpoints."""
-        return [buffer.clone() for buffer in self._buffers[group]]
+    def read_to_cpu(self, unit: int) -> list[torch.Tensor]:
+        """Copies of the backing tensors of ``unit`` on the CPU, for checkpoints."""
+        return [buffer.clone() for buffer in self._buffers[unit]]
 
     def backing_bytes(self) -> int:
         """Bytes held in backing buffers."""

@@ -28,8 +28,10 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
     Args:
         offload: ``"auto"``, ``"none"``, ``"cpu"`` or ``"disk"``, as for ``GRASSStrategy``.
         offload_dir: Folder for the disk tier; each rank creates its own subfolder.
-        max_resident_layers: Layers whose states may sit on the device at once.
+        max_resident_bytes: Bound on the offloaded states and masters on each device, as for ``GRASSStrategy``.
         offload_always_on: Also offload the embeddings', head's and final norm's states.
+        master_weights: Step bf16 parameters on fp32 master weights, as for ``GRASSStrategy``.
+        overlap: Overlap transfers with compute.
         **ddp_kwargs: Passed to ``DDPStrategy`` (and on to ``DistributedDataParallel``).
 
     Raises:
@@ -42,8 +44,10 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
         self,
         offload: str = "auto",
         offload_dir: str | os.PathLike | None = None,
-        max_resident_layers: int = 2,
+        max_resident_bytes: int | str | None = None,
         offload_always_on: bool = False,
+        master_weights: bool = True,
+        overlap: bool = True,
         **ddp_kwargs: Any,
     ) -> None:
         if ddp_kwargs.get("static_graph"):
@@ -56,7 +60,7 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
                 "find_unused_parameters=False cannot be used with GRASS: frozen layers get no gradient, so DDP must "
                 "look for unused parameters (GRASSDDPStrategy sets it to True)"
             )
-        self._init_offload(offload, offload_dir, max_resident_layers, offload_always_on)
+        self._init_offload(offload, offload_dir, max_resident_bytes, offload_always_on, master_weights, overlap)
         super().__init__(**{**ddp_kwargs, "find_unused_parameters": True})
 
     @classmethod

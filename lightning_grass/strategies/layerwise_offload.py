@@ -1,4 +1,4 @@
-"""``LayerwiseOffloadMixin``: what GRASS's single-device and DDP strategies share about optimizer-state offload."""
+"""``LayerwiseOffloadMixin``: what GRASS's single-device and DDP strategies share about optimizer state."""
 
 from __future__ import annotations
 
@@ -11,121 +11,125 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_grass.byte_size import format_bytes, parse_byte_size
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
-from lightning_grass.offload import DiskTier, HostTier, LayerStateStore, LayerwiseOptimizer, optimizer_state_bytes
+from lightning_grass.offload import (
+    DiskTier,
+    HostTier,
+    OffloadedOptimizer,
+    TensorStateStore,
+    expected_state_bytes,
+    needs_master,
+)
 
 #: Accepted values of ``offload``.
 OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
 
 
 class LayerwiseOffloadMixin:
-    """Layer-wise optimizer-state offload for a Lightning strategy; mixed in before the strategy class.
+    """Optimizer-state offload and fp32 master weights for a Lightning strategy; mixed in before its class.
 
-    It answers :class:`~lightning_grass.ActiveLayerListener`: on :meth:`on_layer_map` it groups each layer's
-    parameters and wraps the optimizer in a :class:`~lightning_grass.offload.LayerwiseOptimizer`, and
-    :meth:`on_active_layers` sets the update (and prefetch) order.
+    At ``setup()`` (fit only) it refuses float16 weights and, when parameters are half precision, wraps the
+    optimizer in an :class:`~lightning_grass.offload.OffloadedOptimizer` that steps fp32 masters. It answers
+    :class:`~lightning_grass.ActiveLayerListener`: :meth:`on_layer_map` adds a
+    :class:`~lightning_grass.offload.TensorStateStore` over the layers' parameters, and
+    :meth:`on_active_layers` tells it which of them the next steps update.
 
-    Lightning moves every optimizer state to the device twice: at the end of ``setup()`` and after loading a
-    checkpoint. Only the second would undo the offload, so only :meth:`load_optimizer_state_dict` is
-    replaced, and both strategies keep their base class's ``setup()``. At setup the optimizer has just been
-    built by ``configure_optimizers``: it holds no state yet, or state its constructor made next to the
-    parameters, which are already on the device. The states are created later, by the first step, or
-    loaded from a checkpoint, and the state store places them from then on.
+    Lightning moves every optimizer state to the device at the end of ``setup()`` and after loading a
+    checkpoint. The first moves nothing: the optimizer has just been built and holds no state yet (or state
+    its constructor made next to the parameters, already on the device), so ``setup()`` stays Lightning's
+    and only adds the wrapping. The second would undo the offload, so :meth:`load_optimizer_state_dict`
+    loads offloaded states straight into the backing tier instead.
     """
 
     def _init_offload(
         self,
         offload: str,
         offload_dir: str | os.PathLike | None,
-        max_resident_layers: int,
+        max_resident_bytes: int | str | None,
         offload_always_on: bool,
+        master_weights: bool,
+        overlap: bool,
     ) -> None:
         if offload not in OFFLOAD_TIERS:
             raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
-        if isinstance(max_resident_layers, bool) or not isinstance(max_resident_layers, int):
-            raise SettingTypeError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
-        if max_resident_layers < 1:
-            raise SettingValueError(f"max_resident_layers={max_resident_layers!r} must be an integer >= 1")
+        for name, value in (
+            ("offload_always_on", offload_always_on),
+            ("master_weights", master_weights),
+            ("overlap", overlap),
+        ):
+            if not isinstance(value, bool):
+                raise SettingTypeError(f"{name}={value!r} must be True or False")
+        budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
+        if budget is not None and offload == "none":
+            raise SettingValueError(
+                f"max_resident_bytes={max_resident_bytes!r} bounds the states an offload tier brings to the device, "
+                "but offload='none' offloads nothing; use offload='cpu' or 'disk'"
+            )
         self.offload = offload
         self.offload_dir = offload_dir
-        self.max_resident_layers = max_resident_layers
+        self.max_resident_bytes = budget
         self.offload_always_on = offload_always_on
-        self._layerwise: LayerwiseOptimizer | None = None
-        self._always_on_group: int | None = None
+        self.master_weights = master_weights
+        self.overlap = overlap
+        self._offloaded: OffloadedOptimizer | None = None
+        self._layer_units: list[list[int]] = []
+        self._always_on_units: list[int] = []
         self._layer_map: LayerMap | None = None
         self._stats: dict[str, float] = {}
         self._noticed_no_callback = False
 
     @property
     def offload_tier(self) -> str:
-        """The tier in use: ``offload`` with ``"auto"`` resolved for the root device."""
+        """The tier in use. ``"auto"`` is ``"cpu"`` on CUDA or with ``max_resident_bytes``, else ``"none"``."""
         if self.offload == "auto":
-            return "cpu" if self.root_device.type == "cuda" else "none"
+            return "cpu" if self.root_device.type == "cuda" or self.max_resident_bytes is not None else "none"
         return self.offload
 
     @property
     def offload_stats(self) -> dict[str, float]:
         """Residency and transfer counters of the offload tier (kept after fit); empty when nothing is offloaded.
 
-        Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state on the device, layers in slots
-        plus always-resident modules), ``resident_layers`` and ``peak_resident_layers``, ``backing_bytes``,
-        ``bytes_to_device``, ``bytes_to_backing``, and ``wait_seconds`` (time the step blocked on transfers).
+        Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state and masters on the device:
+        offloaded tensors being fetched, resident or written back, plus the always-resident ones),
+        ``resident_tensors`` and ``peak_resident_tensors`` (offloaded tensors holding device memory),
+        ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing``, and ``wait_seconds`` (time the step
+        blocked on transfers).
         """
         return dict(self._stats)
 
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            _refuse_float16(self.lightning_module, self.precision_plugin)
+        super().setup(trainer)
+        if fitting:
+            self._wrap_optimizer(None)
+
     def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Group each layer's parameters and wrap the optimizer so its states are offloaded layer by layer."""
+        """Offload the layers' optimizer states (per tensor), and the always-on modules' if asked."""
         self._layer_map = layer_map
-        self._close_store()
         if self.offload_tier == "disk" and self.root_device.type != "cpu" and self.offload_dir is None:
             raise SettingValueError(
                 f"offload='disk' on {self.root_device} needs offload_dir: GPU runs offload gigabytes of state, and "
                 "the system temp folder is often small or held in RAM. Pass offload_dir='/path/on/a/large/disk'"
             )
-        if self.offload_tier == "none" or len(self.optimizers) != 1:
-            return
-        optimizer = self.optimizers[0]
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        groups = [
-            [p for p in layer_map.layer_parameters(i) if id(p) in in_optimizer] for i in range(layer_map.num_layers)
-        ]
-        self._always_on_group = None
-        if self.offload_always_on:
-            grouped = {id(p) for params in groups for p in params}
-            always_on = {
-                id(p): p
-                for name in ALWAYS_ON_GROUPS
-                for p in layer_map.group_parameters(name)
-                if id(p) in in_optimizer and id(p) not in grouped
-            }
-            self._always_on_group = len(groups)
-            groups.append(list(always_on.values()))
-        if self.offload_tier == "disk":
-            tier = DiskTier(self.offload_dir)
-            _check_free_space(tier.directory, groups)
-        else:
-            tier = HostTier(self.root_device)
-        store = LayerStateStore(optimizer, groups, tier, self.max_resident_layers)
-        self._layerwise = LayerwiseOptimizer(optimizer, store)
-        self._stats = store.stats
-        self.optimizers = [self._layerwise]
-        rank_zero_info(
-            f"GRASSStrategy: optimizer states offloaded to {self.offload_tier!r} layer by layer, at most "
-            f"{self.max_resident_layers} layers resident on {self.root_device}"
-        )
+        self._wrap_optimizer(layer_map)
 
     def on_active_layers(self, active_layers: Sequence[int]) -> None:
-        """Update order for the next steps: the active layers ascending, then the always-on group if offloaded."""
-        if self._layerwise is not None:
-            order = list(active_layers)
-            if self._always_on_group is not None:
-                order.append(self._always_on_group)
-            self._layerwise.set_order(order)
+        """The active layers' tensors, then the always-on ones if offloaded, are what the next steps update."""
+        if self._offloaded is not None and self._offloaded.store is not None:
+            units = [unit for layer in active_layers for unit in self._layer_units[layer]]
+            self._offloaded.set_order(units + self._always_on_units)
 
     @override
     def optimizer_step(
@@ -135,30 +139,31 @@ class LayerwiseOffloadMixin:
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        layerwise = self._layerwise
+        offloaded = self._offloaded
         if self._layer_map is None and not self._noticed_no_callback:
             self._noticed_no_callback = True
+            masters = " (half-precision parameters are still stepped on fp32 masters)" if offloaded else ""
             rank_zero_info(
                 f"{type(self).__name__} is used without GRASSCallback: every parameter trains at every step and no "
-                "optimizer state is offloaded, as with Lightning's own strategy"
+                f"optimizer state is offloaded, as with Lightning's own strategy{masters}"
             )
-        if layerwise is None:
+        if offloaded is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        layerwise.prefetch_first()
+        offloaded.prefetch()
         try:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
-            layerwise.store.discard_unused()
-            layerwise.store.set_always_resident_bytes(optimizer_state_bytes(layerwise.optimizer))
-            self._log_stats()
+            if offloaded.store is not None:
+                offloaded.store.set_always_resident_bytes(offloaded.unmanaged_state_bytes())
+                self._log_stats()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        # Strategy.load_optimizer_state_dict moves every state to the device after loading; a layer-wise
+        # Strategy.load_optimizer_state_dict moves every state to the device after loading; the offloaded
         # optimizer loads offloaded states straight into the backing tier instead.
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             optimizer.load_state_dict(state)
-            if not isinstance(optimizer, LayerwiseOptimizer):
+            if not isinstance(optimizer, OffloadedOptimizer):
                 _optimizer_to_device(optimizer, self.root_device)
 
     @override
@@ -166,10 +171,77 @@ class LayerwiseOffloadMixin:
         self._close_store()
         super().teardown()
 
+    def _wrap_optimizer(self, layer_map: LayerMap | None) -> None:
+        """Wrap the user's optimizer for masters and, with a layer map and a tier, for offload; or unwrap it."""
+        self._close_store()
+        if len(self.optimizers) != 1:
+            return
+        inner = self.optimizers[0]
+        if isinstance(inner, OffloadedOptimizer):
+            inner = inner.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        masters = [p for p in params if self.master_weights and needs_master(p)]
+        store = None
+        if layer_map is not None and self.offload_tier != "none":
+            store = self._build_store(inner, layer_map, masters)
+        if store is None and not masters:
+            self._offloaded = None
+            self._stats = {}
+            self.optimizers = [inner]
+            return
+        self._offloaded = OffloadedOptimizer(inner, store, masters)
+        self._stats = store.stats if store is not None else {}
+        self.optimizers = [self._offloaded]
+
+    def _build_store(self, optimizer: Optimizer, layer_map: LayerMap, masters: list[nn.Parameter]) -> TensorStateStore:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        units: list[nn.Parameter] = []
+        self._layer_units = []
+        for index in range(layer_map.num_layers):
+            layer = [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
+            self._layer_units.append(list(range(len(units), len(units) + len(layer))))
+            units += layer
+        self._always_on_units = []
+        if self.offload_always_on:
+            placed = {id(p) for p in units}
+            for name in ALWAYS_ON_GROUPS:
+                for p in layer_map.group_parameters(name):
+                    if id(p) in in_optimizer and id(p) not in placed:
+                        placed.add(id(p))
+                        self._always_on_units.append(len(units))
+                        units.append(p)
+        mastered = {id(p) for p in masters}
+        sizes = [expected_state_bytes(optimizer, p, id(p) in mastered) for p in units]
+        self._check_budget(units, sizes)
+        if self.offload_tier == "disk":
+            tier = DiskTier(self.offload_dir)
+            _check_free_space(tier.directory, sum(sizes))
+        else:
+            tier = HostTier(self.root_device)
+        budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
+        rank_zero_info(
+            f"{type(self).__name__}: optimizer states of {len(units)} tensors offloaded to {self.offload_tier!r} "
+            f"({format_bytes(sum(sizes))} once every layer has been trained); on {self.root_device}: {budget}"
+            + (f"; {len(masters)} half-precision tensors stepped on fp32 masters" if masters else "")
+        )
+        return TensorStateStore(optimizer, units, tier, self.max_resident_bytes, masters, self.overlap)
+
+    def _check_budget(self, units: list[nn.Parameter], sizes: list[int]) -> None:
+        """Refuse a budget that cannot hold the largest offloaded tensor's state, before any step."""
+        if self.max_resident_bytes is None or not units or max(sizes) <= self.max_resident_bytes:
+            return
+        largest = max(range(len(units)), key=sizes.__getitem__)
+        names = {id(p): name for name, p in self.lightning_module.named_parameters()}
+        raise SettingValueError(
+            f"max_resident_bytes={format_bytes(self.max_resident_bytes)} cannot hold the optimizer state of "
+            f"{names.get(id(units[largest]), 'an offloaded tensor')} ({format_bytes(sizes[largest])}, fp32 master "
+            f"included if it has one); raise it to at least {format_bytes(sizes[largest])}, or to twice that so "
+            "that the next tensor's fetch overlaps the update"
+        )
+
     def _close_store(self) -> None:
-        if self._layerwise is not None:
-            self._layerwise.store.close()
-            self._layerwise = None
+        if self._offloaded is not None and self._offloaded.store is not None:
+            self._offloaded.store.close()
 
     def _log_stats(self) -> None:
         trainer = self.lightning_module.trainer
@@ -181,14 +253,34 @@ class LayerwiseOffloadMixin:
             logger.log_metrics(metrics, step=step)
 
 
-def _check_free_space(directory: os.PathLike, groups: list[list[torch.nn.Parameter]]) -> None:
-    """Refuse a disk tier that cannot hold two Adam-sized moments for every offloaded parameter."""
-    needed = 2 * sum(p.numel() * p.element_size() for params in groups for p in params)
+def _refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:
+    """Refuse float16 training before the precision plugin converts the module and before any step.
+
+    Without loss scaling, float16 gradients underflow and the update turns to NaN.
+    """
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if getattr(precision_plugin, "precision", None) == "16-true":
+        half = [name for name, _ in trainable]
+        source = "precision='16-true' converts"
+    else:
+        half = [name for name, p in trainable if p.dtype == torch.float16]
+        source = "the model was loaded with"
+    if half:
+        raise SettingValueError(
+            f"{len(half)} trainable parameters would train in float16 ({source} float16 weights, for example "
+            f"{half[0]!r}). GRASS does not train float16 weights: without loss scaling their gradients underflow "
+            "and the update turns to NaN. Use precision='bf16-true' (or load the model with dtype='bfloat16'), or "
+            "precision='16-mixed' with float32 weights"
+        )
+
+
+def _check_free_space(directory: os.PathLike, needed: int) -> None:
+    """Refuse a disk tier that cannot hold every offloaded tensor's optimizer state."""
     free = shutil.disk_usage(directory).free
     if free < needed:
         shutil.rmtree(directory, ignore_errors=True)
         raise SettingValueError(
             f"offload_dir={str(Path(directory).parent)!r} has {free / 2**30:.2f} GiB free, but the layers' optimizer "
-            f"states need about {needed / 2**30:.2f} GiB (two moments per parameter); free space or choose "
+            f"states need about {needed / 2**30:.2f} GiB once every layer has been trained; free space or choose "
             "another offload_dir"
         )

@@ -24,7 +24,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     # A float32 softmax over 8 layers: each entry within a few roundings, and a sum of 8 terms.
     assert grass.probabilities.sum().item() == pytest.approx(1.0, rel=fp32_sum_rtol(8, extra_operations=8))
     assert [record["step"] for record in grass.history] == [5, 15, 25, 35]
-    assert namespace["trainer"].strategy.offload_stats["peak_resident_layers"] <= 2
+    stats = namespace["trainer"].strategy.offload_stats
+    assert stats["bytes_to_backing"] > 0, "layers that left the active set had their states written to disk"
     assert (tmp_path / "importance.png").stat().st_size > 0
     assert (tmp_path / "selection.png").stat().st_size > 0
 

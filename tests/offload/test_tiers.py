@@ -27,11 +27,11 @@ def test_round_trip_is_bit_exact_for_every_dtype(tmp_path, make_tier):
     tier.close()
 
 
-def test_disk_tier_writes_one_file_per_group_and_deletes_them_on_close(tmp_path):
+def test_disk_tier_writes_one_file_per_unit_and_deletes_them_on_close(tmp_path):
     tier = DiskTier(tmp_path)
     tier.write(0, TENSORS[:1]).wait()
     tier.write(1, TENSORS[1:]).wait()
-    assert sorted(p.name for p in tier.directory.iterdir()) == ["group_0000.bin", "group_0001.bin"]
+    assert sorted(p.name for p in tier.directory.iterdir()) == ["state_00000.bin", "state_00001.bin"]
     assert tier.directory.parent == tmp_path
     tier.close()
     assert not tier.directory.exists()

@@ -25,6 +25,7 @@ parser.add_argument("--batch-size", type=int, default=2)
 parser.add_argument("--samples", type=int, default=16)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--offload", default="none")
+parser.add_argument("--max-resident-bytes", default=None)
 parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step on one process")
 args = parser.parse_args()
 
@@ -32,9 +33,14 @@ module = TinyCausalLM(weight_decay=0.1)
 callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
 offload_dir = args.out / "offload"
 if args.devices > 1:
-    strategy = GRASSDDPStrategy(offload=args.offload, offload_dir=offload_dir, process_group_backend="gloo")
+    strategy = GRASSDDPStrategy(
+        offload=args.offload,
+        offload_dir=offload_dir,
+        max_resident_bytes=args.max_resident_bytes,
+        process_group_backend="gloo",
+    )
 else:
-    strategy = GRASSStrategy(offload=args.offload, offload_dir=offload_dir)
+    strategy = GRASSStrategy(offload=args.offload, offload_dir=offload_dir, max_resident_bytes=args.max_resident_bytes)
 trainer = pl.Trainer(
     accelerator="cpu",
     devices=args.devices,
@@ -68,5 +74,6 @@ result = {
     "importance": callback.importance,
     "stats": trainer.strategy.offload_stats,
     "layer_numel": [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
+    "always_on_numel": [p.numel() for name, p in module.named_parameters() if "layers." not in name],
 }
 torch.save(result, args.out / f"rank{trainer.global_rank}.pt")

@@ -27,8 +27,10 @@ def run(out, *args):
 
 
 def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_global_batch(tmp_path):
-    rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", "--offload=disk")
-    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=2", "--accumulate=2", "--offload=disk")
+    # 48 KiB holds one layer's AdamW state (about 73 KiB) only in part: the active layers' tensors stream.
+    offload = ["--offload=disk", "--max-resident-bytes=48KiB"]
+    rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", *offload)
+    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=2", "--accumulate=2", *offload)
 
     assert len(rank0["history"]) == 4, "probe end at step 2, then resamples at 4, 6 and 8"
     assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
@@ -47,7 +49,8 @@ def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_glo
     layer_numel = max(rank0["layer_numel"])
     rtol = fp32_sum_rtol(layer_numel + len(rank0["history"]), extra_operations=12)
     assert torch.allclose(rank0["importance"], single["importance"], rtol=rtol, atol=0)
-    assert rank0["stats"]["peak_resident_layers"] <= 2 and rank0["stats"]["bytes_to_device"] > 0
+    always_on = sum(8 * n + 4 for n in rank0["always_on_numel"])
+    assert rank0["stats"]["peak_resident_bytes"] <= 48 * 2**10 + always_on and rank0["stats"]["bytes_to_device"] > 0
 
 
 def test_registered_names():

@@ -1,5 +1,6 @@
 """GRASSStrategy inside a Trainer: names, devices, tiers, bit-identity, residency, checkpoints, config routes."""
 
+import copy
 import csv
 import logging
 
@@ -13,7 +14,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 import lightning_grass
 from lightning_grass import GRASSCallback, GRASSStrategy
-from lightning_grass.offload import LayerwiseOptimizer
+from lightning_grass.offload import OffloadedOptimizer
 
 
 def fit(strategy, max_steps=8, callback=None, module=None, **kwargs):
@@ -27,6 +28,15 @@ def fit(strategy, max_steps=8, callback=None, module=None, **kwargs):
 
 def same_weights(a, b):
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def adamw_state_bytes(params):
+    """Exp_avg, exp_avg_sq (float32) and the float32 step counter of each parameter."""
+    return sum(8 * p.numel() + 4 for p in params)
+
+
+LAYER_STATE_BYTES = adamw_state_bytes(TinyCausalLM().model.model.layers[0].parameters())
+ALWAYS_ON_STATE_BYTES = adamw_state_bytes(p for name, p in TinyCausalLM().named_parameters() if "layers." not in name)
 
 
 @pytest.mark.parametrize(
@@ -62,8 +72,11 @@ def test_root_device_follows_the_devices_lightning_selects():
     ("kwargs", "error", "message"),
     [
         (dict(offload="nvme"), ValueError, r"offload='nvme' is not supported; use one of \('auto', 'none', 'cpu'"),
-        (dict(max_resident_layers=0), ValueError, "max_resident_layers=0 must be an integer >= 1"),
-        (dict(max_resident_layers=1.5), TypeError, "max_resident_layers=1.5 must be an integer >= 1"),
+        (dict(max_resident_bytes=0), ValueError, "max_resident_bytes=0 must be at least one byte"),
+        (dict(max_resident_bytes="12 parsecs"), ValueError, r"max_resident_bytes='12 parsecs' is not a byte size"),
+        (dict(max_resident_bytes=1.5), TypeError, r"max_resident_bytes=1.5 must be a number of bytes or a string"),
+        (dict(offload="none", max_resident_bytes="1GiB"), ValueError, r"but offload='none' offloads nothing"),
+        (dict(master_weights="yes"), TypeError, r"master_weights='yes' must be True or False"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, message):
@@ -87,29 +100,62 @@ def test_no_offload_keeps_states_of_deactivated_layers_unlike_a_plain_strategy()
     assert len(dropped.optimizers[0].state) < all_layers
 
 
-def test_disk_tier_residency_bound_and_files(tmp_path):
+def test_a_budget_bounds_the_offloaded_states_on_the_device_and_the_tier_keeps_one_file_per_tensor(tmp_path):
     seen = []
 
     class WatchFiles(Callback):
         def on_train_batch_end(self, trainer, *args):
             seen.append(sorted(p.name for p in tmp_path.glob("grass-offload-*/*.bin")))
 
+    budget = 2 * LAYER_STATE_BYTES  # three active layers per step do not fit: their tensors stream
     callback = GRASSCallback(mode="lisa", n_active=3, sample_every=1, seed=0)
-    strategy = GRASSStrategy(offload="disk", offload_dir=tmp_path, max_resident_layers=2)
-    _, trainer = fit(strategy, callback=callback, extra_callbacks=[WatchFiles()])
+    strategy = GRASSStrategy(offload="disk", offload_dir=tmp_path, max_resident_bytes=budget)
+    reference, _ = fit(
+        GRASSStrategy(offload="none"), callback=GRASSCallback(mode="lisa", n_active=3, sample_every=1, seed=0)
+    )
+    module, trainer = fit(strategy, callback=callback, extra_callbacks=[WatchFiles()])
     stats = trainer.strategy.offload_stats
-    assert stats["peak_resident_layers"] == 2, "three active layers per step, never more than two resident"
-    assert stats["resident_layers"] == 0
-    assert stats["bytes_to_backing"] >= stats["backing_bytes"] > 0
-    assert len(seen[-1]) == 4, "every layer has been active and has a state file"
+    assert same_weights(reference, module)
+    assert 0 < stats["peak_resident_bytes"] <= budget + ALWAYS_ON_STATE_BYTES
+    assert stats["resident_tensors"] == 0, "after fit every write-back has finished"
+    assert len(seen[-1]) == 4 * 9, "every layer's 9 tensors have been active and have a state file"
     assert list(tmp_path.iterdir()) == [], "teardown deleted the run's folder"
 
 
+def test_a_budget_smaller_than_one_tensor_is_refused_before_training():
+    module = TinyCausalLM()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"max_resident_bytes=1000 B cannot hold the optimizer state of model\.model\.layers\.0\.mlp\.gate_proj"
+        r"\.weight \(16\.00 KiB, .*raise it to at least 16\.00 KiB, or to twice that",
+    ):
+        fit(GRASSStrategy(offload="cpu", max_resident_bytes=1000), module=module)
+    assert all(torch.equal(before[name], p) for name, p in module.state_dict().items())
+
+
+def test_active_layers_stay_resident_for_their_window_and_move_only_at_resamples():
+    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=3, seed=1)
+    _, trainer = fit(GRASSStrategy(offload="cpu"), max_steps=15, callback=callback)
+    windows = [record["active_layers"] for record in callback.history]
+    fetched = 0
+    for index, layers in enumerate(windows[1:-1], start=1):  # the last draw, at the last step, never trains
+        seen_before = {layer for window in windows[: index - 1] for layer in window}
+        fetched += len([layer for layer in layers if layer not in windows[index - 1] and layer in seen_before])
+    stats = trainer.strategy.offload_stats
+    assert len(windows) == 6 and fetched > 0, "some layers came back after a window away"
+    assert stats["bytes_to_device"] == fetched * LAYER_STATE_BYTES
+
+
 def test_offload_always_on_moves_embedding_and_head_states_off_the_device(tmp_path):
-    _, resident = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path))
-    _, offloaded = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path, offload_always_on=True))
-    assert offloaded.strategy.offload_stats["resident_bytes"] == 0
-    assert resident.strategy.offload_stats["resident_bytes"] > 0
+    budget = "64KiB"  # less than the active layers and the always-on modules need: everything offloaded streams
+    _, resident = fit(GRASSStrategy(offload="disk", offload_dir=tmp_path, max_resident_bytes=budget))
+    strategy = GRASSStrategy(offload="disk", offload_dir=tmp_path, max_resident_bytes=budget, offload_always_on=True)
+    module, offloaded = fit(strategy)
+    assert module.model.lm_head.weight not in offloaded.optimizers[0].state
+    assert any(p is module.model.lm_head.weight for p in offloaded.strategy._offloaded.store.params)
+    assert resident.optimizers[0].state, "without offload_always_on the head's state stays resident"
+    assert offloaded.strategy.offload_stats["peak_resident_bytes"] <= 64 * 2**10
 
 
 def test_strategy_without_the_callback_trains_like_single_device():
@@ -119,7 +165,7 @@ def test_strategy_without_the_callback_trains_like_single_device():
     trainer = make_trainer(max_steps=4, strategy="grass_offload_disk")
     trainer.fit(module, token_batches())
     assert same_weights(plain_module, module)
-    assert not isinstance(trainer.optimizers[0], LayerwiseOptimizer)
+    assert not isinstance(trainer.optimizers[0], OffloadedOptimizer)
 
 
 def test_offload_stats_are_logged(tmp_path):
@@ -175,7 +221,7 @@ def test_a_step_the_grad_scaler_skips_leaves_offloaded_states_untouched(tmp_path
 
     class Snapshot(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            snapshots[("before", trainer.global_step)] = trainer.optimizers[0].state_dict()
+            snapshots[("before", trainer.global_step)] = copy.deepcopy(trainer.optimizers[0].state_dict())
 
         def on_after_backward(self, trainer, pl_module):
             if trainer.global_step == 4:
@@ -184,7 +230,7 @@ def test_a_step_the_grad_scaler_skips_leaves_offloaded_states_untouched(tmp_path
                 )
 
         def on_train_batch_end(self, trainer, *args):
-            snapshots[("after", trainer.global_step)] = trainer.optimizers[0].state_dict()
+            snapshots[("after", trainer.global_step)] = copy.deepcopy(trainer.optimizers[0].state_dict())
 
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     callback = GRASSCallback(mode="fixed", fixed_layers=[0, 2])
@@ -206,11 +252,11 @@ def test_hydra_target_instantiates_the_strategy(tmp_path):
             "_target_": "lightning_grass.GRASSStrategy",
             "offload": "disk",
             "offload_dir": str(tmp_path),
-            "max_resident_layers": 3,
+            "max_resident_bytes": "2MiB",
         }
     )
     assert isinstance(strategy, GRASSStrategy)
-    assert (strategy.offload, strategy.max_resident_layers) == ("disk", 3)
+    assert (strategy.offload, strategy.max_resident_bytes) == ("disk", 2 * 2**20)
     fit(strategy, max_steps=2)
 
 
@@ -221,7 +267,7 @@ def test_hydra_target_instantiates_the_strategy(tmp_path):
         [
             "--trainer.strategy.class_path=lightning_grass.GRASSStrategy",
             "--trainer.strategy.init_args.offload=disk",
-            "--trainer.strategy.init_args.max_resident_layers=3",
+            "--trainer.strategy.init_args.max_resident_bytes=2MiB",
         ],
     ],
     ids=["registered-name", "class_path"],
@@ -232,7 +278,7 @@ def test_lightning_cli_builds_the_strategy(strategy_args):
     cli = LightningCLI(TinyCausalLM, run=False, args=["--trainer.accelerator=cpu", *strategy_args])
     assert isinstance(cli.trainer.strategy, GRASSStrategy)
     if "class_path" in strategy_args[0]:
-        assert (cli.trainer.strategy.offload, cli.trainer.strategy.max_resident_layers) == ("disk", 3)
+        assert (cli.trainer.strategy.offload, cli.trainer.strategy.max_resident_bytes) == ("disk", 2 * 2**20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: pinned-host and disk tiers on CUDA")
@@ -251,7 +297,7 @@ def test_cuda_tiers_are_bit_identical_to_no_offload(tmp_path, offload):
     assert trainer.strategy.root_device.type == "cuda"
     assert same_weights(reference, module)
     stats = trainer.strategy.offload_stats
-    assert stats["peak_resident_layers"] <= 2 and stats["bytes_to_device"] > 0
+    assert stats["bytes_to_device"] > 0
 
 
 def test_package_exports():

@@ -1,0 +1,415 @@
+"""``TensorStateStore``: which parameters' optimizer states sit on the device, and moving them to and from a tier."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_grass.offload.master_weights import MASTER_KEY
+from lightning_grass.offload.state_bytes import expected_state_bytes
+from lightning_grass.offload.transfer import TensorSpec, Transfer
+
+
+class BackingTier(Protocol):
+    """Where offloaded states live: :class:`~lightning_grass.offload.HostTier` or ``DiskTier``."""
+
+    def write(self, unit: int, tensors: list[Tensor]) -> Transfer:
+        """Start copying ``tensors`` to the backing copy of ``unit``."""
+
+    def read(self, unit: int, specs: list[TensorSpec]) -> tuple[list[Tensor], Transfer]:
+        """Allocate resident tensors for ``specs`` and start filling them from ``unit``'s backing copy."""
+
+    def read_to_cpu(self, unit: int) -> list[Tensor]:
+        """``unit``'s backing tensors on the CPU."""
+
+    def backing_bytes(self) -> int:
+        """Bytes held in the tier."""
+
+    def close(self) -> None:
+        """Finish transfers and free the tier."""
+
+
+@dataclass
+class _Layout:
+    """How one parameter's state is laid out: ``(key, spec)`` per tensor, and the non-tensor values."""
+
+    tensors: list[tuple[str, TensorSpec]] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for _, spec in self.tensors)
+
+
+@dataclass
+class _Entry:
+    """A parameter whose state occupies device memory: being fetched, resident, or being written back."""
+
+    tensors: list[Tensor]
+    transfer: Transfer
+    nbytes: int
+    status: str  # "fetching", "resident" or "writing"
+    dirty: bool = False
+
+
+class TensorStateStore:
+    """Keeps offloaded parameters' optimizer states (fp32 masters included) in a backing tier.
+
+    The unit of residency is one parameter tensor. Its state is *resident* while it sits in
+    ``optimizer.state`` on the device; otherwise it lives in the backing tier. An entry takes its bytes from
+    the moment its fetch starts until its write-back has finished, and ``max_resident_bytes`` bounds the sum
+    at every instant, transfers in flight included. A parameter that has no state yet reserves the bytes its
+    state will take (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`).
+
+    Two regimes, chosen at every step from the *active* parameters (those the next steps update):
+
+    - **Keep**: their states fit in the budget together (always, without a budget). They stay resident
+      between steps, and move only when the active set changes (:meth:`set_active` writes back the ones
+      that leave). All of them are fetched when the step is entered, overlapping forward and backward.
+    - **Stream**: they do not fit. Each is fetched just before its update and written back just after,
+      while the next one is fetched: the next fetch overlaps the current update, and with room for three
+      entries the write-back overlaps it too.
+
+    Args:
+        optimizer: The optimizer whose ``state`` holds resident states.
+        params: The offloaded parameters; a unit is an index into this list.
+        tier: The backing tier.
+        max_resident_bytes: The budget; ``None`` bounds nothing (every active state stays resident).
+        master_params: Parameters whose optimizer steps an fp32 master (their floating state is fp32).
+        overlap: Overlap transfers with compute. ``False`` copies synchronously: no prefetch, and every
+            write-back is waited for at once. It exists to measure what overlap buys.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        params: Sequence[nn.Parameter],
+        tier: BackingTier,
+        max_resident_bytes: int | None = None,
+        master_params: Iterable[nn.Parameter] = (),
+        overlap: bool = True,
+    ) -> None:
+        self.optimizer = optimizer
+        self.params = list(params)
+        self.tier = tier
+        self.max_resident_bytes = max_resident_bytes
+        self.overlap = overlap
+        self.active: list[int] = list(range(len(self.params)))
+        self._mastered = {id(p) for p in master_params}
+        self._layouts: dict[int, _Layout] = {}
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._writes: deque[int] = deque()
+        self._protected: set[int] = set()
+        self._always_resident_bytes = 0
+        self._closed = False
+        self.stats = {
+            "resident_bytes": 0,
+            "peak_resident_bytes": 0,
+            "resident_tensors": 0,
+            "peak_resident_tensors": 0,
+            "backing_bytes": 0,
+            "bytes_to_device": 0,
+            "bytes_to_backing": 0,
+            "wait_seconds": 0.0,
+        }
+
+    @property
+    def resident_units(self) -> list[int]:
+        """Units holding device memory now (fetching, resident or being written back), oldest use first."""
+        return list(self._entries)
+
+    def unit_bytes(self, unit: int) -> int:
+        """Bytes ``unit``'s state takes on the device: as last seen, or as expected when it has none yet."""
+        layout = self._layouts.get(unit)
+        if layout is not None:
+            return layout.nbytes
+        param = self.params[unit]
+        return expected_state_bytes(self.optimizer, param, id(param) in self._mastered)
+
+    def keeps_resident(self) -> bool:
+        """Whether the active units' states fit in the budget together (the keep regime)."""
+        if self.max_resident_bytes is None:
+            return True
+        return sum(self.unit_bytes(u) for u in self.active) <= self.max_resident_bytes
+
+    def set_active(self, units: Sequence[int]) -> None:
+        """The units the next steps update, in update order; resident units outside it are written back."""
+        self.active = list(units)
+        keep = set(units)
+        for unit in [u for u, entry in self._entries.items() if u not in keep and entry.status != "writing"]:
+            self._evict(unit)
+
+    def prefetch_active(self) -> None:
+        """Start fetching what the next step needs first: every active unit when they stay resident, else the first."""
+        self._reap()
+        units = self.active if self.keeps_resident() else self.active[:1]
+        for unit in units:
+            self.prefetch(unit)
+
+    def begin_step(self, plan: Sequence[int]) -> None:
+        """The units this step updates, in order: none of them is evicted to make room before its update."""
+        self._protected = set(plan)
+
+    def end_step(self) -> None:
+        """Free what the step fetched but did not use (stream regime), and entries whose write-back is done."""
+        self._protected.clear()
+        if not self.keeps_resident():
+            for unit in [u for u, entry in self._entries.items() if entry.status != "writing"]:
+                self._evict(unit)
+        self._reap()
+
+    def prefetch(self, unit: int) -> None:
+        """Start fetching ``unit``'s state if it has one in the tier and the budget has room.
+
+        Waits for write-backs to finish, and writes back resident states that this step does not need, to
+        make room; does nothing when only states the step still needs fill the budget.
+        """
+        if not self.overlap or unit in self._entries:
+            return
+        layout = self._layouts.get(unit)
+        if layout is None or not layout.tensors or not self._make_room(layout.nbytes, exclude=unit):
+            return
+        self._start_fetch(unit, layout)
+
+    def acquire(self, unit: int) -> None:
+        """Make ``unit``'s state resident in ``optimizer.state``, fetching it now if no prefetch did.
+
+        Raises:
+            RuntimeError: If the budget cannot hold it next to the states this step still needs.
+        """
+        entry = self._entries.get(unit)
+        if entry is not None and entry.status == "writing":
+            self._wait(entry.transfer)
+            self._drop(unit)
+            entry = None
+        if entry is None:
+            layout = self._layouts.get(unit)
+            if not self._make_room(self.unit_bytes(unit), exclude=unit):
+                raise RuntimeError(
+                    f"max_resident_bytes={self.max_resident_bytes} cannot hold the state of offloaded tensor {unit} "
+                    f"({self.unit_bytes(unit)} bytes) next to the {len(self._entries)} this step still needs"
+                )
+            if layout is not None and layout.tensors:
+                self._start_fetch(unit, layout)
+            else:
+                self._entries[unit] = _Entry([], Transfer(), self.unit_bytes(unit), "fetching")
+            entry = self._entries[unit]
+        if entry.status == "fetching":
+            self._wait(entry.transfer)
+            layout = self._layouts.get(unit)
+            if layout is not None:
+                self._install(unit, layout, entry.tensors)
+            entry.status = "resident"
+        self._entries.move_to_end(unit)
+        self._note_residency()
+
+    def release(self, unit: int, written: bool) -> None:
+        """``unit``'s update is done: keep its state resident (keep regime, within budget) or write it back.
+
+        Args:
+            unit: A unit that was acquired.
+            written: Whether the optimizer updated the state since :meth:`acquire`; an unchanged state whose
+                backing copy is current is dropped without a write-back.
+        """
+        entry = self._entries[unit]
+        entry.dirty = entry.dirty or written
+        entry.nbytes = sum(t.numel() * t.element_size() for t in self._state_tensors(unit))
+        self._protected.discard(unit)
+        within_budget = self.max_resident_bytes is None or self._entry_bytes() <= self.max_resident_bytes
+        if self.keeps_resident() and within_budget:
+            self._note_residency()
+        else:
+            self._evict(unit)
+
+    def flush(self) -> None:
+        """Wait for every write-back in flight."""
+        while self._finish_oldest_write():
+            pass
+
+    def set_always_resident_bytes(self, nbytes: int) -> None:
+        """Bytes of optimizer state outside any unit (always resident), counted in the residency stats."""
+        self._always_resident_bytes = nbytes
+        self._note_residency()
+
+    def backed_state(self) -> dict[nn.Parameter, dict[str, Any]]:
+        """Every non-resident unit's state as CPU tensors, after pending writes, for checkpoints.
+
+        Raises:
+            RuntimeError: If the store was closed (the backing tier is gone) while it held states.
+        """
+        if self._closed and self._layouts:
+            raise RuntimeError(
+                "the offloaded optimizer states were freed when training ended (strategy teardown), so a full "
+                "optimizer state can no longer be saved; save checkpoints during fit, e.g. with ModelCheckpoint"
+            )
+        self.flush()
+        states: dict[nn.Parameter, dict[str, Any]] = {}
+        for unit, layout in self._layouts.items():
+            entry = self._entries.get(unit)
+            if entry is not None and entry.status == "resident":
+                continue  # its state is in optimizer.state, and the backing copy may be older
+            state = dict(layout.values)
+            for (key, _), tensor in zip(layout.tensors, self.tier.read_to_cpu(unit), strict=True):
+                state[key] = tensor
+            states[self.params[unit]] = state
+        return states
+
+    def load_backed_state(self, unit: int, state: dict[str, Any] | None) -> None:
+        """Write a checkpointed state of ``unit`` into the backing tier, on the CPU as given.
+
+        Each tensor takes the dtype and device recorded here (torch's loading policy, with fp32 for the
+        floating state of a parameter that has a master) when the unit is next acquired.
+        """
+        layout = _Layout()
+        tensors: list[Tensor] = []
+        for key, value in sorted((state or {}).items()):
+            if isinstance(value, Tensor):
+                spec = self._resident_spec(self.params[unit], key, value)
+                layout.tensors.append((key, spec))
+                tensors.append(value.detach().to(dtype=spec.dtype))
+            else:
+                layout.values[key] = value
+        if not layout.tensors and not layout.values:
+            return
+        self._layouts[unit] = layout
+        self._wait(self.tier.write(unit, tensors))
+        self.stats["backing_bytes"] = self.tier.backing_bytes()
+
+    def close(self) -> None:
+        """Finish transfers and free the backing tier."""
+        self.flush()
+        self.tier.close()
+        self._closed = True
+
+    def _start_fetch(self, unit: int, layout: _Layout) -> None:
+        tensors, transfer = self.tier.read(unit, [spec for _, spec in layout.tensors])
+        self._entries[unit] = _Entry(tensors, transfer, layout.nbytes, "fetching")
+        self.stats["bytes_to_device"] += layout.nbytes
+        self._note_residency()
+
+    def _install(self, unit: int, layout: _Layout, tensors: list[Tensor]) -> None:
+        state = self.optimizer.state[self.params[unit]]
+        for (key, _), tensor in zip(layout.tensors, tensors, strict=True):
+            state[key] = tensor
+        state.update(layout.values)
+
+    def _state_tensors(self, unit: int) -> list[Tensor]:
+        state = self.optimizer.state.get(self.params[unit], {})
+        return [value for value in state.values() if isinstance(value, Tensor)]
+
+    def _evict(self, unit: int) -> None:
+        """Take ``unit``'s state out of ``optimizer.state`` and start its write-back (or drop an unchanged one)."""
+        entry = self._entries[unit]
+        if entry.status == "fetching":
+            self._wait(entry.transfer)
+            self._drop(unit)
+            return
+        tensors, layout = self._collect(unit)
+        if layout is None or (not entry.dirty and self._layouts.get(unit) == layout):
+            self._drop(unit)
+            return
+        self._layouts[unit] = layout
+        self._entries.pop(unit)
+        self._entries[unit] = _Entry(tensors, self.tier.write(unit, tensors), layout.nbytes, "writing")
+        self._writes.append(unit)
+        self.stats["bytes_to_backing"] += layout.nbytes
+        self.stats["backing_bytes"] = self.tier.backing_bytes()
+        self._note_residency()
+        if not self.overlap:
+            self._finish_oldest_write()
+
+    def _collect(self, unit: int) -> tuple[list[Tensor], _Layout | None]:
+        """Pop ``unit``'s state out of ``optimizer.state``."""
+        state = self.optimizer.state.pop(self.params[unit], None)
+        layout = _Layout()
+        tensors: list[Tensor] = []
+        for key, value in sorted((state or {}).items()):
+            if isinstance(value, Tensor):
+                layout.tensors.append((key, TensorSpec.of(value)))
+                tensors.append(value)
+            else:
+                layout.values[key] = value
+        if not layout.tensors and not layout.values:
+            return [], None
+        return tensors, layout
+
+    def _make_room(self, nbytes: int, exclude: int) -> bool:
+        """Finish write-backs, then write back idle resident states, until ``nbytes`` more fit in the budget."""
+        if self.max_resident_bytes is None:
+            return True
+        while self._entry_bytes() + nbytes > self.max_resident_bytes:
+            if self._finish_oldest_write():
+                continue
+            idle = [
+                u
+                for u, entry in self._entries.items()
+                if entry.status == "resident" and u != exclude and u not in self._protected
+            ]
+            if not idle:
+                return False
+            self._evict(idle[0])
+        return True
+
+    def _finish_oldest_write(self) -> bool:
+        while self._writes:
+            unit = self._writes.popleft()
+            entry = self._entries.get(unit)
+            if entry is not None and entry.status == "writing":
+                self._wait(entry.transfer)
+                self._drop(unit)
+                return True
+        return False
+
+    def _reap(self) -> None:
+        """Free the entries whose write-back has finished, without waiting."""
+        for unit in [u for u, e in self._entries.items() if e.status == "writing" and e.transfer.done()]:
+            self._entries[unit].transfer.wait()
+            self._drop(unit)
+
+    def _drop(self, unit: int) -> None:
+        self._entries.pop(unit, None)
+        if unit in self._writes:
+            self._writes.remove(unit)
+        self._note_residency()
+
+    def _wait(self, transfer: Transfer) -> None:
+        if transfer.done():
+            transfer.wait()
+            return
+        start = time.perf_counter()
+        transfer.wait()
+        self.stats["wait_seconds"] += time.perf_counter() - start
+
+    def _entry_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    def _note_residency(self) -> None:
+        nbytes = self._always_resident_bytes + self._entry_bytes()
+        stats = self.stats
+        stats["resident_bytes"] = nbytes
+        stats["resident_tensors"] = len(self._entries)
+        stats["peak_resident_bytes"] = max(stats["peak_resident_bytes"], nbytes)
+        stats["peak_resident_tensors"] = max(stats["peak_resident_tensors"], len(self._entries))
+
+    def _resident_spec(self, param: nn.Parameter, key: str, value: Tensor) -> TensorSpec:
+        """Dtype and device a checkpointed state tensor takes when resident, following torch's loading policy.
+
+        ``step`` counters stay float32 on the CPU unless the optimizer is fused or capturable. Other floating
+        point states take the parameter's dtype and device, or float32 for a parameter with an fp32 master
+        (whose moments are the master's).
+        """
+        group = next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
+        if key == "step":
+            on_device = group.get("fused") or group.get("capturable")
+            return TensorSpec(tuple(value.shape), torch.float32, param.device if on_device else torch.device("cpu"))
+        if not value.is_floating_point():
+            return TensorSpec(tuple(value.shape), value.dtype, param.device)
+        mastered = id(param) in self._mastered or key == MASTER_KEY
+        return TensorSpec(tuple(value.shape), torch.float32 if mastered else param.dtype, param.device)
