@@ -20,6 +20,9 @@ from lightning_grass.errors import MissingPathError, SettingValueError
 
 IGNORE_INDEX = -100
 
+#: The weight dtypes ``CausalLMModule(dtype=...)`` accepts.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class CausalLMModule(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM with AdamW, linear warm-up and cosine decay.
@@ -48,6 +51,10 @@ class CausalLMModule(pl.LightningModule):
         eval_examples: How many validation examples are generated for exact match at each validation.
         lora: ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``, ...) to train LoRA
             adapters instead of the model's own weights; ``None`` trains the weights.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the weights are loaded or built in.
+            ``None`` (default) keeps a checkpoint's own dtype, and builds a config's model in float32. A
+            bfloat16 checkpoint then trains in bfloat16 under any precision, and ``GRASSStrategy`` steps it on
+            fp32 master weights.
     """
 
     def __init__(
@@ -64,10 +71,13 @@ class CausalLMModule(pl.LightningModule):
         max_new_tokens: int = 48,
         eval_examples: int = 64,
         lora: dict[str, Any] | None = None,
+        dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = None
+        if dtype is not None and dtype not in DTYPES:
+            raise SettingValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)} or null")
         if pretrained_path is not None:
             path = Path(pretrained_path)
             if not (path / "config.json").is_file():
@@ -75,14 +85,18 @@ class CausalLMModule(pl.LightningModule):
                     f"pretrained_path={str(path)!r} has no config.json: point it at a directory written by "
                     "save_pretrained (models are never downloaded)"
                 )
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=DTYPES[dtype] if dtype else "auto"
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         elif config is not None:
             settings = dict(config)
             model_type = settings.pop("model_type", None)
             if model_type is None:
                 raise SettingValueError(f"config={config!r} needs a 'model_type' such as 'llama'")
-            self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+            self.model = AutoModelForCausalLM.from_config(
+                AutoConfig.for_model(model_type, **settings), dtype=DTYPES[dtype or "float32"]
+            )
         else:
             raise SettingValueError("CausalLMModule needs pretrained_path (a local directory) or config (a dict)")
         if gradient_checkpointing:

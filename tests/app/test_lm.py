@@ -3,10 +3,14 @@ import math
 import pytest
 import torch
 from conftest import MODULE_CONFIG as CONFIG
+from conftest import make_trainer
 from tolerances import FP32_UNIT_ROUNDOFF, fp32_sum_rtol
 from torch.nn import functional
+from torch.utils.data import DataLoader
 
+from lightning_grass import GRASSStrategy
 from lightning_grass.app.lm import CausalLMModule, warmup_cosine
+from lightning_grass.offload import MASTER_KEY
 
 # The model's loss and a hand-written cross-entropy reduce the same float32 logits with different kernels: a
 # log-sum-exp over the vocabulary (an absolute error of at most (V + 2) u in the log, so a relative one as
@@ -100,3 +104,27 @@ def test_missing_model_directory_says_what_is_expected(tmp_path):
         CausalLMModule(pretrained_path=tmp_path / "nothing")
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         CausalLMModule(config={"num_hidden_layers": 2})
+
+
+def test_dtype_keeps_a_checkpoints_own_or_casts_to_the_one_asked_for(tmp_path, tiny_pretrained_dir):
+    CausalLMModule(pretrained_path=tiny_pretrained_dir, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    assert CausalLMModule(pretrained_path=tmp_path / "bf16").model.dtype == torch.bfloat16
+    assert CausalLMModule(pretrained_path=tmp_path / "bf16", dtype="float32").model.dtype == torch.float32
+    assert CausalLMModule(config=CONFIG).model.dtype == torch.float32
+    assert CausalLMModule(config=CONFIG, dtype="bfloat16").model.dtype == torch.bfloat16
+    with pytest.raises(
+        ValueError, match=r"dtype='fp8' is not supported; use one of \['bfloat16', 'float16', 'float32'"
+    ):
+        CausalLMModule(config=CONFIG, dtype="fp8")
+
+
+def test_a_bf16_checkpoint_trains_on_fp32_masters_under_the_default_precision(tmp_path, tiny_pretrained_dir):
+    CausalLMModule(pretrained_path=tiny_pretrained_dir, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    module = CausalLMModule(pretrained_path=tmp_path / "bf16", warmup_steps=1)
+    ids = torch.randint(1, 40, (4, 10), generator=torch.Generator().manual_seed(0))
+    batches = DataLoader([{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids], 2)
+    trainer = make_trainer(max_steps=2, strategy=GRASSStrategy())
+    trainer.fit(module, train_dataloaders=batches)
+    assert trainer.precision == "32-true"
+    state = trainer.optimizers[0].state
+    assert all(p.dtype == torch.bfloat16 and state[p][MASTER_KEY].dtype == torch.float32 for p in module.parameters())
