@@ -6,6 +6,7 @@ from lightning_grass.callback import GRASSCallback
 from lightning_grass.config import GRASSConfig
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
+from lightning_grass.memory_estimate import MemoryEstimate, estimate_memory
 from lightning_grass.strategies import GRASSDDPStrategy, GRASSStrategy
 
 # Lightning finds strategy names by registration at import time, not through entry points.
@@ -19,6 +20,8 @@ __all__ = [
     "GRASSDDPStrategy",
     "GRASSStrategy",
     "LayerMap",
+    "MemoryEstimate",
     "discover_layers",
+    "estimate_memory",
 ]
 __version__ = "0.1.0"
