@@ -48,10 +48,11 @@ class TinyCausalLM(pl.LightningModule):
         scheduler: bool = False,
         optimizer: str = "adamw",
         seed: int = 0,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.model = LlamaForCausalLM(tiny_llama_config(num_layers))
+        self.model = LlamaForCausalLM(tiny_llama_config(num_layers, attn_implementation=attn_implementation))
         self.lr, self.weight_decay, self.scheduler, self.optimizer_name = (
             lr,
             weight_decay,
