@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
@@ -24,10 +24,18 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     # A float32 softmax over 8 layers: each entry within a few roundings, and a sum of 8 terms.
     assert grass.probabilities.sum().item() == pytest.approx(1.0, rel=fp32_sum_rtol(8, extra_operations=8))
     assert [record["step"] for record in grass.history] == [5, 15, 25, 35]
-    stats = namespace["trainer"].strategy.offload_stats
-    assert stats["bytes_to_backing"] > 0, "layers that left the active set had their states written to disk"
+    trainer = namespace["trainer"]
+    stats = trainer.strategy.offload_stats
+    always_on = trainer.optimizers[0].unmanaged_state_bytes()
+    assert 0 < stats["peak_resident_bytes"] <= 256 * 2**10 + always_on, "the budget held, streaming per tensor"
+    assert stats["bytes_to_backing"] > 0
     assert (tmp_path / "importance.png").stat().st_size > 0
     assert (tmp_path / "selection.png").stat().st_size > 0
+
+    exec(compile(blocks[2], str(README), "exec"), namespace)
+    printed = re.search(r"print\(estimate\)  # (.*) \.\.\. (total .*)$", blocks[2], flags=re.MULTILINE)
+    assert str(namespace["estimate"]).startswith(printed.group(1)), "the comment shows what it prints"
+    assert str(namespace["estimate"]).endswith(printed.group(2))
 
 
 def test_the_layout_section_matches_the_tree():
