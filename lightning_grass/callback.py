@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -195,6 +195,13 @@ class GRASSCallback(Callback):
             f"GRASS: mode={self.config.mode}, {self.config.n_active} of {self.layer_map.num_layers} layers active "
             f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). {states}."
         )
+        half = [p for params in self._layer_params for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+        if half and self._listener is None:
+            rank_zero_warn(
+                f"GRASS: {len(half)} layer parameters are {half[0].dtype} and {type(strategy).__name__} steps them in "
+                "that dtype, where AdamW updates smaller than half a bf16 step are rounded away. "
+                "Trainer(strategy='grass') steps them on fp32 master weights"
+            )
 
     @override
     def on_train_batch_start(

@@ -456,3 +456,10 @@ def test_a_non_finite_layer_gradient_skips_the_step_with_a_warning_and_training_
     assert changed_layers(snapshots[3], module), "training went on after the skipped step"
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert all(math.isfinite(v) for record in callback.history for v in record["importance"])
+
+
+def test_bf16_layers_under_a_strategy_without_masters_get_a_warning():
+    module = TinyCausalLM()
+    callback = GRASSCallback(mode="lisa", seed=0)
+    with pytest.warns(UserWarning, match=r"layer parameters are torch.bfloat16 and SingleDeviceStrategy steps them"):
+        fit(module, callback, max_steps=1, precision="bf16-true")
