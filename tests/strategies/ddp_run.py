@@ -6,11 +6,13 @@ every other rank: ``python tests/strategies/ddp_run.py OUT --devices 2 --batch-s
 """
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -27,8 +29,18 @@ parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--offload", default="none")
 parser.add_argument("--max-resident-bytes", default=None)
 parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step on one process")
+parser.add_argument("--precision", default="32-true")
 args = parser.parse_args()
 
+
+class FinalState(Callback):
+    """The optimizer's full state at the end of training, before the strategy frees its offload tier."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+
+
+final_state = FinalState()
 module = TinyCausalLM(weight_decay=0.1)
 callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
 offload_dir = args.out / "offload"
@@ -46,13 +58,14 @@ trainer = pl.Trainer(
     devices=args.devices,
     strategy=strategy,
     max_steps=args.steps,
-    callbacks=[callback],
+    callbacks=[callback, final_state],
     logger=False,
     enable_checkpointing=False,
     enable_progress_bar=False,
     enable_model_summary=False,
     use_distributed_sampler=False,
     accumulate_grad_batches=args.accumulate,
+    precision=args.precision,
 )
 # The same micro-batches in both set-ups: rank r takes samples r, r + N, r + 2N, ..., and one process that
 # accumulates N micro-batches per step takes, at each step, rank 0's micro-batch, then rank 1's, and so on.
@@ -73,6 +86,7 @@ result = {
     "history": callback.history,
     "importance": callback.importance,
     "stats": trainer.strategy.offload_stats,
+    "optimizer_state": final_state.state,
     "layer_numel": [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
     "always_on_numel": [p.numel() for name, p in module.named_parameters() if "layers." not in name],
 }

@@ -53,6 +53,18 @@ def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_glo
     assert rank0["stats"]["peak_resident_bytes"] <= 48 * 2**10 + always_on and rank0["stats"]["bytes_to_device"] > 0
 
 
+def test_bf16_replicas_step_on_equal_fp32_masters(tmp_path):
+    offload = ["--offload=disk", "--max-resident-bytes=64KiB", "--precision=bf16-true"]
+    rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", *offload)
+    assert rank0["history"] == rank1["history"]
+    for name, weight in rank0["weights"].items():
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, rank1["weights"][name]), name
+    masters = [state["master_weight"] for state in rank0["optimizer_state"].values()]
+    assert masters and all(master.dtype == torch.float32 for master in masters)
+    for index, state in rank0["optimizer_state"].items():
+        assert torch.equal(state["master_weight"], rank1["optimizer_state"][index]["master_weight"]), index
+
+
 def test_registered_names():
     from lightning.pytorch.strategies import StrategyRegistry
 
