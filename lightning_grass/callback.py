@@ -21,7 +21,7 @@ from lightning_grass.gradient_measurement import LayerGradientMeter
 from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
-from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
+from lightning_grass.sampling import effective_layers, sample_layers, sampling_probabilities, uniform_probabilities
 
 
 class GRASSCallback(Callback):
@@ -62,7 +62,12 @@ class GRASSCallback(Callback):
         update_every: T_u, optimizer steps between MGN refreshes; ``None`` means ``sample_every``.
         temperature: tau of the softmax.
         ema: alpha, weight of the newest window in the MGN refresh, in ``(0, 1]``.
-        normalize: ``"mean"``, ``"max"`` or ``"none"``: how MGN is scaled before the softmax.
+        normalize: ``"mean"``, ``"max"``, ``"none"``, ``"rank"`` or ``"log"``: how importance is scaled before
+            the softmax.
+        importance: ``"mgn"`` (the paper's mean gradient norm) or ``"relative"`` (gradient norm over weight
+            norm).
+        target_effective_layers: Choose the temperature at each resample for this effective number of layers.
+        max_probability: Cap on any layer's probability.
         layers: Dotted path of the block container, overriding discovery.
         fixed_layers: Layer indices for ``mode="fixed"``.
         train_embeddings: Keep embeddings (modules before the blocks) trainable.
@@ -79,7 +84,8 @@ class GRASSCallback(Callback):
         probabilities: Sampling distribution on the CPU, sums to 1.
         phase: ``"probe"`` or ``"train"``.
         history: One record per resample or refresh: ``step``, ``active_layers``, ``importance``,
-            ``probabilities``, ``resampled``, ``refreshed``.
+            ``probabilities``, ``resampled``, ``refreshed``, ``effective_layers`` (``exp(entropy(p))``, ``None``
+            in ``fixed`` mode) and ``draw_share`` (each layer's share of every draw so far).
 
     Example::
 
@@ -100,6 +106,9 @@ class GRASSCallback(Callback):
         temperature: float = 1.0,
         ema: float = 0.5,
         normalize: str = "mean",
+        importance: str = "mgn",
+        target_effective_layers: float | None = None,
+        max_probability: float | None = None,
         layers: str | None = None,
         fixed_layers: Sequence[int] | None = None,
         train_embeddings: bool = True,
@@ -117,6 +126,9 @@ class GRASSCallback(Callback):
             temperature=temperature,
             ema=ema,
             normalize=normalize,
+            importance=importance,
+            target_effective_layers=target_effective_layers,
+            max_probability=max_probability,
             layers=layers,
             fixed_layers=fixed_layers,
             train_embeddings=train_embeddings,
@@ -224,7 +236,10 @@ class GRASSCallback(Callback):
             self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=self._optimizer_steps + 1)
         if self._measures_steps:
             step_is_finite = self._meter.step_is_finite(layer_sq, optimizer, scaler)
-            self._mgn.accumulate(layer_sq, self._meter.active_mask, step_is_finite)
+            scale_sq = None
+            if self.config.importance == "relative":
+                scale_sq = self._meter.weight_sq_norms(self.active_layers)
+            self._mgn.accumulate(layer_sq, self._meter.active_mask, step_is_finite, scale_sq)
 
     @override
     def on_train_batch_end(
@@ -320,8 +335,15 @@ class GRASSCallback(Callback):
             self._record(trainer, resampled=resampled, refreshed=refreshed)
 
     def _set_importance(self, importance: Tensor) -> None:
+        config = self.config
         self.importance = importance.cpu()
-        self.probabilities = sampling_probabilities(self.importance, self.config.temperature, self.config.normalize)
+        self.probabilities = sampling_probabilities(
+            self.importance,
+            config.temperature,
+            config.normalize,
+            config.target_effective_layers,
+            config.max_probability,
+        )
 
     def _resample(self, trainer: pl.Trainer) -> None:
         assert self.probabilities is not None
@@ -401,17 +423,33 @@ class GRASSCallback(Callback):
             "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
             "resampled": resampled,
             "refreshed": refreshed,
+            "effective_layers": None if self.probabilities is None else effective_layers(self.probabilities),
         }
         self.history.append(record)
+        record["draw_share"] = _draw_shares(self.history, self.layer_map.num_layers)
         metrics = {}
+        if record["effective_layers"] is not None:
+            metrics["grass/effective_layers"] = record["effective_layers"]
         for layer in range(self.layer_map.num_layers):
             metrics[f"grass/active/layer_{layer:02d}"] = float(layer in self.active_layers)
+            metrics[f"grass/draw_share/layer_{layer:02d}"] = record["draw_share"][layer]
             if record["probabilities"] is not None:
                 metrics[f"grass/probability/layer_{layer:02d}"] = record["probabilities"][layer]
             if record["importance"] is not None:
                 metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._optimizer_steps)
+
+
+def _draw_shares(history: list[dict[str, Any]], num_layers: int) -> list[float]:
+    """Each layer's share of all the layer draws made so far (resamples and the first activation)."""
+    counts = [0] * num_layers
+    for record in history:
+        if record["resampled"]:
+            for layer in record["active_layers"]:
+                counts[layer] += 1
+    total = sum(counts)
+    return [count / total if total else 0.0 for count in counts]
 
 
 def _check_strategy(strategy: Strategy) -> None:

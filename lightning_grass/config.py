@@ -11,6 +11,9 @@ from lightning_grass.sampling import NORMALIZATIONS
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
 MODES = ("grass", "grass_static", "lisa", "fixed")
 
+#: Importance signals: the paper's mean gradient norm, or the gradient norm relative to the weight norm.
+IMPORTANCE_SIGNALS = ("mgn", "relative")
+
 
 @dataclass(frozen=True)
 class GRASSConfig:
@@ -33,7 +36,17 @@ class GRASSConfig:
             important as the average is ``e`` times as likely as an average one.
         ema: alpha, the weight of the newest window in the refresh. Default 0.5: old and new count equally,
             so one noisy window cannot swing the distribution.
-        normalize: How MGN is scaled before the softmax: ``"mean"`` (default), ``"max"`` or ``"none"``.
+        normalize: How importance is scaled before the softmax: ``"mean"`` (default), ``"max"``, ``"none"`` (the
+            paper's formula), ``"rank"`` or ``"log"``; see :func:`~lightning_grass.sampling.normalize_importance`.
+        importance: The per-layer signal. ``"mgn"`` (default) is the paper's mean gradient norm, the per-step
+            gradient RMS of the layer. ``"relative"`` divides each step's gradient norm by the layer's weight
+            norm, so that a layer whose weights are large (often the first, next to the embeddings) does not
+            look important for its scale alone.
+        target_effective_layers: Choose the temperature at each resample so that the effective number of
+            layers, ``exp(entropy(p))``, equals this (between 1 and the number of layers); ``temperature`` is
+            then unused. It keeps ``p`` as spread out as asked however peaked the importance is.
+        max_probability: Cap on any layer's probability (between 1/L and 1); the excess is shared among the
+            other layers in proportion to theirs. ``None`` (default) caps nothing.
         layers: Dotted path of the block container, overriding discovery, e.g. ``"model.model.layers"``.
         fixed_layers: The layer indices to train in ``"fixed"`` mode; ``n_active`` is then their count.
         train_embeddings: Keep the modules before the blocks (token and position embeddings) trainable.
@@ -55,6 +68,9 @@ class GRASSConfig:
     temperature: float = 1.0
     ema: float = 0.5
     normalize: str = "mean"
+    importance: str = "mgn"
+    target_effective_layers: float | None = None
+    max_probability: float | None = None
     layers: str | None = None
     fixed_layers: Sequence[int] | None = None
     train_embeddings: bool = True
@@ -66,6 +82,15 @@ class GRASSConfig:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        _check_choice("importance", self.importance, IMPORTANCE_SIGNALS)
+        if self.target_effective_layers is not None:
+            _check_number("target_effective_layers", self.target_effective_layers, "a number >= 1")
+            if self.target_effective_layers < 1:
+                raise SettingValueError(f"target_effective_layers={self.target_effective_layers!r} must be >= 1")
+        if self.max_probability is not None:
+            _check_number("max_probability", self.max_probability, "a number in (0, 1]")
+            if not 0 < self.max_probability <= 1:
+                raise SettingValueError(f"max_probability={self.max_probability!r} must be in (0, 1]")
         _check_int("probe_steps", self.probe_steps, minimum=1 if self.mode in ("grass", "grass_static") else 0)
         _check_int("sample_every", self.sample_every, minimum=1)
         if self.update_every is not None:
@@ -108,7 +133,8 @@ class GRASSConfig:
         """Validate the settings that depend on the model.
 
         Raises:
-            SettingValueError: If ``n_active`` exceeds ``num_layers``, or a fixed layer is out of range.
+            SettingValueError: If ``n_active`` or ``target_effective_layers`` exceeds ``num_layers``, a fixed layer
+                is out of range, or ``max_probability`` is below ``1 / num_layers``.
         """
         if self.mode == "fixed":
             bad = [i for i in self.fixed_layers or () if i >= num_layers]
@@ -120,6 +146,16 @@ class GRASSConfig:
         elif self.n_active > num_layers:
             raise SettingValueError(
                 f"n_active={self.n_active} must be between 1 and the number of layers ({num_layers})"
+            )
+        if self.target_effective_layers is not None and self.target_effective_layers > num_layers:
+            raise SettingValueError(
+                f"target_effective_layers={self.target_effective_layers} must be between 1 and the number of layers "
+                f"({num_layers})"
+            )
+        if self.max_probability is not None and self.max_probability < 1 / num_layers:
+            raise SettingValueError(
+                f"max_probability={self.max_probability} is below 1/{num_layers}, the uniform probability of the "
+                f"model's {num_layers} layers; no distribution can respect it"
             )
 
     def _check_fixed_layers(self) -> None:
@@ -138,6 +174,11 @@ class GRASSConfig:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise SettingValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+
+
+def _check_number(name: str, value: object, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingTypeError(f"{name}={value!r} must be {allowed}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

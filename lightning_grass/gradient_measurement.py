@@ -58,6 +58,7 @@ class LayerGradientMeter:
         self._measured_params: list[nn.Parameter] = []
         self._measured_groups: list[int] = []
         self._group_index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._weight_index_cache: dict[tuple[int, ...], tuple[list[nn.Parameter], Tensor]] = {}
 
     def set_active(self, active_layers: Sequence[int], probing: bool) -> None:
         """Measure ``active_layers`` from the next step on; while probing with hooks, the hooks measure instead."""
@@ -141,6 +142,21 @@ class LayerGradientMeter:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+
+    def weight_sq_norms(self, layers: Sequence[int]) -> Tensor:
+        """``||w^(l)||^2`` of each of ``layers``' managed parameters, zero for the other layers.
+
+        The scale that ``importance="relative"`` divides the gradient norm by. One batched norm, no host sync.
+        """
+        key = tuple(layers)
+        cached = self._weight_index_cache.get(key)
+        if cached is None:
+            params = [p for layer in layers for p in self._layer_params[layer]]
+            groups = [layer for layer in layers for _ in self._layer_params[layer]]
+            cached = (params, torch.tensor(groups, dtype=torch.long).to(self.device))
+            self._weight_index_cache = {key: cached}
+        params, index = cached
+        return grouped_sq_norms([p.detach() for p in params], index, self.num_layers)
 
     def _group_index(self, present: tuple[int, ...]) -> Tensor:
         """Layer index of the measured parameters that have a gradient, cached so that no step copies it."""

@@ -58,7 +58,9 @@ class MeanGradNorm:
         """Number of layers tracked."""
         return self.layer_numel.numel()
 
-    def accumulate(self, layer_sq_norms: Tensor, measured: Tensor, step_is_finite: Tensor) -> None:
+    def accumulate(
+        self, layer_sq_norms: Tensor, measured: Tensor, step_is_finite: Tensor, scale_sq: Tensor | None = None
+    ) -> None:
         """Add one optimizer step's per-layer gradient RMS to the window.
 
         Args:
@@ -66,9 +68,11 @@ class MeanGradNorm:
             measured: Boolean mask of the layers that had gradients this step.
             step_is_finite: Scalar boolean tensor. When false (a step the grad scaler skips), the step
                 contributes nothing.
+            scale_sq: What ``||g||^2`` is divided by before the square root: ``N_l`` (the default) gives the
+                gradient RMS; the layer's ``||w||^2`` gives the gradient norm relative to the weight norm.
         """
         include = measured & step_is_finite
-        rms = torch.sqrt(layer_sq_norms / self.layer_numel)
+        rms = torch.sqrt(layer_sq_norms / (self.layer_numel if scale_sq is None else scale_sq))
         self.window_sum += torch.where(include, rms, torch.zeros_like(rms))
         self.window_count += include.to(self.window_count.dtype)
 

@@ -1,42 +1,170 @@
-"""Turning layer importance into a sampling distribution, and drawing the active layers from it."""
+"""Turning layer importance into a sampling distribution, and drawing the active layers from it.
+
+The paper's distribution is ``p = softmax(m / temperature)``. On real models one layer's importance often
+dwarfs the others' (layer 0's MGN was 3 to 6 times every other layer's on small pretrained Llamas), and the
+softmax then gives it most of the probability, so that sampling degenerates to "that layer plus uniform".
+Three calibrations keep ``p`` following importance without collapsing:
+
+- ``normalize``: how ``m`` is scaled before the softmax (``"rank"`` and ``"log"`` are insensitive to one
+  outlier);
+- ``target_effective_layers``: a temperature chosen at each resample so that ``exp(entropy(p))``, the
+  effective number of layers, equals the target;
+- ``max_probability``: a cap on any layer's probability, the excess shared among the others in proportion.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 #: Accepted values of ``normalize``.
-NORMALIZATIONS = ("mean", "max", "none")
+NORMALIZATIONS = ("mean", "max", "none", "rank", "log")
+
+_TEMPERATURE_RANGE = (1e-4, 1e4)
 
 
-def sampling_probabilities(importance: Tensor, temperature: float, normalize: str = "mean") -> Tensor:
-    """``p = softmax(normalize(m) / temperature)``.
-
-    Raw MGN values depend on the model and the loss scale, so a fixed temperature would mean different
-    things on different models. Normalizing first makes ``temperature`` comparable across models.
+def normalize_importance(importance: Tensor, normalize: str) -> Tensor:
+    """Scale importance before the softmax, on the CPU in float32.
 
     Args:
-        importance: Per-layer MGN ``m``, shape ``(L,)``, non-negative.
+        importance: Per-layer importance ``m``, shape ``(L,)``, non-negative.
+        normalize: ``"mean"`` divides by the mean, so ``temperature=1`` makes a layer twice as important as
+            the average ``e`` times as likely as an average one. ``"max"`` divides by the largest value.
+            ``"none"`` keeps raw values: the paper's formula, whose meaning depends on the model's gradient
+            scale. ``"rank"`` replaces each value by its rank in ``(0, 1]`` (ties share the mean rank): only
+            the order counts, so one outlier cannot take the distribution. ``"log"`` takes ``log m`` minus its
+            mean, so that ``p`` is proportional to ``m ** (1 / temperature)``: with ``temperature=1`` layers
+            are drawn in proportion to their importance.
+
+    Returns:
+        The values the softmax divides by the temperature, shape ``(L,)``.
+
+    Raises:
+        ValueError: For an unknown ``normalize``.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}")
+    values = importance.detach().to(device="cpu", dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    if normalize == "mean":
+        return values / values.mean().clamp_min(tiny)
+    if normalize == "max":
+        return values / values.max().clamp_min(tiny)
+    if normalize == "rank":
+        below = (values[:, None] > values[None, :]).sum(dim=1).to(torch.float32)
+        ties = (values[:, None] == values[None, :]).sum(dim=1).to(torch.float32)
+        return (below + (ties + 1) / 2) / values.numel()
+    if normalize == "log":
+        logs = values.clamp_min(tiny).log()
+        return logs - logs.mean()
+    return values
+
+
+def effective_layers(probabilities: Tensor) -> float:
+    """``exp(entropy(p))``: 1 when one layer takes all the probability, ``L`` when ``p`` is uniform."""
+    p = probabilities.detach().to(dtype=torch.float64)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def temperature_for_effective_layers(values: Tensor, target: float) -> float:
+    """The temperature at which ``softmax(values / temperature)`` has ``target`` effective layers.
+
+    The effective number of layers grows with the temperature, from the number of layers tied at the
+    largest value (as the temperature goes to 0) to ``L``; the temperature is found by bisection on its
+    logarithm within ``[1e-4, 1e4]``, and the nearest end of that range is returned for a target outside
+    what it reaches.
+
+    Args:
+        values: Normalized importance, shape ``(L,)``.
+        target: The wanted effective number of layers, in ``[1, L]``.
+
+    Returns:
+        The temperature.
+    """
+    values = values.to(torch.float64)
+    low, high = (math.log(t) for t in _TEMPERATURE_RANGE)
+    for _ in range(60):
+        middle = (low + high) / 2
+        if effective_layers(torch.softmax(values / math.exp(middle), dim=0)) < target:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
+
+
+def cap_probabilities(probabilities: Tensor, max_probability: float) -> Tensor:
+    """Cap every probability at ``max_probability`` and share the excess among the others, in proportion.
+
+    Args:
+        probabilities: A distribution over ``L`` layers.
+        max_probability: The cap, in ``[1 / L, 1]``.
+
+    Returns:
+        The capped distribution: no entry above the cap, the order of the entries kept, summing to 1.
+    """
+    p = probabilities.detach().to(torch.float64).clone()
+    capped = torch.zeros_like(p, dtype=torch.bool)
+    while True:
+        over = (p > max_probability) & ~capped
+        if not bool(over.any()):
+            break
+        excess = float((p[over] - max_probability).sum())
+        p[over] = max_probability
+        capped |= over
+        free = ~capped
+        share = p[free] / p[free].sum() if float(p[free].sum()) > 0 else torch.full_like(p[free], 1 / int(free.sum()))
+        p[free] += excess * share
+    return p.to(probabilities.dtype)
+
+
+def sampling_probabilities(
+    importance: Tensor,
+    temperature: float,
+    normalize: str = "mean",
+    target_effective_layers: float | None = None,
+    max_probability: float | None = None,
+) -> Tensor:
+    """``p = softmax(normalize(m) / temperature)``, then capped at ``max_probability``.
+
+    Args:
+        importance: Per-layer importance ``m``, shape ``(L,)``, non-negative.
         temperature: ``tau > 0``. Small values exploit the most important layers, large values explore.
-        normalize: ``"mean"`` divides ``m`` by its mean (so ``tau = 1`` means ``p_l`` is proportional to
-            ``exp(m_l / mean(m))``), ``"max"`` divides by the largest value, ``"none"`` uses raw MGN.
+            Unused when ``target_effective_layers`` is given.
+        normalize: How ``m`` is scaled first; see :func:`normalize_importance`.
+        target_effective_layers: Choose the temperature so that ``exp(entropy(p))`` equals this, in
+            ``[1, L]`` (see :func:`temperature_for_effective_layers`); ``None`` uses ``temperature``.
+        max_probability: Cap on any layer's probability, in ``[1 / L, 1]``; ``None`` caps nothing.
 
     Returns:
         Float32 probabilities on the CPU, shape ``(L,)``, summing to 1.
 
     Raises:
-        ValueError: For an unknown ``normalize`` or a non-positive ``temperature``.
+        ValueError: For an unknown ``normalize``, a non-positive ``temperature``, or a target or cap outside
+            its range.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
-    values = importance.detach().to(device="cpu", dtype=torch.float32)
-    if normalize == "mean":
-        values = values / values.mean().clamp_min(torch.finfo(torch.float32).tiny)
-    elif normalize == "max":
-        values = values / values.max().clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.softmax(values / temperature, dim=0)
+    values = normalize_importance(importance, normalize)
+    num_layers = values.numel()
+    if target_effective_layers is not None:
+        if not 1 <= target_effective_layers <= num_layers:
+            raise ValueError(
+                f"target_effective_layers={target_effective_layers!r} must be between 1 and the number of layers "
+                f"({num_layers})"
+            )
+        temperature = temperature_for_effective_layers(values, target_effective_layers)
+    probabilities = torch.softmax(values / temperature, dim=0)
+    if max_probability is not None:
+        if not 1 / num_layers <= max_probability <= 1:
+            raise ValueError(
+                f"max_probability={max_probability!r} must be between 1/{num_layers} (uniform) and 1 for "
+                f"{num_layers} layers"
+            )
+        probabilities = cap_probabilities(probabilities, max_probability)
+    return probabilities
 
 
 def uniform_probabilities(num_layers: int) -> Tensor:

@@ -48,6 +48,13 @@ def changed_layers(before, module):
     return changed
 
 
+def layer_relative_norm(layer) -> float:
+    """The layer's gradient norm over its weight norm, with plain Python loops in float64."""
+    grad_sq = sum(p.grad.double().square().sum().item() for p in layer.parameters())
+    weight_sq = sum(p.detach().double().square().sum().item() for p in layer.parameters())
+    return math.sqrt(grad_sq / weight_sq)
+
+
 def layer_rms(layer) -> float | None:
     grads = [p.grad for p in layer.parameters() if p.grad is not None]
     if not grads:
@@ -463,3 +470,40 @@ def test_bf16_layers_under_a_strategy_without_masters_get_a_warning():
     callback = GRASSCallback(mode="lisa", seed=0)
     with pytest.warns(UserWarning, match=r"layer parameters are torch.bfloat16 and SingleDeviceStrategy steps them"):
         fit(module, callback, max_steps=1, precision="bf16-true")
+
+
+def test_history_records_the_effective_number_of_layers_and_each_layers_share_of_draws(tmp_path):
+    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=1, seed=0)
+    fit(TinyCausalLM(), callback, max_steps=5, logger=CSVLogger(tmp_path, name="run"))
+    counts = [0] * NUM_LAYERS
+    for record in callback.history:
+        for layer in record["active_layers"]:
+            counts[layer] += 1
+        assert record["draw_share"] == [c / sum(counts) for c in counts], "shares of every draw up to this record"
+        assert record["effective_layers"] == pytest.approx(NUM_LAYERS, rel=1e-6), "LISA is uniform"
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as metrics:
+        rows = [row for row in csv.DictReader(metrics) if row.get("grass/effective_layers")]
+    assert len(rows) == len(callback.history) == 6
+    assert float(rows[-1]["grass/draw_share/layer_00"]) == callback.history[-1]["draw_share"][0]
+
+
+def test_relative_importance_is_the_gradient_norm_over_the_weight_norm():
+    module = TinyCausalLM()
+    reference, batches = copy.deepcopy(module), iter(token_batches())
+    per_step = []
+    for _ in range(3):
+        reference.zero_grad(set_to_none=True)
+        reference.training_step(next(batches), 0).backward()
+        per_step.append([layer_relative_norm(layer) for layer in layers_of(reference)])
+    expected = torch.tensor(per_step, dtype=torch.float64).mean(0)
+    callback = GRASSCallback(probe_steps=3, importance="relative")
+    fit(module, callback, max_steps=3)
+    # Two float32 sums over at most a layer's elements (gradient and weight), then the division, root and mean.
+    rtol = fp32_sum_rtol(2 * LAYER_NUMEL + 3, extra_operations=12)
+    assert torch.allclose(callback.importance.double(), expected, rtol=rtol, atol=0)
+
+
+def test_a_target_effective_number_of_layers_spreads_the_probabilities():
+    callback = GRASSCallback(probe_steps=2, sample_every=2, target_effective_layers=3.0, seed=0)
+    fit(TinyCausalLM(), callback, max_steps=6)
+    assert all(record["effective_layers"] == pytest.approx(3.0, rel=1e-5) for record in callback.history)

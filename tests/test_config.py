@@ -30,6 +30,15 @@ def test_defaults():
         (dict(ema=0.0), ValueError, r"ema=0.0 must be in \(0, 1\]"),
         (dict(ema=1.5), ValueError, r"ema=1.5 must be in \(0, 1\]"),
         (dict(normalize="zscore"), ValueError, "normalize='zscore' is not supported"),
+        (
+            dict(importance="fisher"),
+            ValueError,
+            r"importance='fisher' is not supported; use one of \('mgn', 'relative'\)",
+        ),
+        (dict(target_effective_layers=0.5), ValueError, "target_effective_layers=0.5 must be >= 1"),
+        (dict(target_effective_layers="wide"), TypeError, "target_effective_layers='wide' must be a number >= 1"),
+        (dict(max_probability=0.0), ValueError, r"max_probability=0.0 must be in \(0, 1\]"),
+        (dict(max_probability=1.5), ValueError, r"max_probability=1.5 must be in \(0, 1\]"),
         (dict(seed=-1), ValueError, "seed=-1 must be an integer >= 0"),
         (dict(layers=""), ValueError, "layers='' must be a dotted attribute path"),
         (dict(mode="fixed"), ValueError, "fixed_layers=None: mode='fixed' needs a non-empty list"),
@@ -66,3 +75,7 @@ def test_model_dependent_checks():
     ):
         GRASSConfig(mode="fixed", fixed_layers=[1, 4]).check_num_layers(4)
     GRASSConfig(n_active=4).check_num_layers(4)
+    with pytest.raises(ValueError, match=r"target_effective_layers=9 must be between 1 and the number of layers \(4\)"):
+        GRASSConfig(target_effective_layers=9).check_num_layers(4)
+    with pytest.raises(ValueError, match=r"max_probability=0.1 is below 1/4, the uniform probability"):
+        GRASSConfig(max_probability=0.1).check_num_layers(4)

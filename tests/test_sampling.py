@@ -4,7 +4,14 @@ import pytest
 import torch
 from tolerances import fp32_softmax_rtol
 
-from lightning_grass.sampling import sample_layers, sampling_probabilities, uniform_probabilities
+from lightning_grass.sampling import (
+    cap_probabilities,
+    effective_layers,
+    normalize_importance,
+    sample_layers,
+    sampling_probabilities,
+    uniform_probabilities,
+)
 
 
 def test_softmax_of_mean_normalized_importance():
@@ -81,3 +88,60 @@ def test_sampling_frequency_follows_probabilities():
 def test_sampling_rejects_impossible_counts(n_active):
     with pytest.raises(ValueError, match=f"n_active={n_active} must be between 1 and the number of layers \\(4\\)"):
         sample_layers(uniform_probabilities(4), n_active, torch.Generator())
+
+
+def test_effective_layers_runs_from_one_to_the_number_of_layers():
+    assert effective_layers(torch.tensor([1.0, 0.0, 0.0, 0.0])) == 1.0
+    assert effective_layers(uniform_probabilities(8)) == pytest.approx(8.0, rel=1e-12)
+    assert effective_layers(torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(2.0, rel=1e-12)
+
+
+def test_rank_normalization_sees_only_the_order_and_ties_share_a_rank():
+    # One correctly rounded float32 division each, as converting the exact fractions to float32 is.
+    assert torch.equal(normalize_importance(torch.tensor([30.0, 1.0, 2.0]), "rank"), torch.tensor([1.0, 1 / 3, 2 / 3]))
+    assert normalize_importance(torch.tensor([5.0, 1.0, 1.0, 0.5]), "rank").tolist() == [1.0, 0.625, 0.625, 0.25]
+    outlier, mild = torch.tensor([100.0, 2.0, 1.0]), torch.tensor([3.0, 2.0, 1.0])
+    assert torch.equal(sampling_probabilities(outlier, 1.0, "rank"), sampling_probabilities(mild, 1.0, "rank"))
+
+
+def test_log_normalization_draws_in_proportion_to_importance_at_temperature_one():
+    importance = torch.tensor([6.0, 1.0, 2.0, 3.0])
+    probs = sampling_probabilities(importance, temperature=1.0, normalize="log")
+    # log, a mean of 4 and a subtraction before a softmax of logits up to log 3.
+    rtol = fp32_softmax_rtol(num_values=4, max_abs_logit=math.log(3.0), input_operations=4)
+    assert probs.tolist() == pytest.approx([0.5, 1 / 12, 1 / 6, 0.25], rel=rtol)
+    squared = sampling_probabilities(importance, temperature=0.5, normalize="log")  # p proportional to m ** 2
+    assert squared.tolist() == pytest.approx([36 / 50, 1 / 50, 4 / 50, 9 / 50], rel=2 * rtol)
+
+
+@pytest.mark.parametrize("target", [1.5, 3.0, 6.5])
+def test_a_target_effective_number_of_layers_sets_the_temperature(target):
+    importance = torch.tensor([6.0, 1.2, 1.0, 1.1, 0.9, 1.0, 1.0, 1.0])  # layer 0 dominates, as measured
+    probs = sampling_probabilities(importance, temperature=1.0, normalize="mean", target_effective_layers=target)
+    # Bisection on log(temperature) to 2^-60 of its range; the float32 softmax then rounds to about 1e-6.
+    assert effective_layers(probs) == pytest.approx(target, rel=1e-5)
+    assert probs.argmax() == 0 and probs[1] > probs[4], "the order of importance is kept"
+
+
+def test_a_cap_shares_the_excess_among_the_other_layers_in_proportion():
+    capped = cap_probabilities(torch.tensor([0.7, 0.2, 0.1]), 0.5)
+    # 0.2 above the cap goes to the others 2:1.
+    assert capped.tolist() == pytest.approx([0.5, 0.2 + 0.2 * 2 / 3, 0.1 + 0.2 / 3], rel=1e-6)
+    cascaded = cap_probabilities(torch.tensor([0.6, 0.3, 0.05, 0.05]), 0.32)
+    assert cascaded.max() <= 0.32 + 1e-7 and cascaded.sum().item() == pytest.approx(1.0, rel=1e-6)
+    assert cascaded.tolist()[:2] == pytest.approx([0.32, 0.32])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(target_effective_layers=5.0),
+            r"target_effective_layers=5.0 must be between 1 and the number of layers \(4\)",
+        ),
+        (dict(max_probability=0.2), r"max_probability=0.2 must be between 1/4 \(uniform\) and 1"),
+    ],
+)
+def test_calibration_ranges_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sampling_probabilities(torch.ones(4), 1.0, **kwargs)
