@@ -127,6 +127,43 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
     return save_figure(fig, path)
 
 
+def sampling_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, num_layers: int | None = None) -> Path:
+    """Draw how spread out sampling was: the effective number of layers at each record, and each layer's share.
+
+    The effective number of layers is ``exp(entropy(p))``: 1 when one layer takes all the probability, ``L``
+    when sampling is uniform. The share is each layer's part of all the draws over the run; under uniform
+    sampling every layer's share tends to ``1 / L`` (the dashed line).
+
+    Args:
+        history: ``GRASSCallback.history``.
+        path: Where to write the PNG; parent directories are created.
+        num_layers: Number of layers; inferred from the records when omitted.
+
+    Returns:
+        The path written.
+    """
+    if num_layers is None:
+        num_layers = _infer_num_layers(history)
+    counts = selection_counts(history, num_layers)
+    total = max(1, sum(counts))
+    fig = Figure(figsize=(max(7.0, 0.35 * num_layers + 4), 3.0))
+    spread, share = fig.subplots(1, 2)
+    records = [record for record in history if record.get("effective_layers") is not None]
+    spread.plot([r["step"] for r in records], [r["effective_layers"] for r in records], marker="o")
+    spread.axhline(num_layers, color="grey", linestyle="--", linewidth=0.8)
+    spread.set_ylim(0, num_layers + 0.5)
+    spread.set_xlabel("optimizer step")
+    spread.set_ylabel("effective layers")
+    spread.set_title("exp(entropy(p))")
+    share.bar(range(num_layers), [count / total for count in counts], color="tab:blue")
+    share.axhline(1 / num_layers, color="grey", linestyle="--", linewidth=0.8)
+    share.set_xticks(range(num_layers))
+    share.set_xlabel("layer")
+    share.set_ylabel("share of draws")
+    share.set_title("layer draws over the run")
+    return save_figure(fig, path)
+
+
 def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:
     for record in history:
         for value in _VALUES:

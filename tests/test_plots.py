@@ -61,3 +61,10 @@ def test_heatmap_without_importance_says_why(tmp_path):
         plots.importance_heatmap(LISA_HISTORY, tmp_path / "x.png")
     with pytest.raises(ValueError, match="value='loss' is not supported"):
         plots.importance_heatmap(HISTORY, tmp_path / "x.png", value="loss")
+
+
+def test_sampling_diagnostics_draws_the_spread_and_the_shares(tmp_path):
+    history = [dict(record, effective_layers=2.5, draw_share=[0.5, 0.0, 0.5]) for record in HISTORY]
+    path = plots.sampling_diagnostics(history, tmp_path / "sampling.png")
+    assert path.stat().st_size > 10_000
+    assert plots.sampling_diagnostics(LISA_HISTORY, tmp_path / "lisa.png").stat().st_size > 10_000

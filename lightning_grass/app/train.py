@@ -98,6 +98,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     if sampler is not None:
         metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
+        spreads = [r["effective_layers"] for r in sampler.history if r.get("effective_layers") is not None]
+        metrics["effective_layers_mean"] = sum(spreads) / len(spreads) if spreads else None
+        metrics["draw_share"] = sampler.history[-1]["draw_share"] if sampler.history else None
         metrics["history"] = sampler.history
     if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
         return metrics
@@ -111,6 +114,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers
         )
         metrics["selection_plot"] = str(selection)
+        diagnostics = plots.sampling_diagnostics(
+            sampler.history, output_dir / "sampling.png", sampler.layer_map.num_layers
+        )
+        metrics["sampling_plot"] = str(diagnostics)
     metrics["run_seconds"] = time.perf_counter() - run_start
     _write_json(output_dir / "metrics.json", metrics)
     _print_summary(metrics, output_dir)
@@ -165,6 +172,12 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         lines.append(f"  base model        built in {metrics['base_build_seconds']:.0f} s (first run only)")
     if "layer_selection_counts" in metrics:
         lines.append(f"  layer activity    windows active per layer: {metrics['layer_selection_counts']}")
+    if metrics.get("effective_layers_mean") is not None:
+        shares = ", ".join(f"{share:.0%}" for share in metrics["draw_share"])
+        lines.append(
+            f"  sampling          {metrics['effective_layers_mean']:.1f} effective layers on average; "
+            f"share of draws per layer: {shares}"
+        )
     lines += [
         f"  metrics           {output_dir / 'metrics.json'}",
         f"  model             {metrics['model_dir']}",

@@ -42,7 +42,9 @@ def test_grass_train_writes_metrics_model_and_plots(tmp_path):
     assert metrics["median_step_seconds"] > 0
     assert sum(metrics["layer_selection_counts"]) == 3 * 2, "resamples at steps 2, 4 and 6, two layers each"
     assert "val/perplexity" in metrics and "val/token_accuracy" in metrics
-    assert (out / "importance.png").stat().st_size > 0
+    assert (out / "importance.png").stat().st_size > 0 and (out / "sampling.png").stat().st_size > 0
+    assert 1.0 <= metrics["effective_layers_mean"] <= 2.0 and sum(metrics["draw_share"]) == pytest.approx(1.0)
+    assert "effective layers on average; share of draws per layer" in stdout
     assert (out / "csv" / "version_0" / "metrics.csv").is_file()
     assert "GRASS fine-tuning summary" in stdout and str(out / "metrics.json") in stdout
     reloaded = CausalLMModule(pretrained_path=out / "model")
