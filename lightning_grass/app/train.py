@@ -79,6 +79,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - start
     module.to(trainer.strategy.root_device)
     exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+    test_examples = datamodule.test_examples[: cfg.model.get("eval_examples", 64)]
+    exact_match_test = exact_match(module.model, module.tokenizer, test_examples, pattern) if test_examples else None
 
     model_dir = output_dir / "model"
     metrics: dict[str, Any] = {
@@ -88,6 +90,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "exact_match_before": exact_match_before,
         "exact_match_after": exact_match_after,
+        "exact_match_test": exact_match_test,
         **{k: float(v) for k, v in trainer.callback_metrics.items()},
         **stats.summary(trainer.strategy.root_device),
         "fit_seconds": fit_seconds,

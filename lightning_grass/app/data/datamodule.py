@@ -32,12 +32,16 @@ class InstructionDataModule(pl.LightningDataModule):
     ``task`` is either a name in :data:`~lightning_grass.app.data.TASKS` or a path to a local ``.json`` or
     ``.jsonl`` Alpaca file:
 
-    - a generated task draws ``num_train + num_val`` examples from its generator with ``seed`` (and
-      ``task_options`` as keyword arguments); the first ``num_train`` are the training split, the rest
-      the validation split;
+    - a generated task draws ``num_train + num_val + num_test`` examples from its generator with ``seed``
+      (and ``task_options`` as keyword arguments); the first ``num_train`` are the training split, the next
+      ``num_val`` the validation split and the last ``num_test`` the test split;
     - a file (read with :func:`~lightning_grass.app.data.load_alpaca` and ``answer_pattern``) gives its last
-      ``num_val`` records to validation and all the others to training. When ``num_val`` is more than half
-      of the records, validation gets the last 10% instead (at least one record). ``num_train`` is unused.
+      ``num_test`` records to the test split, the ``num_val`` before them to validation and all the others to
+      training. When ``num_val`` is more than half of the remaining records, validation gets their last 10%
+      instead (at least one record). ``num_train`` is unused.
+
+    The test split is never trained on nor validated on: it is there to report a score after choosing
+    settings (a learning rate, say) on validation. :attr:`test_examples` holds it.
 
     The tokenizer may be passed here or assigned to :attr:`tokenizer` any time before :meth:`setup`. Each
     example is tokenized by :func:`~lightning_grass.app.data.tokenize_example`; ``setup`` logs, once per split,
@@ -49,6 +53,7 @@ class InstructionDataModule(pl.LightningDataModule):
         tokenizer: A tokenizer with pad and eos tokens, or ``None`` to assign it later.
         num_train: Training examples of a generated task, ``>= 1``.
         num_val: Validation examples, ``>= 1``.
+        num_test: Test examples, ``>= 0`` (default 0: no test split).
         seed: Seed of the task generator and of the training shuffle.
         max_length: The most tokens per example, ``>= 1``. The default, 192, fits every synthetic example
             generated with default task options.
@@ -71,6 +76,7 @@ class InstructionDataModule(pl.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
         num_train: int = 2000,
         num_val: int = 200,
+        num_test: int = 0,
         seed: int = 0,
         max_length: int = 192,
         batch_size: int = 16,
@@ -93,6 +99,7 @@ class InstructionDataModule(pl.LightningDataModule):
         for name, value, minimum in (
             ("num_train", num_train, 1),
             ("num_val", num_val, 1),
+            ("num_test", num_test, 0),
             ("max_length", max_length, 1),
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
@@ -104,6 +111,7 @@ class InstructionDataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
         self.num_train = num_train
         self.num_val = num_val
+        self.num_test = num_test
         self.seed = seed
         self.max_length = max_length
         self.batch_size = batch_size
@@ -116,27 +124,32 @@ class InstructionDataModule(pl.LightningDataModule):
         self._train: list[TokenizedExample] | None = None
         self._val: list[TokenizedExample] | None = None
         self._val_examples: list[Example] | None = None
+        self._test_examples: list[Example] | None = None
         self._built_with: PreTrainedTokenizerBase | None = None
 
-    def _splits(self) -> tuple[list[Example], list[Example]]:
-        """The raw training and validation examples.
+    def _splits(self) -> tuple[list[Example], list[Example], list[Example]]:
+        """The raw training, validation and test examples.
 
         Returns:
-            ``(train, val)``, split as described in the class docstring.
+            ``(train, val, test)``, split as described in the class docstring.
         """
         if self.task in TASKS:
-            examples = TASKS[self.task](self.num_train + self.num_val, seed=self.seed, **self.task_options)
-            return examples[: self.num_train], examples[self.num_train :]
+            total = self.num_train + self.num_val + self.num_test
+            examples = TASKS[self.task](total, seed=self.seed, **self.task_options)
+            first_test = self.num_train + self.num_val
+            return examples[: self.num_train], examples[self.num_train : first_test], examples[first_test:]
         examples = load_alpaca(self.task, self.answer_pattern or None)
+        test = examples[len(examples) - self.num_test :] if self.num_test else []
+        examples = examples[: len(examples) - len(test)]
         num_val = self.num_val if self.num_val <= len(examples) // 2 else max(1, len(examples) // 10)
-        return examples[: len(examples) - num_val], examples[len(examples) - num_val :]
+        return examples[: len(examples) - num_val], examples[len(examples) - num_val :], test
 
     def _tokenize(self, examples: list[Example], split: str) -> tuple[list[TokenizedExample], list[Example]]:
         """Tokenize one split, count and log what was truncated or skipped.
 
         Args:
             examples: The raw examples of the split.
-            split: ``"training"`` or ``"validation"``, for messages.
+            split: ``"training"``, ``"validation"`` or ``"test"``, for messages.
 
         Returns:
             The tokenized examples and the raw examples they came from, in the same order.
@@ -188,7 +201,7 @@ class InstructionDataModule(pl.LightningDataModule):
         if self._built_with is self.tokenizer:
             return
         self.num_truncated = self.num_skipped = 0
-        train, val = self._splits()
+        train, val, test = self._splits()
         if not train:
             raise DataFormatError(
                 f"the training split of task {self.task!r} contains no examples; expected at least one"
@@ -199,6 +212,7 @@ class InstructionDataModule(pl.LightningDataModule):
             )
         self._train, _ = self._tokenize(train, "training")
         self._val, self._val_examples = self._tokenize(val, "validation")
+        self._test_examples = self._tokenize(test, "test")[1] if test else []
         self._built_with = self.tokenizer
 
     def _loader(self, dataset: list[TokenizedExample] | None, shuffle: bool) -> DataLoader:
@@ -240,6 +254,17 @@ class InstructionDataModule(pl.LightningDataModule):
             A data loader of ``input_ids``, ``attention_mask`` and ``labels`` batches.
         """
         return self._loader(self._val, shuffle=False)
+
+    @property
+    def test_examples(self) -> list[Example]:
+        """The raw test examples that were kept (empty without ``num_test``), for a score reported at the end.
+
+        Raises:
+            RuntimeError: Before :meth:`setup`.
+        """
+        if self._test_examples is None:
+            raise RuntimeError("InstructionDataModule.setup() must run before test_examples is read")
+        return self._test_examples
 
     @property
     def val_examples(self) -> list[Example]:

@@ -68,6 +68,17 @@ def test_splits_follow_the_generator(tok, messages):
     assert train_ids == sorted(tuple(tokenize_example(tok, e, 256).input_ids) for e in examples[:40])
 
 
+def test_a_test_split_follows_validation_and_is_never_trained_on(tok, messages):
+    dm = _module(tok, seed=7, num_test=6)
+    dm.setup("fit")
+    examples = arithmetic_examples(56, seed=7)
+    assert dm.val_examples == examples[40:50] and dm.test_examples == examples[50:]
+    assert len(dm._train) == 40
+    without = _module(tok, seed=7)
+    without.setup("fit")
+    assert without.test_examples == [] and without.val_examples == dm.val_examples
+
+
 def test_task_options_reach_the_generator(tok, messages):
     dm = _module(tok, task="multiple_choice", task_options={"num_choices": 2}, seed=3)
     dm.setup("fit")
@@ -166,6 +177,7 @@ def test_unknown_task(tok):
         ({"truncation": "left"}, "truncation='left' is not supported; use one of ('truncate', 'skip')"),
         ({"num_train": 0}, "num_train=0 must be >= 1"),
         ({"num_val": 0}, "num_val=0 must be >= 1"),
+        ({"num_test": -1}, "num_test=-1 must be >= 0"),
         ({"batch_size": 0}, "batch_size=0 must be >= 1"),
         ({"max_length": 0}, "max_length=0 must be >= 1"),
         ({"num_workers": -1}, "num_workers=-1 must be >= 0"),
@@ -188,6 +200,8 @@ def test_used_before_setup(tok):
         dm.train_dataloader()
     with pytest.raises(RuntimeError, match=r"setup\(\) must run before val_examples"):
         _ = dm.val_examples
+    with pytest.raises(RuntimeError, match=r"setup\(\) must run before test_examples"):
+        _ = dm.test_examples
 
 
 def _write_jsonl(path, count):
@@ -206,6 +220,11 @@ def test_file_task_split(tok, tmp_path, messages):
     ten_percent.setup("fit")
     assert [example.answer for example in ten_percent.val_examples] == ["19", "20"]
     assert len(ten_percent._train) == 18
+    with_test = _module(tok, task=str(path), num_val=5, num_test=3)
+    with_test.setup("fit")
+    assert [example.answer for example in with_test.test_examples] == ["18", "19", "20"]
+    assert [example.answer for example in with_test.val_examples] == ["13", "14", "15", "16", "17"]
+    assert len(with_test._train) == 12
     no_answers = _module(tok, task=str(path), answer_pattern="", num_val=5)
     no_answers.setup("fit")
     assert all(example.answer is None for example in no_answers.val_examples)
