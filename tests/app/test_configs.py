@@ -11,7 +11,18 @@ from omegaconf import open_dict
 
 from lightning_grass.app.train import CONFIG_PACKAGE
 
-GROUPS = ["model", "data", "sampler", "strategy", "trainer", "callbacks", "logger", "experiment", "hparams_search"]
+GROUPS = [
+    "base",
+    "model",
+    "data",
+    "sampler",
+    "strategy",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "hparams_search",
+]
 CONFIGS = files(CONFIG_PACKAGE)
 OPTIONS = [
     (group, path.name.removesuffix(".yaml"))
@@ -44,6 +55,9 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         data.write_text('{"instruction": "1 + 1?", "output": "#### 2"}\n')
         overrides.append(f"data.task={data}")
     cfg = compose_train(tmp_path, overrides)
+    if group == "base":  # where the base model is built and how: a plain node, read by grass-train itself
+        assert cfg.base.build_if_missing and cfg.base.build.model_config.num_hidden_layers in (4, 12)
+        return
     node = cfg.get(group) if group not in ("experiment", "hparams_search") else None
     if (group, option) == ("experiment", "pretrain_tiny"):
         assert cfg.stage == "pretrain"
