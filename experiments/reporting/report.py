@@ -9,9 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from reporting import figures
+from reporting.markdown import describe_machine, split_common, yaml_block
 from reporting.runs import METHOD_LABELS, Run, load_runs
 from reporting.summary import (
     MethodSummary,
@@ -110,7 +109,7 @@ def _markdown(
         *commands,
         "```",
         "",
-        f"Machine: {_describe(machine)}.",
+        f"Machine: {describe_machine(machine)}.",
         f"The sweep ran for {(max(ends) - min(starts)) / 60:.1f} min, from the first job's start to the last one's "
         f"end; the jobs' own wall times add up to {run_seconds / 60:.1f} min (process start-up excluded).",
         "",
@@ -128,11 +127,11 @@ def _markdown(
         before = rows[0].exact_match_before
         parts += ["", f"## {task}", "", f"Base model before fine-tuning: {100 * before:.1f}% exact match.", ""]
         parts.append(format_table(rows))
-    common, per_task = _split_common(shared)
+    common, per_task = split_common(shared)
     parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
-    parts += _yaml_block(common)
+    parts += yaml_block(common)
     for task, config in per_task.items():
-        parts += [f"and on `{task}`:", "", *_yaml_block(config)]
+        parts += [f"and on `{task}`:", "", *yaml_block(config)]
     parts += ["Set per method (the method's own config group, `conf/sampler/<method>.yaml`):", ""]
     parts += ["| method | settings |", "|---|---|"]
     for method, settings in own.items():
@@ -148,28 +147,6 @@ def _markdown(
         if (out_dir / name).is_file():
             parts += [f"![{captions[key]}]({name})", "", captions[key], ""]
     return "\n".join(parts).rstrip() + "\n"
-
-
-def _split_common(shared: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The top-level entries equal on every task, and each task's other entries."""
-    configs = list(shared.values())
-    common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)}
-    return common, {task: {k: v for k, v in c.items() if k not in common} for task, c in shared.items()}
-
-
-def _yaml_block(config: Mapping[str, Any]) -> list[str]:
-    return ["```yaml", OmegaConf.to_yaml(OmegaConf.create(dict(config)), sort_keys=True).rstrip(), "```", ""]
-
-
-def _describe(machine: Mapping[str, Any]) -> str:
-    if not machine:
-        return "not recorded"
-    memory = f", {machine['memory_gib']} GiB RAM" if machine.get("memory_gib") else ""
-    device = machine.get("device", "cpu")
-    return (
-        f"{machine.get('cpu_count')} CPU cores ({machine.get('cpu')}){memory}, "
-        f"{'no GPU' if device == 'cpu' else device}; torch {machine.get('torch')}, Python {machine.get('python')}"
-    )
 
 
 def _first_seed_histories(runs: Sequence[Run], method: str) -> dict[str, list[dict[str, Any]]]:

@@ -95,14 +95,15 @@ def summarize(runs: Sequence[Run]) -> dict[str, list[MethodSummary]]:
     return table
 
 
-def shared_hyperparameters(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+def shared_hyperparameters(runs: Sequence[Run], also_varying: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The config every method of a task ran with, after checking that it really was the same.
 
-    Everything but the method's own settings (``sampler``, ``model.lora``) and the per-run entries (seed,
-    paths) must be equal across the runs of a task.
+    Everything but the method's own settings (``sampler``, ``model.lora``), the per-run entries (seed,
+    paths) and ``also_varying`` must be equal across the runs of a task.
 
     Args:
         runs: From :func:`~reporting.runs.load_runs`.
+        also_varying: Dotted keys a sweep varies for every method alike, such as ``model.lr`` over a grid.
 
     Returns:
         ``{task: config}`` with the method and per-run entries removed.
@@ -112,14 +113,14 @@ def shared_hyperparameters(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     """
     shared: dict[str, dict[str, Any]] = {}
     for run in runs:
-        config = _without(run.config, METHOD_KEYS + PER_RUN_KEYS)
+        config = _without(run.config, (*METHOD_KEYS, *PER_RUN_KEYS, *also_varying))
         reference = shared.setdefault(run.task, config)
         difference = _first_difference(reference, config)
         if difference is not None:
             first = next(r for r in runs if r.task == run.task)
             raise ValueError(
                 f"{difference} differs between {first.directory} and {run.directory}: the methods of task "
-                f"{run.task!r} must share every hyperparameter except {', '.join(METHOD_KEYS)}"
+                f"{run.task!r} must share every hyperparameter except {', '.join((*METHOD_KEYS, *also_varying))}"
             )
     return shared
 

@@ -18,7 +18,7 @@ from lightning_grass.app.data import build_char_tokenizer, pretraining_corpus, v
 from lightning_grass.app.lm import CausalLMModule
 
 
-class _PackedCorpus(Dataset):
+class PackedCorpus(Dataset):
     """Documents joined with EOS and cut into blocks of ``seq_len`` tokens; every token is a target."""
 
     def __init__(self, token_ids: list[int], seq_len: int) -> None:
@@ -80,7 +80,7 @@ def build_base_model(
     for document in pretraining_corpus(num_documents, seed):
         token_ids += [*tokenizer.encode(document, add_special_tokens=False), tokenizer.eos_token_id]
     loader = DataLoader(
-        _PackedCorpus(token_ids, seq_len),
+        PackedCorpus(token_ids, seq_len),
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),

@@ -17,9 +17,11 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
 from lightning_grass import plots
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
@@ -28,6 +30,11 @@ from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
 from lightning_grass.app.run_stats import RunStats
 from lightning_grass.callback import GRASSCallback
+
+# The `process` launcher ships in this package. Hydra finds plugins by scanning the directories of the
+# hydra_plugins namespace, which misses it in an editable install run from outside the checkout; registering
+# it here makes `hydra/launcher=process` work however the package was installed.
+Plugins.instance().register(ProcessLauncher)
 
 #: The package that holds the configs: the repository's ``conf/``, installed as ``lightning_grass.conf``.
 CONFIG_PACKAGE = "lightning_grass.conf"

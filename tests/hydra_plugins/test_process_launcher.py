@@ -26,7 +26,8 @@ def test_a_failing_job_fails_the_sweep_and_points_at_its_log(tmp_path):
         "callbacks=none",
         f"paths.output_dir={sweep}",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # From outside the checkout: the launcher is found however the package was installed.
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "job #0 (model=scratch_llama data.num_train=0 logger=none" in result.stderr
     # Bad input ends a job with status 2 and one line in its log.
