@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def build_base_model(
     seed: int = 0,
     accelerator: str = "cpu",
     enable_progress_bar: bool = True,
+    lettered_kinds: Sequence[str] = (),
 ) -> Path:
     """Pretrain a small causal LM on the synthetic corpus and save it, with its tokenizer, to ``output_dir``.
 
@@ -62,6 +64,8 @@ def build_base_model(
         seed: Seed of the corpus and of the initialisation.
         accelerator: Lightning accelerator.
         enable_progress_bar: Show Lightning's progress bar.
+        lettered_kinds: Multiple-choice kinds the corpus includes as lettered questions (see
+            :func:`~lightning_grass.app.data.pretraining_corpus`); none by default.
 
     Returns:
         ``output_dir``.
@@ -77,7 +81,7 @@ def build_base_model(
     module = CausalLMModule(config=config, lr=lr, warmup_steps=max(1, max_steps // 20), weight_decay=0.01)
     module.tokenizer = tokenizer
     token_ids: list[int] = []
-    for document in pretraining_corpus(num_documents, seed):
+    for document in pretraining_corpus(num_documents, seed, lettered_kinds):
         token_ids += [*tokenizer.encode(document, add_special_tokens=False), tokenizer.eos_token_id]
     loader = DataLoader(
         PackedCorpus(token_ids, seq_len),

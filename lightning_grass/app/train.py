@@ -80,7 +80,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     eval_examples = datamodule.val_examples[: cfg.model.get("eval_examples", 64)]
     pattern = cfg.model.get("answer_pattern") or cfg.data.get("answer_pattern")
-    exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+    exact_match_before = None
+    if cfg.get("evaluate_before", True):
+        exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
@@ -168,12 +170,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _percent(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.1%}"
+
+
 def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     mib = 2**20
     lines = [
         "",
         f"GRASS fine-tuning summary ({metrics['method']} on {metrics['task']}, seed {metrics['seed']})",
-        f"  exact match       {metrics['exact_match_before']:.1%} before -> {metrics['exact_match_after']:.1%} after",
+        f"  exact match       {_percent(metrics['exact_match_before'])} before -> "
+        f"{metrics['exact_match_after']:.1%} after"
+        + (f" (test {metrics['exact_match_test']:.1%})" if metrics.get("exact_match_test") is not None else ""),
         f"  peak memory       {metrics['peak_memory_bytes'] / mib:.0f} MiB",
         f"  optimizer state   {metrics['optimizer_state_bytes_peak'] / mib:.1f} MiB at peak on the device",
         f"  median step       {metrics['median_step_seconds'] * 1e3:.0f} ms; fit took {metrics['fit_seconds']:.0f} s",

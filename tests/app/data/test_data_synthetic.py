@@ -209,3 +209,14 @@ def test_pretraining_corpus_holds_no_task_solutions():
 def test_invalid_arguments(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_lettered_kinds_add_multiple_choice_questions_of_those_kinds_only():
+    plain = pretraining_corpus(300, seed=4)
+    lettered = pretraining_corpus(300, seed=4, lettered_kinds=["alphabet"])
+    assert not any("\nA) " in document for document in plain)
+    questions = [document for document in lettered if "\nA) " in document]
+    assert 10 <= len(questions) <= 60, "about one document in ten"
+    assert all("in the alphabet?" in question and "#### " in question for question in questions)
+    with pytest.raises(ValueError, match=r"lettered_kinds=\['riddles'\] must be a subset of"):
+        pretraining_corpus(3, lettered_kinds=["riddles"])
