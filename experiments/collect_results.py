@@ -2,6 +2,13 @@
 
     grass-train -m experiment=bench_small
     python experiments/collect_results.py outputs/bench_small/<time> --preset small
+    grass-train -m experiment=bench_deep
+    python experiments/collect_results.py outputs/bench_deep/<time> --preset deep
+    grass-train -m experiment=bench_deep_sensitivity
+    python experiments/collect_results.py outputs/bench_deep_sensitivity/<time> --preset deep_sensitivity
+
+The `deep` preset chooses each method's learning rate on validation and reports test scores with paired
+intervals (``summary.json``); the sensitivity preset tabulates GRASS over T_s and its spread setting.
 
 The sweep's command is read back from the sweep's ``multirun.yaml`` and written into ``results.md`` with
 this script's own command line.
@@ -16,6 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from reporting import write_results
+from reporting.deep_report import write_deep_results
+from reporting.sensitivity import write_sensitivity_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -39,7 +48,8 @@ def main(argv: list[str] | None = None) -> Path:
     collector = " ".join(
         ["python", "experiments/collect_results.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
     )
-    path = write_results(
+    writer = {"deep": write_deep_results, "deep_sensitivity": write_sensitivity_results}.get(args.preset, write_results)
+    path = writer(
         args.sweep_dir, out_dir, f"Benchmark: the `{args.preset}` preset", [sweep_command(args.sweep_dir), collector]
     )
     print(f"Wrote {path}")

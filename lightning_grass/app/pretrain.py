@@ -46,6 +46,7 @@ def build_base_model(
     accelerator: str = "cpu",
     enable_progress_bar: bool = True,
     lettered_kinds: Sequence[str] = (),
+    lettered_share: float = 0.1,
 ) -> Path:
     """Pretrain a small causal LM on the synthetic corpus and save it, with its tokenizer, to ``output_dir``.
 
@@ -66,6 +67,7 @@ def build_base_model(
         enable_progress_bar: Show Lightning's progress bar.
         lettered_kinds: Multiple-choice kinds the corpus includes as lettered questions (see
             :func:`~lightning_grass.app.data.pretraining_corpus`); none by default.
+        lettered_share: The share of those questions among the documents.
 
     Returns:
         ``output_dir``.
@@ -81,7 +83,7 @@ def build_base_model(
     module = CausalLMModule(config=config, lr=lr, warmup_steps=max(1, max_steps // 20), weight_decay=0.01)
     module.tokenizer = tokenizer
     token_ids: list[int] = []
-    for document in pretraining_corpus(num_documents, seed, lettered_kinds):
+    for document in pretraining_corpus(num_documents, seed, lettered_kinds, lettered_share):
         token_ids += [*tokenizer.encode(document, add_special_tokens=False), tokenizer.eos_token_id]
     loader = DataLoader(
         PackedCorpus(token_ids, seq_len),

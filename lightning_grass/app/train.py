@@ -118,7 +118,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return metrics
     module.save_pretrained(model_dir)
     OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
-    if sampler is not None:
+    if sampler is not None and cfg.get("save_plots", True):
         if any(record["importance"] is not None for record in sampler.history):
             heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
             metrics["importance_heatmap"] = str(heatmap)

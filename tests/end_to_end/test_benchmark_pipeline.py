@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ["Full fine-tuning", "LoRA", "LISA", "GRASS*", "GRASS"]
 # Every method, both tasks, one seed, a few steps of a scratch model: the preset's shape, in seconds per job.
@@ -68,3 +70,101 @@ def test_sweep_and_collector_fill_every_row_and_draw_every_figure(tmp_path):
     assert lora["trainable_parameters_per_step"] < full["trainable_parameters_per_step"]
     assert lora["optimizer_state_bytes_peak"] < full["optimizer_state_bytes_peak"]
     assert sum(by_method["grass", "arithmetic"]["layer_selection_counts"]) == 2, "one window after 10 probe steps"
+
+
+def run_sweep(overrides, sweep):
+    command = [sys.executable, "-m", "lightning_grass.app.train", "-m", *overrides, f"paths.output_dir={sweep}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def collect(sweep, preset, out):
+    command = [sys.executable, "experiments/collect_results.py", str(sweep), "--preset", preset, "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return (out / "results.md").read_text()
+
+
+# The deep preset's shape at toy size: a 4-layer scratch model, the samplers at gamma 2 (and 4 for two of
+# them), two seeds, a two-rate grid, one task.
+DEEP_TOY = [
+    "experiment=bench_deep",
+    "model=scratch_llama",
+    "model.config.num_hidden_layers=4",
+    "data=arithmetic_one_step",
+    "sampler=lisa,grass_static,grass,lisa_gamma4,grass_gamma4",
+    "model.lr=1e-3,3e-3",
+    "seed=0,1",
+    "data.num_train=32",
+    "data.num_val=6",
+    "data.num_test=6",
+    "data.batch_size=8",
+    "trainer.max_steps=6",
+    "sampler.probe_steps=2",
+    "sampler.sample_every=2",
+    "model.eval_examples=6",
+    "model.max_new_tokens=4",
+]
+
+
+def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps(tmp_path):
+    run_sweep(DEEP_TOY, tmp_path / "sweep")
+    text = collect(tmp_path / "sweep", "deep", tmp_path / "results")
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["layers"] == 4
+    (task,) = summary["tasks"]
+    methods = summary["tasks"][task]["methods"]
+    assert set(methods) == {
+        "LISA (gamma=2)",
+        "GRASS* (gamma=2)",
+        "GRASS (gamma=2)",
+        "LISA (gamma=4)",
+        "GRASS (gamma=4)",
+    }
+    for entry in methods.values():
+        validation = entry["validation_by_learning_rate"]
+        assert set(validation) == {"0.001", "0.003"}
+        assert validation[str(entry["learning_rate"])] == max(validation.values()), "chosen on validation"
+        assert set(entry["test_by_seed"]) == {"0", "1"}
+    paired = summary["tasks"][task]["paired"]
+    assert set(paired) == {
+        "GRASS-LISA (gamma=2)",
+        "GRASS-LISA (gamma=4)",
+        "GRASS-LISA",
+        "GRASS-GRASS* (gamma=2)",
+        "GRASS-GRASS*",
+    }
+    assert paired["GRASS-LISA"]["n"] == 4 and paired["GRASS-LISA (gamma=2)"]["n"] == 2
+    grass, lisa = methods["GRASS (gamma=2)"]["test_by_seed"], methods["LISA (gamma=2)"]["test_by_seed"]
+    expected = (grass["0"] - lisa["0"] + grass["1"] - lisa["1"]) / 2
+    assert paired["GRASS-LISA (gamma=2)"]["mean"] == pytest.approx(expected, abs=1e-9)
+    low, high = paired["GRASS-LISA (gamma=2)"]["ci95"]
+    assert low <= expected <= high
+    assert "| GRASS (gamma=2) |" in text and "| GRASS-LISA |" in text
+    for figure in ("test_scores.png", "paired_differences.png"):
+        assert (tmp_path / "results" / figure).stat().st_size > 10_000
+
+
+def test_the_sensitivity_sweep_tabulates_ts_and_the_target(tmp_path):
+    overrides = [o for o in DEEP_TOY if not o.startswith(("sampler", "model.lr", "seed", "experiment"))]
+    run_sweep(
+        [
+            "experiment=bench_deep_sensitivity",
+            *overrides,
+            "sampler.probe_steps=2",
+            "sampler.sample_every=2,4",
+            "sampler.target_effective_layers=2,3",
+            "seed=0",
+        ],
+        tmp_path / "sweep",
+    )
+    text = collect(tmp_path / "sweep", "deep_sensitivity", tmp_path / "results")
+    cells = json.loads((tmp_path / "results" / "cells.json").read_text())
+    assert [(c["sample_every"], c["target_effective_layers"]) for c in cells] == [
+        (2, 2.0),
+        (2, 3.0),
+        (4, 2.0),
+        (4, 3.0),
+    ]
+    assert "| T_s (sample_every) | target_effective_layers |" in text
+    assert (tmp_path / "results" / "sensitivity.png").stat().st_size > 10_000

@@ -358,19 +358,20 @@ def _question_answer(rng: random.Random) -> str:
 _SENTENCE_KINDS: tuple[Callable[[random.Random], str], ...] = (_arithmetic_fact, _counting, _comparison, _story)
 
 
-def _document(rng: random.Random, lettered_kinds: Sequence[str]) -> str:
+def _document(rng: random.Random, lettered_kinds: Sequence[str], lettered_share: float) -> str:
     """One document: a prompt-format question one time in five, otherwise sentences of one kind.
 
-    With ``lettered_kinds``, one document in ten is first a lettered question of those kinds instead.
+    With ``lettered_kinds``, a share ``lettered_share`` of documents is first a lettered question instead.
 
     Args:
         rng: The source of randomness.
         lettered_kinds: Multiple-choice kinds to pretrain on, or none.
+        lettered_share: The share of documents that are lettered questions when there are kinds.
 
     Returns:
         The document, shorter than 200 characters (a lettered question with options may be longer).
     """
-    if lettered_kinds and rng.random() < 0.1:
+    if lettered_kinds and rng.random() < lettered_share:
         (example,) = multiple_choice_examples(1, rng.randrange(2**31), rng.randint(2, 4), lettered_kinds)
         return format_prompt(example) + example.output
     if rng.random() < 0.2:
@@ -385,20 +386,22 @@ def _document(rng: random.Random, lettered_kinds: Sequence[str]) -> str:
     return document
 
 
-def pretraining_corpus(num_documents: int, seed: int = 0, lettered_kinds: Sequence[str] = ()) -> list[str]:
+def pretraining_corpus(
+    num_documents: int, seed: int = 0, lettered_kinds: Sequence[str] = (), lettered_share: float = 0.1
+) -> list[str]:
     """Broad synthetic text for pretraining a tiny base model on the tasks' vocabulary.
 
     Documents are arithmetic facts (``"7 + 5 = 12."``), counting, true comparisons, one-step sentences
     about the tasks' people and objects, and one-step questions in the fine-tuning prompt format. There are
     no multi-step worked solutions, so fine-tuning on arithmetic still has to teach them. Lettered options
-    appear only with ``lettered_kinds``: then one document in ten is a multiple-choice question of those
-    kinds (2 to 4 options), so that a base learns the answer-by-letter format on them and fine-tuning on
-    another kind has the format to build on.
+    appear only with ``lettered_kinds``: then a share ``lettered_share`` of documents are multiple-choice
+    questions of those kinds (2 to 4 options), so that a base learns the answer-by-letter format.
 
     Args:
         num_documents: How many documents, ``>= 1``.
         seed: Seed of the ``random.Random`` that draws everything; the same seed gives the same list.
         lettered_kinds: Kinds of :func:`multiple_choice_examples` to include; none by default.
+        lettered_share: The share of lettered questions when ``lettered_kinds`` is given, in ``[0, 1]``.
 
     Returns:
         The documents, each shorter than 200 characters.
@@ -411,7 +414,9 @@ def pretraining_corpus(num_documents: int, seed: int = 0, lettered_kinds: Sequen
     kinds = list(lettered_kinds)
     if not set(kinds) <= set(MULTIPLE_CHOICE_KINDS):
         raise SettingValueError(f"lettered_kinds={kinds!r} must be a subset of {list(MULTIPLE_CHOICE_KINDS)}")
-    return [_document(rng, kinds) for _ in range(num_documents)]
+    if not 0 <= lettered_share <= 1:
+        raise SettingValueError(f"lettered_share={lettered_share!r} must be in [0, 1]")
+    return [_document(rng, kinds, lettered_share) for _ in range(num_documents)]
 
 
 #: Task name -> generator ``(num_examples, seed, **options) -> list[Example]``.
