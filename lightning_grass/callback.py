@@ -42,6 +42,15 @@ class GRASSCallback(Callback):
     ``grass_static`` stops refreshing after probing (GRASS*), ``lisa`` samples uniformly without probing
     (the LISA baseline), and ``fixed`` trains ``fixed_layers`` only.
 
+    When one layer's importance dwarfs the others', the softmax gives it most of the probability and sampling
+    degenerates to "that layer plus uniform". Each history record therefore carries the effective number of
+    layers, ``exp(entropy(p))``, and each layer's share of the draws so far. Four options keep ``p`` following
+    importance without collapsing (:mod:`~lightning_grass.sampling` explains each): ``normalize="rank"`` (only
+    the order counts) or ``"log"`` (``p`` proportional to ``m ** (1 / temperature)``);
+    ``target_effective_layers`` (a temperature chosen at each resample for that spread); ``max_probability``
+    (a cap); and ``importance="relative"`` (gradient norm over weight norm, so a layer with large weights
+    does not look important for its scale alone). ``normalize="none"`` is the paper's formula exactly.
+
     Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
     weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
 
