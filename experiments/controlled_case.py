@@ -13,6 +13,7 @@ draws hit them 2 times in 12) and how fast the loss recovers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -45,14 +46,27 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 }
 
 
-class LossRecorder(Callback):
-    """The training loss of every step."""
+class HeldOutLoss(Callback):
+    """The loss on fixed held-out batches of the corpus after the steps in ``checkpoints``."""
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
+    def __init__(self, batches: list[dict[str, torch.Tensor]], checkpoints: list[int]) -> None:
+        self.batches = batches
+        self.checkpoints = checkpoints
+        self.losses: dict[int, float] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        self.losses.append(float(outputs["loss"]))
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.checkpoints:
+            self.losses[trainer.global_step] = held_out_loss(pl_module, self.batches)
+
+
+def held_out_loss(module: CausalLMModule, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean loss over ``batches``, in eval mode and without gradients."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        loss = statistics.fmean(float(module.model(**batch).loss) for batch in batches)
+    module.train(was_training)
+    return loss
 
 
 def perturbed_module(seed: int, scale: float, lr: float) -> CausalLMModule:
@@ -68,7 +82,7 @@ def perturbed_module(seed: int, scale: float, lr: float) -> CausalLMModule:
 
 
 def corpus_loader(module: CausalLMModule, seed: int, steps: int, batch_size: int) -> DataLoader:
-    """Blocks of the base's pretraining corpus (a fresh draw of documents), shuffled by ``seed``."""
+    """Blocks of the base's pretraining corpus (a fresh draw of documents, seeded by ``seed``), shuffled."""
     tokenizer = module.tokenizer
     token_ids: list[int] = []
     for document in pretraining_corpus(steps * batch_size * 4, 1_000 + seed):
@@ -77,12 +91,18 @@ def corpus_loader(module: CausalLMModule, seed: int, steps: int, batch_size: int
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
+def held_out_batches(module: CausalLMModule, seed: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Eight batches of documents the fine-tuning never sees, fixed by ``seed``."""
+    return list(itertools.islice(corpus_loader(module, 50_000 + seed, 8, batch_size), 8))
+
+
 def run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune the perturbed base with one sampler; return its draws and losses."""
     pl.seed_everything(seed, verbose=False)
     module = perturbed_module(seed, args.scale, args.lr)
     callback = GRASSCallback(n_active=2, probe_steps=5, sample_every=args.sample_every, seed=seed, **SAMPLERS[name])
-    recorder = LossRecorder()
+    held_out = held_out_batches(module, seed, args.batch_size)
+    recorder = HeldOutLoss(held_out, checkpoints(args.steps))
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=args.steps,
@@ -103,24 +123,24 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     ]
     hits = sum(layer in PERTURBED for layer in draws) / max(1, len(draws))
     spread = [r["effective_layers"] for r in callback.history if r["effective_layers"] is not None]
-    return {"sampler": name, "seed": seed, "hit_rate": hits, "losses": recorder.losses, "effective_layers": spread}
+    losses = {"0": held_out_loss(perturbed_module(seed, args.scale, args.lr), held_out)}
+    losses |= {str(step): loss for step, loss in recorder.losses.items()}
+    return {"sampler": name, "seed": seed, "hit_rate": hits, "held_out_loss": losses, "effective_layers": spread}
 
 
-def base_losses(args: argparse.Namespace, seeds: list[int]) -> dict[str, float]:
-    """The loss of the unperturbed and of the perturbed base on the first batch, averaged over seeds."""
-    clean, perturbed = [], []
+def checkpoints(steps: int) -> list[int]:
+    """The steps after which the held-out loss is measured."""
+    return [steps // 4, steps // 2, steps]
+
+
+def clean_loss(args: argparse.Namespace, seeds: list[int]) -> float:
+    """The unperturbed base's held-out loss, averaged over seeds."""
+    losses = []
     for seed in seeds:
         module = CausalLMModule(pretrained_path=BASE)
-        batch = next(iter(corpus_loader(module, seed, args.steps, args.batch_size)))
-        with torch.no_grad():
-            clean.append(float(module.model(**batch).loss))
-            perturbed.append(float(perturbed_module(seed, args.scale, args.lr).model(**batch).loss))
-    return {"clean": statistics.fmean(clean), "perturbed": statistics.fmean(perturbed)}
-
-
-def window_mean(losses: list[float], end: int, width: int = 10) -> float:
-    """Mean training loss over the ``width`` steps that end at step ``end``."""
-    return statistics.fmean(losses[max(0, end - width) : end])
+        held_out = held_out_batches(module, seed, args.batch_size)
+        losses.append(held_out_loss(module, held_out))
+    return statistics.fmean(losses)
 
 
 def main() -> None:
@@ -131,24 +151,29 @@ def main() -> None:
     parser.add_argument("--sample-every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--scale", type=float, default=1.0, help="noise std as a multiple of each weight's std")
+    parser.add_argument("--scale", type=float, default=3.0, help="noise std as a multiple of each weight's std")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    reference = base_losses(args, args.seeds)
+    clean = clean_loss(args, args.seeds)
     results = [run(name, seed, args) for name in args.samplers for seed in args.seeds]
-    checkpoints = [args.steps // 4, args.steps // 2, args.steps]
+    steps = checkpoints(args.steps)
+    start_loss = statistics.fmean(r["held_out_loss"]["0"] for r in results)
     rows = []
     for name in args.samplers:
         runs = [r for r in results if r["sampler"] == name]
         hit = statistics.fmean(r["hit_rate"] for r in runs)
         spread = statistics.fmean(statistics.fmean(r["effective_layers"]) for r in runs)
-        losses = [statistics.fmean(window_mean(r["losses"], end) for r in runs) for end in checkpoints]
+        losses = [statistics.fmean(r["held_out_loss"][str(step)] for r in runs) for step in steps]
+        recovered = statistics.fmean(
+            (r["held_out_loss"]["0"] - r["held_out_loss"][str(args.steps)]) / (r["held_out_loss"]["0"] - clean)
+            for r in runs
+        )
         cells = " | ".join(f"{value:.3f}" for value in losses)
-        rows.append(f"| {name} | {hit:.1%} | {spread:.1f} | {cells} |")
-    header = " | ".join(f"loss at step {end}" for end in checkpoints)
+        rows.append(f"| {name} | {hit:.1%} | {spread:.1f} | {cells} | {recovered:.0%} |")
+    header = " | ".join(f"loss after {step}" for step in steps)
     command = "python experiments/controlled_case.py " + " ".join(
         f"--{k.replace('_', '-')}={' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
@@ -162,12 +187,12 @@ def main() -> None:
             f"added. Fine-tuning on the base's own corpus (batch {args.batch_size} x 128 tokens, AdamW, lr "
             f"{args.lr}, {args.steps} steps) with 2 of 12 layers active, resampled every {args.sample_every} steps "
             f"(GRASS probes 5 steps first). Uniform sampling hits a perturbed layer with 2 of 12 draws (16.7%). "
-            f"Seeds {args.seeds}; means over seeds. Loss: the mean training loss of the 10 steps before each "
-            f"checkpoint. The base's loss on the first batch: {reference['clean']:.3f} before the perturbation, "
-            f"{reference['perturbed']:.3f} after.",
+            f"Seeds {args.seeds}; means over seeds. Loss: on 8 fixed held-out batches of the corpus. The base's "
+            f"held-out loss is {clean:.3f} before the perturbation and {start_loss:.3f} after; the last column is "
+            "the share of that gap closed after the last step.",
             "",
-            f"| sampler | draws on perturbed layers | effective layers | {header} |",
-            "|---|---|---|" + "---|" * len(checkpoints),
+            f"| sampler | draws on perturbed layers | effective layers | {header} | gap closed |",
+            "|---|---|---|" + "---|" * (len(steps) + 1),
             *rows,
             "",
             f"Command: `{command}` ({time.perf_counter() - start:.0f} s on this machine).",
@@ -176,7 +201,7 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text)
-    (args.out / "runs.json").write_text(json.dumps({"reference": reference, "runs": results}, indent=1))
+    (args.out / "runs.json").write_text(json.dumps({"clean_loss": clean, "runs": results}, indent=1))
     print(text)
 
 

@@ -68,7 +68,7 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         return
     if group == "experiment":  # the benchmark presets: a sweep of every method over both tasks, one process each
         params = cfg.hydra.sweeper.params
-        methods = [method.removesuffix("_gamma4") for method in params.sampler.split(",")]
+        methods = [m.removesuffix("_gamma4").removesuffix("_calibrated") for m in params.sampler.split(",")]
         assert list(dict.fromkeys(methods)) == ["full", "lora", "lisa", "grass_static", "grass"]
         tasks = {compose_train(tmp_path, [f"data={name}"]).data.task for name in params.data.split(",")}
         assert tasks == {"arithmetic", "multiple_choice"} and len(params.seed.split(",")) >= 3
