@@ -64,7 +64,7 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         return
     if (group, option) == ("experiment", "bench_deep_sensitivity"):  # GRASS over T_s and its spread setting
         params = cfg.hydra.sweeper.params
-        assert params.sampler == "grass" and params["sampler.sample_every"].split(",") == ["5", "25", "50"]
+        assert params.sampler == "grass_calibrated" and params["sampler.sample_every"].split(",") == ["5", "25", "50"]
         return
     if group == "experiment":  # the benchmark presets: a sweep of every method over both tasks, one process each
         params = cfg.hydra.sweeper.params
