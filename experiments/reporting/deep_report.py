@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from lightning_grass.plots import save_figure
 from reporting.markdown import describe_machine, split_common, yaml_block
-from reporting.paired import Selection, paired_comparisons, select
+from reporting.paired import Selection, learning_rate_of, paired_comparisons, select, variant_of
 from reporting.runs import Run, load_runs
 from reporting.summary import shared_hyperparameters
 
@@ -121,6 +121,7 @@ def _markdown(
             low, high = gap["ci95"]
             interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
             parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
+        parts += _draw_share_table(runs, task, selections)
     common, per_task = split_common(shared)
     parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
     parts += yaml_block(common)
@@ -135,6 +136,41 @@ def _markdown(
         "",
     ]
     return "\n".join(parts)
+
+
+def mean_draw_shares(runs: Sequence[Run], task: str, selection: Selection) -> list[float] | None:
+    """Each layer's share of the draws of ``selection``'s variant at its chosen rate, averaged over seeds.
+
+    Returns:
+        One share per layer, or ``None`` for a method that does not sample layers.
+    """
+    shares = [
+        run.metrics["draw_share"]
+        for run in runs
+        if run.task == task
+        and variant_of(run) == selection.variant
+        and learning_rate_of(run) == selection.learning_rate
+        and run.metrics.get("draw_share")
+    ]
+    if not shares:
+        return None
+    return [math.fsum(column) / len(shares) for column in zip(*shares, strict=True)]
+
+
+def _draw_share_table(runs: Sequence[Run], task: str, selections: Sequence[Selection]) -> list[str]:
+    rows = [(s.variant.label, mean_draw_shares(runs, task, s)) for s in selections]
+    rows = [(label, shares) for label, shares in rows if shares is not None]
+    if not rows:
+        return []
+    layers = len(rows[0][1])
+    return [
+        "",
+        "Layers drawn: each layer's share of the draws (%), at the chosen learning rate, mean over seeds.",
+        "",
+        "| method | " + " | ".join(str(layer) for layer in range(layers)) + " |",
+        "|---|" + "---|" * layers,
+        *(f"| {label} | " + " | ".join(f"{100 * share:.0f}" for share in shares) + " |" for label, shares in rows),
+    ]
 
 
 def _scores_figure(table: Mapping[str, Sequence[Selection]], path: Path) -> Path:

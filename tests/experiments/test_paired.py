@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+from reporting.deep_report import mean_draw_shares
 from reporting.paired import Variant, paired_comparisons, paired_difference, select
 from reporting.runs import Run
 
@@ -61,3 +62,19 @@ def test_a_sweep_without_a_test_split_is_refused():
     run = deep_run("full", 0, 0.003, 0.5, None)
     with pytest.raises(ValueError, match=r"has no exact_match_test: the deep benchmark needs data.num_test > 0"):
         select([run])
+
+
+def test_draw_shares_are_averaged_over_the_seeds_at_the_chosen_rate_only():
+    runs = [
+        deep_run("grass", 0, 0.003, 0.2, 0.3),
+        deep_run("grass", 1, 0.003, 0.2, 0.3),
+        deep_run("grass", 0, 0.01, 0.1, 0.9),
+        deep_run("full", 0, 0.003, 0.5, 0.5),
+    ]
+    for run, shares in zip(runs, ([0.5, 0.25, 0.25], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0], None), strict=True):
+        run.metrics["draw_share"] = shares
+    grass, full = sorted(select(runs)["arithmetic"], key=lambda s: s.variant.method != "grass")
+    assert grass.learning_rate == 0.003
+    # (0.5 + 0.0) / 2, (0.25 + 0.5) / 2: sums of two binary fractions, halved, are exact.
+    assert mean_draw_shares(runs, "arithmetic", grass) == [0.25, 0.375, 0.375]
+    assert mean_draw_shares(runs, "arithmetic", full) is None
