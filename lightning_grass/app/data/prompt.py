@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from lightning_grass.app.data.chat import chat_segments, example_messages
 from lightning_grass.app.data.example import Example
-from lightning_grass.errors import SettingValueError
+from lightning_grass.errors import DataFormatError, SettingValueError
 
 #: Label value that ``torch.nn.functional.cross_entropy`` ignores.
 IGNORE_INDEX = -100
@@ -36,10 +37,12 @@ def format_prompt(example: Example) -> str:
 class TokenizedExample:
     """Token ids of prompt + response + eos, and the labels the loss is computed on.
 
+    A conversation alternates prompts and responses (assistant turns); every response is in the loss.
+
     Attributes:
         input_ids: Prompt tokens, then response tokens, then the eos token (unless truncated away).
         labels: ``-100`` for every prompt token, the token id for every response and eos token.
-        prompt_length: Number of prompt tokens at the start of ``input_ids``.
+        prompt_length: Number of prompt tokens at the start of ``input_ids``, before the first response.
         truncated: Whether the end of the response was cut to fit ``max_length``.
     """
 
@@ -66,17 +69,73 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
         raise SettingValueError("tokenizer has no eos token; set tokenizer.eos_token so that responses can end")
 
 
+def prompt_segments(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[tuple[str, bool]]:
+    """The text of ``example`` as the model sees it, in pieces, each with whether the loss covers it.
+
+    Training (:func:`tokenize_example`) and evaluation (:func:`encode_prompt`) both build their tokens from
+    these pieces, so the prompt the model is scored on is the prompt it was trained on.
+
+    Args:
+        tokenizer: Provides the special tokens a chat template may use.
+        example: The example; its ``chat_template`` chooses the rendering.
+
+    Returns:
+        Without a chat template, ``[(format_prompt(example), False), (example.output, True)]``. With one,
+        the pieces of :func:`~lightning_grass.app.data.chat.chat_segments`: the text before each assistant
+        turn (``False``) and the turn (``True``), for an Alpaca example the conversation of a user message
+        and an assistant message.
+
+    Raises:
+        DataFormatError: For a conversation without a chat template, or a template that refuses the
+            conversation or is not prefix-consistent.
+    """
+    if example.chat_template is not None:
+        return chat_segments(tokenizer, example.chat_template, example_messages(example))
+    if example.messages:
+        raise DataFormatError(
+            "a conversation (an example with messages) needs a chat template, but none is in use: "
+            "chat_template='none', or 'auto' with a tokenizer whose chat_template is unset. Pass "
+            "chat_template='auto' with a tokenizer that has one, or a Jinja template as chat_template"
+        )
+    return [(format_prompt(example), False), (example.output, True)]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """The token ids the model completes to answer ``example``: its training tokens before the last response.
+
+    Args:
+        tokenizer: The tokenizer.
+        example: The example.
+
+    Returns:
+        The ids of every piece of :func:`prompt_segments` but the last, each tokenized on its own without
+        special tokens, as :func:`tokenize_example` does: the Alpaca prompt, or the chat-template rendering
+        of all messages but the last with the generation prompt.
+
+    Raises:
+        DataFormatError: As :func:`prompt_segments`.
+    """
+    segments = prompt_segments(tokenizer, example)[:-1]
+    return [token for text, _ in segments for token in tokenizer.encode(text, add_special_tokens=False)]
+
+
 def tokenize_example(
     tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, truncation: str = "truncate"
 ) -> TokenizedExample | None:
-    """Tokenize prompt and response separately, so that the prompt mask is exact, and append eos.
+    """Tokenize the pieces of :func:`prompt_segments` separately, so that the mask is exact, and end with eos.
+
+    Each piece is tokenized on its own, without special tokens; the labels of the pieces the loss does not
+    cover are ``-100``. The eos token is appended after the Alpaca response. With a chat template it is
+    appended only when the template's rendering of the last assistant turn does not already hold the eos
+    token: a template that ends its turns with eos is not given a second one, and one that ends them with
+    another token (``<|im_end|>``, say) gets eos after it, so that generation stops there.
 
     Args:
         tokenizer: A tokenizer with pad and eos tokens. Special tokens are not added around the texts.
         example: The example to tokenize.
         max_length: The most tokens the result may have, ``>= 1``.
-        truncation: What to do with an example longer than ``max_length``: ``"truncate"`` cuts the end of
-            the response (eos included) and keeps the whole prompt; ``"skip"`` drops the example.
+        truncation: What to do with an example longer than ``max_length``: ``"truncate"`` cuts the end (eos
+            included) and keeps the whole prompt before the first response; ``"skip"`` drops the example.
 
     Returns:
         The tokenized example, or ``None`` when it is dropped: too long under ``"skip"``, or under
@@ -84,22 +143,27 @@ def tokenize_example(
 
     Raises:
         SettingValueError: For ``max_length < 1``, an unknown ``truncation``, or a tokenizer without pad or eos token.
+        DataFormatError: As :func:`prompt_segments`.
     """
     if max_length < 1:
         raise SettingValueError(f"max_length={max_length!r} must be >= 1")
     if truncation not in TRUNCATION_POLICIES:
         raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
     check_special_tokens(tokenizer)
-    prompt_ids = tokenizer.encode(format_prompt(example), add_special_tokens=False)
-    response_ids = [*tokenizer.encode(example.output, add_special_tokens=False), tokenizer.eos_token_id]
-    truncated = len(prompt_ids) + len(response_ids) > max_length
+    segments = prompt_segments(tokenizer, example)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    if example.chat_template is None or tokenizer.eos_token not in segments[-1][0]:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    prompt_length = len(tokenizer.encode(segments[0][0], add_special_tokens=False))
+    truncated = len(input_ids) > max_length
     if truncated:
-        if truncation == "skip" or len(prompt_ids) >= max_length:
+        if truncation == "skip" or prompt_length >= max_length:
             return None
-        response_ids = response_ids[: max_length - len(prompt_ids)]
-    return TokenizedExample(
-        input_ids=prompt_ids + response_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        prompt_length=len(prompt_ids),
-        truncated=truncated,
-    )
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return TokenizedExample(input_ids=input_ids, labels=labels, prompt_length=prompt_length, truncated=truncated)
