@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_grass.app.data import Example, answers_match, extract_answer, format_prompt
+from lightning_grass.app.data import Example, answers_match, encode_prompt, extract_answer
 
 
 @torch.no_grad()
@@ -20,7 +20,9 @@ def generate_answers(
 ) -> list[str]:
     """Greedy completions of each example's prompt (the response text only).
 
-    Prompts are left-padded within a batch so every completion starts right after its prompt.
+    The prompt is the one training used, :func:`~lightning_grass.app.data.encode_prompt`: the Alpaca prompt, or
+    the rendering of the example's ``chat_template`` up to the last assistant turn. Prompts are left-padded
+    within a batch so every completion starts right after its prompt.
 
     Args:
         model: A Hugging Face causal LM.
@@ -37,9 +39,7 @@ def generate_answers(
     device = next(model.parameters()).device
     completions: list[str] = []
     for start in range(0, len(examples), batch_size):
-        prompts = [
-            tokenizer.encode(format_prompt(e), add_special_tokens=False) for e in examples[start : start + batch_size]
-        ]
+        prompts = [encode_prompt(tokenizer, e) for e in examples[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
