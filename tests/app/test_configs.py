@@ -54,6 +54,10 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         data = tmp_path / "data.jsonl"
         data.write_text('{"instruction": "1 + 1?", "output": "#### 2"}\n')
         overrides.append(f"data.task={data}")
+    if (group, option) == ("data", "hf_dataset"):
+        data = tmp_path / "data.csv"
+        data.write_text("instruction,input,output\n1 + 1?,,#### 2\n")
+        overrides.append(f"data.task={data}")
     cfg = compose_train(tmp_path, overrides)
     if group == "base":  # where the base model is built and how: a plain node, read by grass-train itself
         assert cfg.base.build_if_missing and cfg.base.build.model_config.num_hidden_layers in (4, 12)
@@ -94,3 +98,25 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         kwargs["accelerator"] = "cpu"  # everything else about the GPU trainer config is still built
     built = instantiate(node, **kwargs)
     assert type(built).__name__ == node._target_.rsplit(".", 1)[1]
+
+
+def test_hf_dataset_overrides_of_the_column_mapping(tmp_path):
+    data = tmp_path / "data.parquet"
+    overrides = ["data=hf_dataset", f"data.task={data}"]
+    cfg = compose_train(tmp_path, overrides)
+    assert cfg.data.task == str(data) and (cfg.data.split, cfg.data.chat_template) == ("train", "auto")
+    assert dict(cfg.data.columns) == {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "answer": None,
+    }
+    renamed = compose_train(tmp_path, [*overrides, "data.columns.output=response", "data.columns.input=null"])
+    assert dict(renamed.data.columns) == {
+        "instruction": "instruction",
+        "input": None,
+        "output": "response",
+        "answer": None,
+    }
+    chat = compose_train(tmp_path, [*overrides, "data.columns=null", "data.columns={messages: conversations}"])
+    assert dict(chat.data.columns) == {"messages": "conversations"}

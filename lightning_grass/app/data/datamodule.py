@@ -1,7 +1,8 @@
-"""``InstructionDataModule``: a synthetic task or a local Alpaca file, tokenized with the prompt masked out."""
+"""``InstructionDataModule``: a synthetic task or a local dataset, tokenized with the prompt masked out."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lightning_grass.app.data.alpaca import load_alpaca
+from lightning_grass.app.data.alpaca import SUFFIXES, load_alpaca
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN
+from lightning_grass.app.data.chat import CHAT_TEMPLATE_MODES, resolve_chat_template
 from lightning_grass.app.data.collate import collate_batch
 from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.hf_dataset import check_columns, load_hf_dataset
 from lightning_grass.app.data.prompt import (
     TRUNCATION_POLICIES,
     TokenizedExample,
@@ -27,18 +30,30 @@ from lightning_grass.errors import DataFormatError, SettingValueError
 
 
 class InstructionDataModule(pl.LightningDataModule):
-    """Train and validation batches of one instruction task, with the loss on the response only.
+    r"""Train and validation batches of one instruction task, with the loss on the response only.
 
-    ``task`` is either a name in :data:`~lightning_grass.app.data.TASKS` or a path to a local ``.json`` or
-    ``.jsonl`` Alpaca file:
+    ``task`` is either a name in :data:`~lightning_grass.app.data.TASKS` or the path of a local dataset:
 
     - a generated task draws ``num_train + num_val + num_test`` examples from its generator with ``seed``
       (and ``task_options`` as keyword arguments); the first ``num_train`` are the training split, the next
       ``num_val`` the validation split and the last ``num_test`` the test split;
-    - a file (read with :func:`~lightning_grass.app.data.load_alpaca` and ``answer_pattern``) gives its last
-      ``num_test`` records to the test split, the ``num_val`` before them to validation and all the others to
-      training. When ``num_val`` is more than half of the remaining records, validation gets their last 10%
-      instead (at least one record). ``num_train`` is unused.
+    - a ``.json`` or ``.jsonl`` Alpaca file without ``columns`` is read with
+      :func:`~lightning_grass.app.data.load_alpaca` (errors name the file and line); with ``columns``, and for
+      a ``.csv`` or ``.parquet`` file or a ``save_to_disk`` folder (its ``split``), the data is read with
+      :func:`~lightning_grass.app.data.load_hf_dataset`, Alpaca records or conversations as ``columns`` says
+      (``None``: ``instruction``, optional ``input``, ``output``). Both use ``answer_pattern``. The last
+      ``num_test`` records go to the test split, the ``num_val`` before them to validation and all the others
+      to training. When ``num_val`` is more than half of the remaining records, validation gets their last
+      10% instead (at least one record). ``num_train`` is unused.
+
+    ``chat_template`` chooses how an example becomes text. ``"auto"`` uses the tokenizer's chat template when
+    ``tokenizer.chat_template`` is set and the Alpaca prompt of :func:`~lightning_grass.app.data.format_prompt`
+    otherwise; ``"none"`` always uses the Alpaca prompt; any other value is a Jinja template used instead of
+    the tokenizer's. With a template, an Alpaca record is the conversation of a user message (``instruction``,
+    then ``"\n\n"`` and ``input`` when there is one) and an assistant message (``output``), and the loss covers
+    the tokens of every assistant turn (see :func:`~lightning_grass.app.data.tokenize_example`). Conversations
+    need a template, like ``apply_chat_template``: without one, ``setup`` raises a ``DataFormatError``.
+    ``setup`` stores the template in each example's ``chat_template``, so that evaluation prompts with it too.
 
     The test split is never trained on nor validated on: it is there to report a score after choosing
     settings (a learning rate, say) on validation. :attr:`test_examples` holds it.
@@ -49,7 +64,8 @@ class InstructionDataModule(pl.LightningDataModule):
     :attr:`num_truncated` and :attr:`num_skipped`.
 
     Args:
-        task: A name in ``TASKS`` or the path of a ``.json`` / ``.jsonl`` file.
+        task: A name in ``TASKS``, the path of a ``.json``, ``.jsonl``, ``.csv`` or ``.parquet`` file, or of a
+            folder written by ``save_to_disk``.
         tokenizer: A tokenizer with pad and eos tokens, or ``None`` to assign it later.
         num_train: Training examples of a generated task, ``>= 1``.
         num_val: Validation examples, ``>= 1``.
@@ -64,10 +80,18 @@ class InstructionDataModule(pl.LightningDataModule):
             (it parses optional strings as YAML, where ``#`` starts a comment).
         task_options: Keyword arguments of the task generator, e.g. ``{"max_steps": 4}``; generated tasks only.
         num_workers: Data loader worker processes, ``>= 0``.
+        columns: Our fields mapped to the dataset's columns, ``{"instruction", "input", "output", "answer"}``
+            (``input`` and ``answer`` optional or ``None``) or ``{"messages", "answer"}`` for conversations;
+            local datasets only. ``None`` reads ``.json`` / ``.jsonl`` with ``load_alpaca``.
+        split: The split of a ``DatasetDict`` folder.
+        chat_template: ``"auto"``, ``"none"`` or a Jinja chat template, as described above.
 
     Raises:
-        SettingValueError: For an unknown task that is not an existing file, ``task_options`` with a file, an
-            unknown ``truncation``, or a count outside the ranges above.
+        SettingValueError: For an unknown task that is not an existing file or folder, ``task_options`` or
+            ``columns`` with a generated task, a ``split`` other than ``"train"`` for a task that is not a
+            folder, ``columns`` that :func:`~lightning_grass.app.data.hf_dataset.check_columns` refuses, a
+            ``chat_template`` that is neither a mode nor a Jinja template, an unknown ``truncation``, or a count
+            outside the ranges above.
     """
 
     def __init__(
@@ -84,15 +108,33 @@ class InstructionDataModule(pl.LightningDataModule):
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         task_options: dict[str, Any] | None = None,
         num_workers: int = 0,
+        columns: dict[str, str | None] | None = None,
+        split: str = "train",
+        chat_template: str = "auto",
     ) -> None:
         super().__init__()
-        if task not in TASKS and not Path(task).is_file():
+        if task not in TASKS and not Path(task).exists():
             raise SettingValueError(
-                f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing .json/.jsonl file"
+                f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing data file "
+                "(.json, .jsonl, .csv, .parquet) or save_to_disk folder"
             )
         if task_options and task not in TASKS:
             raise SettingValueError(
                 f"task_options={task_options!r} apply only to generated tasks, not to file {task!r}"
+            )
+        if columns is not None and task in TASKS:
+            raise SettingValueError(f"columns={columns!r} apply only to local datasets, not to generated task {task!r}")
+        if columns is not None:
+            check_columns(columns)
+        if split != "train" and not Path(task).is_dir():
+            raise SettingValueError(
+                f"split={split!r} chooses a split of a DatasetDict folder written by save_to_disk; "
+                f"task={task!r} is not a folder, so leave split='train'"
+            )
+        if chat_template not in CHAT_TEMPLATE_MODES and not ("{{" in chat_template or "{%" in chat_template):
+            raise SettingValueError(
+                f"chat_template={chat_template!r} is neither one of {CHAT_TEMPLATE_MODES} nor a Jinja template "
+                "(it has no '{{' or '{%')"
             )
         if truncation not in TRUNCATION_POLICIES:
             raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
@@ -119,6 +161,9 @@ class InstructionDataModule(pl.LightningDataModule):
         self.answer_pattern = answer_pattern
         self.task_options = dict(task_options or {})
         self.num_workers = num_workers
+        self.columns = dict(columns) if columns is not None else None
+        self.split = split
+        self.chat_template = chat_template
         self.num_truncated = 0
         self.num_skipped = 0
         self._train: list[TokenizedExample] | None = None
@@ -138,7 +183,10 @@ class InstructionDataModule(pl.LightningDataModule):
             examples = TASKS[self.task](total, seed=self.seed, **self.task_options)
             first_test = self.num_train + self.num_val
             return examples[: self.num_train], examples[self.num_train : first_test], examples[first_test:]
-        examples = load_alpaca(self.task, self.answer_pattern or None)
+        if self.columns is None and Path(self.task).suffix.lower() in SUFFIXES:
+            examples = load_alpaca(self.task, self.answer_pattern or None)
+        else:
+            examples = load_hf_dataset(self.task, self.columns, self.split, self.answer_pattern or None)
         test = examples[len(examples) - self.num_test :] if self.num_test else []
         examples = examples[: len(examples) - len(test)]
         num_val = self.num_val if self.num_val <= len(examples) // 2 else max(1, len(examples) // 10)
@@ -191,7 +239,7 @@ class InstructionDataModule(pl.LightningDataModule):
 
         Raises:
             SettingValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token.
-            DataFormatError: When a split is empty.
+            DataFormatError: When a split is empty, or for data that cannot be read or rendered.
         """
         if self.tokenizer is None:
             raise SettingValueError(
@@ -201,7 +249,8 @@ class InstructionDataModule(pl.LightningDataModule):
         if self._built_with is self.tokenizer:
             return
         self.num_truncated = self.num_skipped = 0
-        train, val, test = self._splits()
+        template = resolve_chat_template(self.tokenizer, self.chat_template)
+        train, val, test = ([replace(e, chat_template=template) for e in split] for split in self._splits())
         if not train:
             raise DataFormatError(
                 f"the training split of task {self.task!r} contains no examples; expected at least one"

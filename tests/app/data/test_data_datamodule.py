@@ -166,7 +166,10 @@ def test_tokenizer_without_pad_token(messages):
 
 
 def test_unknown_task(tok):
-    message = "task='gsm8k' is neither a known task (arithmetic, multiple_choice) nor an existing .json/.jsonl file"
+    message = (
+        "task='gsm8k' is neither a known task (arithmetic, multiple_choice) nor an existing data file "
+        "(.json, .jsonl, .csv, .parquet) or save_to_disk folder"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         InstructionDataModule(task="gsm8k")
 
