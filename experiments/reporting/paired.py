@@ -92,7 +92,12 @@ def select(runs: Sequence[Run]) -> dict[str, list[Selection]]:
     table: dict[str, list[Selection]] = {}
     for task in sorted({run.task for run in runs}):
         task_runs = [run for run in runs if run.task == task]
-        for variant in dict.fromkeys(variant_of(run) for run in task_runs):
+        order = list(METHOD_LABELS)
+        variants = sorted(
+            {variant_of(run) for run in task_runs},
+            key=lambda v: (order.index(v.method) if v.method in order else len(order), v.n_active or 0),
+        )
+        for variant in variants:
             own = [run for run in task_runs if variant_of(run) == variant]
             rates = sorted({learning_rate_of(run) for run in own})
             validation = {
