@@ -19,10 +19,12 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
 from lightning_grass import plots
+from lightning_grass.app.checkpoints import CHECKPOINT_DIR, check_checkpoint_settings, checkpoint_callbacks, resume_path
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.input_errors import report_input_errors
@@ -58,13 +60,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         print(f"Base model written to {path}")
         return metrics
 
+    ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
+    check_checkpoint_settings(ckpt_every_n_steps, cfg.get("ckpt_path"))
     base_seconds = None
     pretrained_path = cfg.model.get("pretrained_path")
     if pretrained_path is not None and cfg.base.build_if_missing and Path(pretrained_path) == Path(cfg.base.path):
         _, base_seconds = ensure_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
     module = _build_module(cfg)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("fit")
 
@@ -72,10 +76,16 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     stats = RunStats()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [stats] + ([sampler] if sampler is not None else [])
+    callbacks += checkpoint_callbacks(output_dir, ckpt_every_n_steps)
     loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
     strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy, default_root_dir=str(output_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        strategy=strategy,
+        default_root_dir=str(output_dir),
+        enable_checkpointing=ckpt_every_n_steps > 0,
     )
 
     eval_examples = datamodule.val_examples[: cfg.model.get("eval_examples", 64)]
@@ -84,7 +94,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.get("evaluate_before", True):
         exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    _fit(trainer, module, datamodule, cfg, output_dir)
     fit_seconds = time.perf_counter() - start
     module.to(trainer.strategy.root_device)
     exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
@@ -136,14 +146,38 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def _fit(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    cfg: DictConfig,
+    output_dir: Path,
+) -> None:
+    """``trainer.fit``, from the checkpoint ``cfg.ckpt_path`` names; on SIGTERM, say how to resume and exit 143."""
+    ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
+    if cfg.get("ckpt_path") == "last" and ckpt_path is None and trainer.is_global_zero:
+        print(f"no checkpoint in {output_dir / CHECKPOINT_DIR} yet: starting from step 0")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            resume = (
+                f"resume with ckpt_path=last paths.output_dir={output_dir}"
+                if cfg.get("ckpt_every_n_steps", 0) > 0
+                else "no checkpoint was written (ckpt_every_n_steps=0)"
+            )
+            print(f"stopped by SIGTERM after step {trainer.global_step}; {resume}", flush=True)
+        raise SystemExit(143) from None
+
+
 def _build_module(cfg: DictConfig) -> pl.LightningModule:
     """The model from a local directory, or from a config with the built-in tokenizer's vocabulary."""
     if cfg.model.get("pretrained_path") is not None:
-        return instantiate(cfg.model)
+        return instantiate(cfg.model, _convert_="all")
     tokenizer = build_char_tokenizer()
     config = {**OmegaConf.to_container(cfg.model.config, resolve=True), **vocabulary_config(tokenizer)}
     node = OmegaConf.to_container(cfg.model, resolve=True)
-    module = instantiate({**node, "config": config})
+    module = instantiate({**node, "config": config}, _convert_="all")
     module.tokenizer = tokenizer
     return module
 

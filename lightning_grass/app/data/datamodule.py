@@ -10,7 +10,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from lightning_grass.app.data.alpaca import SUFFIXES, load_alpaca
@@ -264,8 +265,12 @@ class InstructionDataModule(pl.LightningDataModule):
         self._test_examples = self._tokenize(test, "test")[1] if test else []
         self._built_with = self.tokenizer
 
-    def _loader(self, dataset: list[TokenizedExample] | None, shuffle: bool) -> DataLoader:
-        """A data loader over one tokenized split.
+    def _loader(self, dataset: list[TokenizedExample] | None, shuffle: bool) -> StatefulDataLoader:
+        """A resumable data loader over one tokenized split.
+
+        The loader is torchdata's ``StatefulDataLoader``: Lightning saves its position in every checkpoint
+        and restores it on resume, so a run resumed mid-epoch sees the same batches as one that never
+        stopped. The shuffle has its own generator, seeded by ``seed``, which is part of that position.
 
         Args:
             dataset: The split, ``None`` before :meth:`setup`.
@@ -279,16 +284,19 @@ class InstructionDataModule(pl.LightningDataModule):
         """
         if dataset is None:
             raise RuntimeError("InstructionDataModule.setup() must run before a dataloader is requested")
-        return DataLoader(
+        # The sampler owns the shuffle's generator. A generator shared with the loader would also feed the
+        # loader's per-epoch base seed, which its saved state does not cover, and a resumed run would shuffle
+        # the epochs after the one it stopped in differently.
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) if shuffle else None
+        return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=sampler,
             collate_fn=partial(collate_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         """The training batches, shuffled by a generator seeded with ``seed``.
 
         Returns:
@@ -296,7 +304,7 @@ class InstructionDataModule(pl.LightningDataModule):
         """
         return self._loader(self._train, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         """The validation batches, in order.
 
         Returns:

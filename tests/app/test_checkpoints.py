@@ -1,0 +1,48 @@
+"""grass-train's checkpoint settings: checked before any work, and where ``ckpt_path=last`` points."""
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_grass.app.checkpoints import check_checkpoint_settings, checkpoint_callbacks, resume_path
+from lightning_grass.errors import MissingPathError, SettingTypeError, SettingValueError
+from lightning_grass.preemption import CheckpointOnSigterm
+
+
+@pytest.mark.parametrize(
+    ("every", "path", "error", "message"),
+    [
+        (-1, None, SettingValueError, "ckpt_every_n_steps=-1 must be >= 0 (0 turns checkpoints off)"),
+        (2.5, None, SettingTypeError, "ckpt_every_n_steps=2.5 must be an int (0 turns checkpoints off)"),
+        (True, None, SettingTypeError, "ckpt_every_n_steps=True must be an int (0 turns checkpoints off)"),
+        (5, 3, SettingTypeError, "ckpt_path=3 must be 'last' or the path of a .ckpt file"),
+        (5, "/no/x.ckpt", MissingPathError, "ckpt_path='/no/x.ckpt' is not a file; give 'last' or the path of a"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_field_and_what_is_allowed(every, path, error, message):
+    with pytest.raises(error) as raised:
+        check_checkpoint_settings(every, path)
+    assert str(raised.value).startswith(message)
+
+
+def test_good_settings_pass(tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    for every, path in [(0, None), (500, "last"), (1, str(tmp_path / "x.ckpt"))]:
+        check_checkpoint_settings(every, path)
+
+
+def test_last_resumes_from_the_runs_own_last_checkpoint_once_it_exists(tmp_path):
+    assert resume_path(None, tmp_path) is None
+    assert resume_path("last", tmp_path) is None, "no checkpoint yet: start from step 0"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_path("last", tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    assert resume_path("/elsewhere/x.ckpt", tmp_path).as_posix() == "/elsewhere/x.ckpt"
+
+
+def test_the_callbacks_keep_only_last_ckpt_and_write_it_on_sigterm(tmp_path):
+    assert checkpoint_callbacks(tmp_path, 0) == []
+    periodic, on_sigterm = checkpoint_callbacks(tmp_path, 7)
+    assert isinstance(periodic, ModelCheckpoint) and isinstance(on_sigterm, CheckpointOnSigterm)
+    assert (periodic.dirpath, periodic.save_top_k, periodic.save_last) == (str(tmp_path / "checkpoints"), 0, True)
+    assert periodic._every_n_train_steps == 7
+    assert on_sigterm.path == tmp_path / "checkpoints" / "last.ckpt"
