@@ -12,6 +12,8 @@ APP_EXTRA_MODULES = {
     "hydra-optuna-sweeper": "hydra_plugins.hydra_optuna_sweeper",
     "peft": "peft",
     "tensorboard": "tensorboard",
+    "torchdata": "torchdata",
+    "datasets": "datasets",
 }
 
 _INSTALL_APP = "pip install 'lightning_grass[app]'"

@@ -120,3 +120,22 @@ def test_hf_dataset_overrides_of_the_column_mapping(tmp_path):
     }
     chat = compose_train(tmp_path, [*overrides, "data.columns=null", "data.columns={messages: conversations}"])
     assert dict(chat.data.columns) == {"messages": "conversations"}
+
+
+def test_the_slurm_launcher_composes_with_our_settings_over_submitit_slurm(tmp_path):
+    cfg = compose_train(tmp_path, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "ckpt_path=last"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node, launcher.max_num_timeout) == (
+        "gpu",
+        240,
+        1,
+        3,
+    )
+    assert cfg.ckpt_path == "last"
+
+
+def test_checkpoints_are_on_by_default_and_do_not_resume():
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        cfg = compose("train")
+    assert (cfg.ckpt_every_n_steps, cfg.ckpt_path) == (500, None)
