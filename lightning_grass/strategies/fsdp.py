@@ -1,0 +1,433 @@
+"""``GRASSFSDPStrategy``: GRASS on FSDP2 (``fully_shard`` per transformer block), through Lightning."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_grass import gradient_measurement
+from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.layer_discovery import LayerMap, discover_layers
+from lightning_grass.offload import DiskTier, HostTier
+from lightning_grass.offload.sharded_states import ShardedStateOffload
+
+log = logging.getLogger(__name__)
+
+#: Accepted values of ``offload``.
+FSDP_OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
+
+
+class GRASSFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 data-parallel sharding for GRASS: each rank holds 1/N of every weight, gradient and optimizer state.
+
+    Built on Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (FSDP2, DTensor), with
+    data-parallel sharding only: ``data_parallel_size`` defaults to the number of processes and
+    ``tensor_parallel_size`` to 1, so ``Trainer(strategy="grass_fsdp", devices=N)`` shards over N ranks.
+
+    - **Sharding.** A plain ``LightningModule`` needs no ``configure_model``: at setup, each transformer block
+      found by :func:`~lightning_grass.discover_layers` gets its own ``fully_shard`` group, then every top-level
+      submodule of the LightningModule that holds parameters (for a Hugging Face model, the causal LM itself,
+      whose embeddings, head and final norm form the root group). One group per block is what lets GRASS
+      toggle whole blocks: a frozen block gets no gradient and skips its reduce-scatter. A ``configure_model``
+      that already applied ``fully_shard`` wins; the strategy then shards nothing.
+    - **Lazy initialisation.** FSDP2 fixes each group's gradient dtypes when it first runs. A block frozen then
+      cannot be trained later under a mixed-precision policy, so the strategy runs that initialisation at
+      setup, while every block is still trainable, for every precision.
+    - **Precision.** ``"32-true"`` and ``"bf16-mixed"``. Under ``"bf16-mixed"`` the blocks are sharded with
+      ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (unless ``mp_policy`` is given):
+      weights, moments and gradients stay float32 shards, so no fp32 master is needed. Half-precision weights
+      (``"bf16-true"``, ``"16-true"``) are refused: the fp32 master logic of ``GRASSStrategy`` steps through
+      its own per-tensor store, not through sharded states.
+    - **Same layers on every rank.** ``GRASSCallback`` draws on rank 0 and broadcasts, as with ``grass_ddp``;
+      MGN is read from the reduce-scattered gradient shards (the norm of a ``DTensor`` reduces over ranks), so
+      it is the same on every rank.
+    - **Offload.** The optimizer states of deactivated blocks (this rank's shards) move to a backing tier
+      (``"cpu"``: host memory; ``"disk"``: files) when the callback draws other layers, and back when a block
+      is drawn again, bit-identical. They move whole, once per window, through
+      :class:`~lightning_grass.offload.sharded_states.ShardedStateOffload`, which reuses the tiers of
+      :mod:`lightning_grass.offload`. ``max_resident_bytes`` (per-tensor streaming inside the optimizer step)
+      is not offered: that is :class:`~lightning_grass.offload.TensorStateStore`'s job, and it sizes and
+      stores states by the tensor's global shape, not by a rank's shard.
+    - **Checkpoints.** Sharded, with torch's distributed checkpointing (a folder with one file per rank plus
+      Lightning's metadata). Offloaded states are read back from the tier into the saved optimizer state, so a
+      checkpoint always holds every state that exists. Resuming restores weights, optimizer states (offloaded
+      ones go straight back to the tier), the callback's sampler and the loops, bit-exactly.
+
+    Launch it as any Lightning multi-process run: ``Trainer(strategy="grass_fsdp", devices=N, num_nodes=M)``,
+    under ``torchrun`` or SLURM.
+
+    Args:
+        offload: ``"auto"`` (``"cpu"`` on CUDA, ``"none"`` otherwise), ``"none"``, ``"cpu"`` or ``"disk"``.
+        offload_dir: Folder for the disk tier; each rank creates its own subfolder.
+        layers: Dotted path of the block container, overriding discovery (as ``GRASSCallback(layers=...)``).
+        mp_policy: FSDP2 mixed-precision policy for the groups the strategy shards; ``None`` picks one from the
+            Trainer's precision.
+        data_parallel_size: Ranks that shard the model; ``"auto"`` means every process.
+        tensor_parallel_size: Must be 1 (``"auto"`` means 1): GRASS shards data-parallel only.
+        **kwargs: Passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
+
+    Raises:
+        SettingValueError: For an unknown ``offload``, a tensor-parallel size other than 1, or
+            ``save_distributed_checkpoint=False``.
+    """
+
+    strategy_name = "grass_fsdp"
+
+    def __init__(
+        self,
+        offload: str = "auto",
+        offload_dir: str | os.PathLike | None = None,
+        layers: str | None = None,
+        mp_policy: MixedPrecisionPolicy | None = None,
+        data_parallel_size: int | str = "auto",
+        tensor_parallel_size: int | str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if offload not in FSDP_OFFLOAD_TIERS:
+            raise SettingValueError(f"offload={offload!r} is not supported; use one of {FSDP_OFFLOAD_TIERS}")
+        if tensor_parallel_size not in ("auto", 1):
+            raise SettingValueError(
+                f"tensor_parallel_size={tensor_parallel_size!r} is not supported by grass_fsdp; it shards "
+                "data-parallel only, so use 1 (or 'auto')"
+            )
+        if kwargs.get("save_distributed_checkpoint") is False:
+            raise SettingValueError(
+                "save_distributed_checkpoint=False is not supported by grass_fsdp; its checkpoints are sharded "
+                "(one file per rank), so leave it True"
+            )
+        if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+            raise SettingTypeError(f"mp_policy={mp_policy!r} must be a torch.distributed.fsdp.MixedPrecisionPolicy")
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1, **kwargs)
+        self.offload = offload
+        self.offload_dir = offload_dir
+        self.layers = layers
+        self.mp_policy = mp_policy
+        self._offload: ShardedStateOffload | None = None
+        self._layer_map: LayerMap | None = None
+        self._active_layers: list[int] = []
+        self._checkpoint_path: Path | None = None
+        self.sharded_by_strategy = False
+
+    @property
+    def offload_tier(self) -> str:
+        """The tier in use: ``"auto"`` is ``"cpu"`` on CUDA and ``"none"`` otherwise."""
+        if self.offload == "auto":
+            return "cpu" if self.root_device.type == "cuda" else "none"
+        return self.offload
+
+    @property
+    def offload_stats(self) -> dict[str, float]:
+        """This rank's offload counters; empty without offload (and after teardown).
+
+        Keys: ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing`` of the tier, and
+        ``resident_state_bytes`` (this rank's optimizer-state shards on the device).
+        """
+        if self._offload is None:
+            return {}
+        return {**self._offload.stats, "resident_state_bytes": self._offload.resident_state_bytes()}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Lightning restores callbacks after on_fit_start when this is True, and GRASSCallback reads its saved
+        # draws at on_fit_start. The sharded weights and optimizer states are loaded after setup anyway, in
+        # load_optimizer_state_dict.
+        return False
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        # ModelParallelStrategy.setup requires a configure_model; this one shards a plain module itself.
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision not in ("32-true", "bf16-mixed"):
+            raise SettingValueError(
+                f"precision={precision!r} is not supported by grass_fsdp; use '32-true' or 'bf16-mixed' (bf16 "
+                "compute on float32 shards, which need no fp32 master weights)"
+            )
+        _materialize_distributed_module(self.model, self.root_device)
+        self._shard(trainer)
+        self.model_to_device()
+        self._lazy_init()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def on_layer_map(self, layer_map: LayerMap) -> None:
+        """Prepare the backing tier for the layers' optimizer-state shards."""
+        self._layer_map = layer_map
+        self._close_offload()
+        if self.offload_tier == "none" or len(self.optimizers) != 1:
+            return
+        in_optimizer = {id(p) for group in self._inner_optimizer().param_groups for p in group["params"]}
+        params = [
+            p
+            for index in range(layer_map.num_layers)
+            for p in layer_map.layer_parameters(index)
+            if id(p) in in_optimizer
+        ]
+        if self.offload_tier == "disk":
+            directory = None if self.offload_dir is None else Path(self.offload_dir) / f"rank{self.global_rank}"
+            tier = DiskTier(directory)
+        else:
+            tier = HostTier(self.root_device)
+        self._offload = ShardedStateOffload(self._inner_optimizer(), params, tier)
+        rank_zero_info(
+            f"GRASSFSDPStrategy: optimizer-state shards of {len(params)} layer tensors are offloaded to "
+            f"{self.offload_tier!r} while their layer is inactive"
+        )
+
+    def on_active_layers(self, active_layers: Sequence[int]) -> None:
+        """Bring the active layers' state shards back, and send every other layer's to the tier."""
+        self._active_layers = list(active_layers)
+        if self._offload is None or self._layer_map is None:
+            return
+        active = set(active_layers)
+        layer_map = self._layer_map
+        leaving = [p for i in range(layer_map.num_layers) if i not in active for p in layer_map.layer_parameters(i)]
+        offloadable = {id(p) for p in self._offload.params}
+        self._offload.offload(p for p in leaving if id(p) in offloadable)
+        self._offload.restore(p for i in active_layers for p in layer_map.layer_parameters(i))
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        # GRASSCallback measures gradients inside the closure (on_before_optimizer_step); see _sharded_norms.
+        with _sharded_norms(self.device_mesh["data_parallel"].get_group()):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """This rank's optimizer state keyed by parameter name, offloaded shards included (read from the tier).
+
+        Built here rather than with ``get_optimizer_state_dict``, which steps an optimizer with no state (during
+        GRASS's probing phase, for example) to create one, and so would change it.
+        """
+        inner = self._inner_optimizer(optimizer)
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        states: dict[nn.Parameter, dict[str, Any]] = dict(inner.state)
+        if self._offload is not None:
+            states.update(self._offload.backed_states())
+        saved = {names[id(p)]: dict(state) for p, state in states.items()}
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+            for group in inner.param_groups
+        ]
+        return {"state": saved, "param_groups": groups}
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read Lightning's metadata now; the sharded weights and states load after setup."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            raise SettingValueError(
+                f"ckpt_path={str(path)!r} is not a sharded checkpoint folder written by grass_fsdp (a folder with "
+                f"{_METADATA_FILENAME} and torch.distributed.checkpoint files)"
+            )
+        self._checkpoint_path = path
+        checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        checkpoint["optimizer_states"] = [None] * max(1, len(self.optimizers))
+        return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # The model is not sharded yet when Lightning calls this; load_optimizer_state_dict loads the weights.
+        pass
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Load the sharded weights, then the optimizer states: active ones resident, the others to the tier."""
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        path = self._checkpoint_path
+        assert path is not None and self.model is not None
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        load(model_state, checkpoint_id=path)
+        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+        params = dict(self.model.named_parameters())
+        for index, optimizer in enumerate(self.optimizers):
+            inner = self._inner_optimizer(optimizer)
+            prefix = f"optimizer_{index}.state."
+            template: dict[str, dict[str, Any]] = {}
+            for key, meta in metadata.items():
+                if not key.startswith(prefix):
+                    continue
+                name, state_key = key[len(prefix) :].rsplit(".", 1)
+                param = params[name]
+                size = getattr(meta, "size", None)
+                if size is None:
+                    value: Any = None  # a non-tensor value, filled in by load()
+                elif isinstance(param, DTensor) and tuple(size) == tuple(param.shape):
+                    value = torch.zeros_like(param, dtype=meta.properties.dtype)
+                else:
+                    value = torch.zeros(tuple(size), dtype=meta.properties.dtype)
+                template.setdefault(name, {})[state_key] = value
+            groups = [{k: None for k in group if k != "params"} | {"params": None} for group in inner.param_groups]
+            loaded = {f"optimizer_{index}": {"state": template, "param_groups": groups}}
+            load(loaded, checkpoint_id=path)
+            saved = loaded[f"optimizer_{index}"]
+            for group, saved_group in zip(inner.param_groups, saved["param_groups"], strict=True):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+            inner.state.clear()
+            for name, state in saved["state"].items():
+                inner.state[params[name]] = state
+        self._checkpoint_path = None
+        if self._offload is not None:
+            # Everything was loaded resident; send the inactive layers' shards back to the tier.
+            self.on_active_layers(self._active_layers)
+
+    @override
+    def teardown(self) -> None:
+        self._close_offload()
+        super().teardown()
+
+    def _shard(self, trainer: pl.Trainer) -> None:
+        """``fully_shard`` each block, then each top-level submodule holding parameters; unless already done."""
+        module = self.lightning_module
+        layer_map = discover_layers(module, self._layers_path(trainer))
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            unsharded = [i for i, block in enumerate(layer_map.blocks) if not isinstance(block, FSDPModule)]
+            if unsharded:
+                rank_zero_warn(
+                    f"configure_model applied fully_shard, but not to blocks {unsharded} of '{layer_map.path}': "
+                    "GRASS toggles whole blocks, and a block that shares a shard group with others keeps that "
+                    "group's reduce-scatter running while it is frozen. Shard each block on its own"
+                )
+            return
+        direct = [name for name, _ in module.named_parameters(recurse=False)]
+        if direct:
+            raise SettingValueError(
+                f"{type(module).__name__} holds parameters directly ({direct[:3]}); grass_fsdp shards the "
+                "LightningModule's submodules, so move them into a submodule, or shard in configure_model"
+            )
+        policy = self.mp_policy or self._default_policy()
+        mesh = self.device_mesh["data_parallel"]
+        blocks = {id(b) for b in layer_map.blocks}
+        for block in layer_map.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        for child in module.children():
+            own = [p for m in child.modules() if id(m) not in blocks for p in m.parameters(recurse=False)]
+            if own:
+                fully_shard(child, mesh=mesh, mp_policy=policy)
+        self.sharded_by_strategy = True
+        rank_zero_info(
+            f"GRASSFSDPStrategy: {layer_map.num_layers} blocks at '{layer_map.path}' sharded one group each over "
+            f"{mesh.size()} ranks"
+        )
+
+    def _layers_path(self, trainer: pl.Trainer) -> str | None:
+        if self.layers is not None:
+            return self.layers
+        for callback in trainer.callbacks:
+            config = getattr(callback, "config", None)
+            if config is not None and getattr(config, "layers", None) is not None:
+                return config.layers
+        return None
+
+    def _default_policy(self) -> MixedPrecisionPolicy:
+        if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.precision == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _lazy_init(self) -> None:
+        """Run FSDP2's lazy initialisation of every root group now, while every block is still trainable.
+
+        FSDP2 otherwise initialises at the first forward and fixes gradient dtypes from the parameters that are
+        trainable then; under a mixed-precision policy a block frozen at that moment fails when trained later.
+        """
+        roots = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        nested = {id(sub) for root in roots for sub in root.modules() if sub is not root}
+        for root in roots:
+            if id(root) not in nested:
+                root._get_fsdp_state()._lazy_init()  # torch has no public call for this; the first forward makes it
+
+    def _inner_optimizer(self, optimizer: Optimizer | None = None) -> Optimizer:
+        optimizer = optimizer if optimizer is not None else self.optimizers[0]
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return optimizer
+
+    def _close_offload(self) -> None:
+        if self._offload is not None:
+            self._offload.close()
+            self._offload = None
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="GRASS on FSDP2, one shard group per block", override=True
+        )
+        strategy_registry.register(
+            "grass_fsdp_offload_disk",
+            cls,
+            description="GRASS on FSDP2 with deactivated blocks' state shards in files",
+            override=True,
+            offload="disk",
+        )
+
+
+@contextmanager
+def _sharded_norms(group: Any) -> Iterator[None]:
+    """Make GRASS's per-layer squared gradient norms work on FSDP2's sharded ``DTensor`` gradients.
+
+    :func:`~lightning_grass.importance.grouped_sq_norms` adds per-tensor norms into a plain tensor, which
+    ``DTensor`` refuses (it does not mix plain and distributed tensors in one in-place op). Inside this context
+    the meter's copy of it sums each rank's local shards and all-reduces the per-layer sums: every element
+    lives in exactly one shard, so the result is the full squared norm, the same on every rank. Every rank calls
+    it at the same points (the same layers are active everywhere), so the collective matches up.
+    """
+    original = gradient_measurement.grouped_sq_norms
+
+    def grouped(tensors: list[Tensor], group_index: Tensor, num_groups: int) -> Tensor:
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        result = original(local, group_index, num_groups)
+        torch.distributed.all_reduce(result, group=group)
+        return result
+
+    gradient_measurement.grouped_sq_norms = grouped
+    try:
+        yield
+    finally:
+        gradient_measurement.grouped_sq_norms = original

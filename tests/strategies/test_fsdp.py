@@ -1,0 +1,145 @@
+"""GRASS on FSDP2 over two CPU processes (gloo): equal draws, the one-process result, frozen blocks, bf16, resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from lightning_grass import GRASSFSDPStrategy
+from lightning_grass.errors import SettingValueError
+
+RUNNER = Path(__file__).with_name("fsdp_run.py")
+STEPS, LR = 14, 1e-3
+
+
+def run(out, *args, expect_ok=True):
+    out.mkdir()
+    # One thread per process in every set-up, so that every matrix product runs the same kernel.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, str(RUNNER), str(out), f"--steps={STEPS}", f"--lr={LR}", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    if not expect_ok:
+        return result
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """Two ranks, batch 8 each, state shards of inactive blocks in host memory, a sharded checkpoint every 4 steps."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    return out, run(out, "--devices=2", "--batch-size=8", "--offload=cpu", "--save-every=4")
+
+
+def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path):
+    _, (rank0, rank1) = fsdp_run
+    assert rank0["sharded_by_strategy"], "a plain LightningModule (no configure_model) was sharded by the strategy"
+    assert len(rank0["history"]) == 5, "probe end at step 2, resamples at 5, 8, 11 and 14"
+    assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), f"gathered weights differ between ranks at {name}"
+
+    # One process accumulating the ranks' two micro-batches of 8 computes the same gradients bitwise: the same
+    # kernels on the same samples; Lightning halves each micro-batch's loss and FSDP2 halves each rank's gradient
+    # (powers of two, exact); a sum of two terms does not depend on their order; AdamW is elementwise, so
+    # stepping shards is stepping the whole tensor.
+    (accumulated,) = run(tmp_path / "acc", "--devices=1", "--batch-size=8", "--accumulate=2")
+    assert [r["active_layers"] for r in accumulated["history"]] == [r["active_layers"] for r in rank0["history"]]
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, accumulated["weights"][name]), name
+
+    # One process with batch 16 takes the loss mean over 16 samples in one reduction and sums weight gradients
+    # over 16 rows at once: other float32 rounding than two halves averaged. An AdamW element whose gradient is
+    # near the rounding level can take a different sign in one step and move 2 * lr apart, so 2 * lr bounds
+    # the difference (measured: below 1e-6).
+    (batch16,) = run(tmp_path / "b16", "--devices=1", "--batch-size=16")
+    assert [r["active_layers"] for r in batch16["history"]] == [r["active_layers"] for r in rank0["history"]]
+    for name, weight in rank0["weights"].items():
+        assert torch.allclose(weight, batch16["weights"][name], rtol=0, atol=2 * LR), name
+
+
+def test_frozen_blocks_have_no_gradient_and_no_resident_state(fsdp_run):
+    _, (rank0, rank1) = fsdp_run
+    layer_grad_bytes = None
+    for step in rank0["steps"]:
+        if step["phase"] == "probe":
+            continue  # probing measures every layer, then removes the gradients: no step changes anything
+        assert step["with_grad"] == step["active"], "only the active block holds a gradient"
+        assert set(step["with_state_before_step"]) <= set(step["active"]), "inactive blocks' states are offloaded"
+        assert set(step["with_state_after_step"]) <= set(step["active_after"])
+        # The gradient shards are the same size at every step: one block plus the always-on modules.
+        layer_grad_bytes = layer_grad_bytes or step["grad_bytes"]
+        assert step["grad_bytes"] == layer_grad_bytes
+    assert rank0["steps"] == rank1["steps"]
+
+
+def test_checkpoint_holds_offloaded_states_and_resumes_bit_exactly(fsdp_run, tmp_path):
+    out, ranks = fsdp_run
+    rank0 = ranks[0]
+    # At step 8 the callback had just drawn layer 3 for layer 2: layer 2's 9 tensors were in host memory, and
+    # only the 3 always-on tensors were resident. The checkpoint holds both.
+    step8 = next(save for save in rank0["saves"] if save["step"] == 8)
+    assert step8 == {"step": 8, "saved_states": 12, "resident_states": 3}
+    checkpoint = out / "ckpt" / "epoch=1-step=8.ckpt"
+    keys = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    saved_exp_avg = {key for key in keys if key.startswith("optimizer_0.state.") and key.endswith(".exp_avg")}
+    assert len(saved_exp_avg) == 12 and any(".layers.2." in key for key in saved_exp_avg)
+
+    resumed = run(tmp_path / "resumed", "--devices=2", "--batch-size=8", "--offload=cpu", f"--resume={checkpoint}")
+    for full, part in zip(ranks, resumed, strict=True):
+        assert part["history"] == full["history"], "the sampler resumed where it stopped"
+        for name, weight in full["weights"].items():
+            assert torch.equal(part["weights"][name], weight), name
+        assert sorted(part["final_state"]) == sorted(full["final_state"])
+        for name, state in full["final_state"].items():
+            for key, value in state.items():
+                assert torch.equal(part["final_state"][name][key], value), (name, key)
+
+
+def test_bf16_mixed_survives_reactivating_a_block_frozen_at_the_first_forward(tmp_path):
+    # lisa trains 1 of 4 blocks from the first step, so 3 blocks are frozen when the first forward runs; with
+    # sample_every=2 blocks frozen then are drawn later. FSDP2 shards with MixedPrecisionPolicy(bf16, fp32).
+    args = ["--devices=2", "--precision=bf16-mixed", "--mode=lisa", "--sample-every=2", "--offload=cpu"]
+    rank0, rank1 = run(tmp_path / "bf16", *args)
+    first = rank0["history"][0]["active_layers"]
+    drawn = {layer for record in rank0["history"] for layer in record["active_layers"]}
+    assert drawn - set(first), "a block frozen at the first forward was trained later"
+    assert rank0["history"] == rank1["history"]
+    for name, weight in rank0["weights"].items():
+        assert weight.dtype == torch.float32 and torch.isfinite(weight).all(), name
+        assert torch.equal(weight, rank1["weights"][name]), name
+    for step in rank0["steps"]:
+        assert step["with_grad"] == step["active"]
+
+
+@pytest.mark.slow
+def test_without_the_all_trainable_lazy_init_bf16_reactivation_fails(tmp_path):
+    # The pitfall the strategy's lazy initialisation avoids, shown by skipping it.
+    args = ["--devices=2", "--precision=bf16-mixed", "--mode=lisa", "--sample-every=2", "--no-lazy-init"]
+    result = run(tmp_path / "bf16", *args, expect_ok=False)
+    assert result.returncode != 0
+    assert "attempting to assign a gradient with dtype" in result.stderr
+
+
+def test_registered_names():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["grass_fsdp"]["strategy"] is GRASSFSDPStrategy
+    assert StrategyRegistry["grass_fsdp_offload_disk"]["init_params"] == {"offload": "disk"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(offload="nvme"), "offload='nvme' is not supported"),
+        (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not supported by grass_fsdp"),
+        (dict(save_distributed_checkpoint=False), "save_distributed_checkpoint=False is not supported"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(SettingValueError, match=message):
+        GRASSFSDPStrategy(**kwargs)
