@@ -465,8 +465,19 @@ def _check_strategy(strategy: Strategy) -> None:
     """Refuse strategies under which freezing layers would half-work."""
     if isinstance(strategy, FSDPStrategy):
         raise SettingValueError(
-            "GRASSCallback does not support FSDP: under FSDP1 frozen parameters save no gradient memory, and "
-            "changing requires_grad after sharding may not take effect. Use strategy='grass' or 'grass_ddp'"
+            "GRASSCallback does not run on FSDPStrategy (FSDP1): freezing blocks saves gradient memory there only "
+            "with use_orig_params=True and one FSDP wrapper per transformer block (blocks sharing a flat parameter "
+            "keep gradient memory while frozen), and the optimizer states of deactivated blocks would be dropped. "
+            "Use strategy='grass_fsdp' (FSDP2: one shard group per block, sharded for you, states kept and "
+            "offloaded), or 'grass_ddp'"
+        )
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy, ActiveLayerListener):
+        raise SettingValueError(
+            "GRASSCallback does not run on a plain ModelParallelStrategy: its gradient measurement and the "
+            "optimizer states of deactivated blocks need grass_fsdp's handling of sharded (DTensor) tensors. Use "
+            "strategy='grass_fsdp', which also shards each block for you"
         )
     if isinstance(strategy, DeepSpeedStrategy):
         raise SettingValueError(
