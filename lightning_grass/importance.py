@@ -15,6 +15,7 @@ import logging
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +23,43 @@ log = logging.getLogger(__name__)
 def grouped_sq_norms(grads: list[Tensor], group_index: Tensor, num_groups: int) -> Tensor:
     """Sum of squared L2 norms of ``grads`` per group, in one batched kernel and without a host sync.
 
+    Gradients sharded across ranks (``DTensor`` s whose placements are all ``Shard``, as FSDP2 makes them)
+    count whole: each rank adds the squares of its own shard, and the per-group sums are all-reduced over
+    the shards' process group. Every element lives in exactly one shard, so every rank gets the full norm;
+    and every rank must call this at the same point, as GRASS's strategies ensure by drawing the same layers
+    everywhere.
+
     Args:
-        grads: Gradient tensors, any shapes and dtypes, all on one device.
+        grads: Gradient tensors, any shapes and dtypes, all on one device; plain tensors, or sharded
+            ``DTensor`` s on one device mesh.
         group_index: ``int64`` tensor on the same device, ``group_index[i]`` is the group of ``grads[i]``.
         num_groups: Length of the result.
 
     Returns:
         A float32 tensor of shape ``(num_groups,)``: ``sum over i in group g of ||grads[i]||^2``. A non-finite
         gradient makes its group's entry non-finite.
+
+    Raises:
+        NotImplementedError: For a ``DTensor`` that is replicated along some mesh dimension.
     """
     result = torch.zeros(num_groups, dtype=torch.float32, device=group_index.device)
-    if grads:
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        result.index_add_(0, group_index, norms.square())
+    if not grads:
+        return result
+    sharded = [i for i, grad in enumerate(grads) if isinstance(grad, DTensor)]
+    if not sharded:
+        result.index_add_(0, group_index, torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square())
+        return result
+    mesh = grads[sharded[0]].device_mesh
+    for i in sharded:
+        if not all(isinstance(placement, Shard) for placement in grads[i].placements):
+            raise NotImplementedError(f"gradient {i} is a DTensor placed {grads[i].placements}; only Shard is summed")
+    local = [grad.to_local() if isinstance(grad, DTensor) else grad for grad in grads]
+    squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).square()
+    is_sharded = torch.tensor([isinstance(grad, DTensor) for grad in grads], device=group_index.device)
+    result.index_add_(0, group_index, torch.where(is_sharded, squares, 0.0))
+    for dim in range(mesh.ndim):
+        torch.distributed.all_reduce(result, group=mesh.get_group(dim))
+    result.index_add_(0, group_index, torch.where(is_sharded, 0.0, squares))
     return result
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grass import gradient_measurement
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.offload import DiskTier, HostTier
@@ -60,8 +58,8 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
       (``"bf16-true"``, ``"16-true"``) are refused: the fp32 master logic of ``GRASSStrategy`` steps through
       its own per-tensor store, not through sharded states.
     - **Same layers on every rank.** ``GRASSCallback`` draws on rank 0 and broadcasts, as with ``grass_ddp``;
-      MGN is read from the reduce-scattered gradient shards (the norm of a ``DTensor`` reduces over ranks), so
-      it is the same on every rank.
+      MGN is read from the reduce-scattered gradient shards: :func:`~lightning_grass.importance.grouped_sq_norms`
+      sums each rank's shard and all-reduces the per-layer sums, so it is the same on every rank.
     - **Offload.** The optimizer states of deactivated blocks (this rank's shards) move to a backing tier
       (``"cpu"``: host memory; ``"disk"``: files) when the callback draws other layers, and back when a block
       is drawn again, bit-identical. They move whole, once per window, through
@@ -221,18 +219,6 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         offloadable = {id(p) for p in self._offload.params}
         self._offload.offload(p for p in leaving if id(p) in offloadable)
         self._offload.restore(p for i in active_layers for p in layer_map.layer_parameters(i))
-
-    @override
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: pl.LightningModule | nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        # GRASSCallback measures gradients inside the closure (on_before_optimizer_step); see _sharded_norms.
-        with _sharded_norms(self.device_mesh["data_parallel"].get_group()):
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -406,28 +392,3 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
             override=True,
             offload="disk",
         )
-
-
-@contextmanager
-def _sharded_norms(group: Any) -> Iterator[None]:
-    """Make GRASS's per-layer squared gradient norms work on FSDP2's sharded ``DTensor`` gradients.
-
-    :func:`~lightning_grass.importance.grouped_sq_norms` adds per-tensor norms into a plain tensor, which
-    ``DTensor`` refuses (it does not mix plain and distributed tensors in one in-place op). Inside this context
-    the meter's copy of it sums each rank's local shards and all-reduces the per-layer sums: every element
-    lives in exactly one shard, so the result is the full squared norm, the same on every rank. Every rank calls
-    it at the same points (the same layers are active everywhere), so the collective matches up.
-    """
-    original = gradient_measurement.grouped_sq_norms
-
-    def grouped(tensors: list[Tensor], group_index: Tensor, num_groups: int) -> Tensor:
-        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-        result = original(local, group_index, num_groups)
-        torch.distributed.all_reduce(result, group=group)
-        return result
-
-    gradient_measurement.grouped_sq_norms = grouped
-    try:
-        yield
-    finally:
-        gradient_measurement.grouped_sq_norms = original

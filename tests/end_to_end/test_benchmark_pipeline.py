@@ -145,6 +145,7 @@ def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps
         assert (tmp_path / "results" / figure).stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 40 s: the deep sweep above covers the sweep-to-report path; this adds the T_s x target table
 def test_the_sensitivity_sweep_tabulates_ts_and_the_target(tmp_path):
     overrides = [o for o in DEEP_TOY if not o.startswith(("sampler", "model.lr", "seed", "experiment"))]
     run_sweep(

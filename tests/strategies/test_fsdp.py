@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
+from tolerances import fp32_sum_rtol
 from torch.distributed.checkpoint import FileSystemReader
+from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSFSDPStrategy
 from lightning_grass.errors import SettingValueError
@@ -51,6 +54,15 @@ def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path
     assert [r["active_layers"] for r in accumulated["history"]] == [r["active_layers"] for r in rank0["history"]]
     for name, weight in rank0["weights"].items():
         assert torch.equal(weight, accumulated["weights"][name]), name
+    # MGN from the same gradients: the ranks sum the squares of their shards and all-reduce them, one process
+    # takes each tensor's norm whole. Another order of a float32 sum of at most a layer's elements, then a
+    # square root, a division and the window's mean.
+    layer_numel = sum(p.numel() for p in LlamaForCausalLM(tiny_llama_config()).model.layers[0].parameters())
+    rtol = fp32_sum_rtol(layer_numel + STEPS, extra_operations=8)
+    for ours, theirs in zip(rank0["history"], accumulated["history"], strict=True):
+        assert (ours["importance"] is None) == (theirs["importance"] is None)
+        if ours["importance"] is not None:
+            assert ours["importance"] == pytest.approx(theirs["importance"], rel=rtol, abs=0)
 
     # One process with batch 16 takes the loss mean over 16 samples in one reduction and sums weight gradients
     # over 16 rows at once: other float32 rounding than two halves averaged. An AdamW element whose gradient is
