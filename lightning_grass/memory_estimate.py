@@ -25,6 +25,9 @@ from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload.state_bytes import ADAMW_MOMENTS
 from lightning_grass.strategies.layerwise_offload import OFFLOAD_TIERS
 
+#: Precisions ``grass_fsdp`` takes: its weights stay in their own dtype, sharded.
+SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
 #: Precisions and the weight dtype each trains in; ``None`` keeps the model's own dtype.
 PRECISIONS: dict[str, torch.dtype | None] = {
     "32-true": None,
@@ -73,6 +76,7 @@ def estimate_memory(
     offload_always_on: bool = False,
     master_weights: bool = True,
     layers: str | None = None,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Device memory for fine-tuning ``model`` with ``GRASSCallback`` and ``GRASSStrategy``, activations excluded.
 
@@ -92,6 +96,12 @@ def estimate_memory(
     Half-precision parameters get fp32 master weights (``master_weights=True``), with fp32 moments. With
     ``n_active`` equal to the number of layers and ``offload="none"`` this is full fine-tuning.
 
+    ``shards > 1`` sizes one rank of ``GRASSFSDPStrategy`` (``strategy="grass_fsdp"``) over that many ranks:
+    each rank holds ``1/shards`` of every weight, gradient and state (rounded up per tensor). ``weights`` then
+    also counts what FSDP2 all-gathers for compute: the root group (embeddings, head, final norm), which stays
+    gathered through the step, and two blocks at once (the one computing and the one prefetched), in the
+    compute dtype (bf16 under ``"bf16-mixed"``). There, weights stay fp32 shards, so no master weights.
+
     Args:
         model: A Hugging Face causal LM or a module holding one, on any device, ``meta`` included.
         n_active: Layers trained at once (gamma).
@@ -102,13 +112,15 @@ def estimate_memory(
         offload_always_on: Offload the embeddings', head's and final norm's states too.
         master_weights: Give half-precision parameters fp32 masters.
         layers: Dotted path of the block container, as for ``GRASSCallback``.
+        shards: Ranks that shard the model with ``grass_fsdp``; 1 for ``grass`` and ``grass_ddp``.
 
     Returns:
         The estimate, in bytes.
 
     Raises:
-        SettingValueError: For an unknown precision or offload, float16 training, or ``n_active`` outside
-            1 to the number of layers.
+        SettingValueError: For an unknown precision or offload, float16 training, ``n_active`` outside
+            1 to the number of layers, ``shards < 1``, or, with ``shards > 1``, a precision or a
+            ``max_resident_bytes`` that ``grass_fsdp`` does not take.
     """
     if precision == "16-true":
         raise SettingValueError("precision='16-true' is refused by GRASSStrategy; estimate 'bf16-true' instead")
@@ -116,6 +128,17 @@ def estimate_memory(
         raise SettingValueError(f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}")
     if offload not in OFFLOAD_TIERS:
         raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise SettingValueError(f"shards={shards!r} must be an int >= 1 (the ranks grass_fsdp shards over)")
+    if shards > 1 and precision not in SHARDED_PRECISIONS:
+        raise SettingValueError(
+            f"precision={precision!r} is not supported by grass_fsdp (shards={shards}); use one of {SHARDED_PRECISIONS}"
+        )
+    if shards > 1 and max_resident_bytes is not None:
+        raise SettingValueError(
+            f"max_resident_bytes={max_resident_bytes!r} is not supported by grass_fsdp (shards={shards}): it moves "
+            "whole state shards, without a byte budget"
+        )
     layer_map = discover_layers(model, layers)
     if not 1 <= n_active <= layer_map.num_layers:
         raise SettingValueError(
@@ -124,8 +147,11 @@ def estimate_memory(
     budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
     dtype = PRECISIONS[precision]
 
+    def numel(param: nn.Parameter) -> int:
+        return -(-param.numel() // shards)
+
     def weight_bytes(param: nn.Parameter) -> int:
-        return param.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else param.element_size())
+        return numel(param) * (torch.empty((), dtype=dtype).element_size() if dtype else param.element_size())
 
     def is_half(param: nn.Parameter) -> bool:
         return (dtype or param.dtype) in (torch.bfloat16, torch.float16)
@@ -134,18 +160,23 @@ def estimate_memory(
         states = masters = 0
         for p in params:
             mastered = master_weights and is_half(p)
-            states += ADAMW_MOMENTS * (4 * p.numel() if mastered else weight_bytes(p))
-            masters += 4 * p.numel() if mastered else 0
+            states += ADAMW_MOMENTS * (4 * numel(p) if mastered else weight_bytes(p))
+            masters += 4 * numel(p) if mastered else 0
         return states, masters
 
     per_layer = [_unique(layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
     in_layers = {id(p) for params in per_layer for p in params}
     always_on = _unique(p for group in ALWAYS_ON_GROUPS for p in layer_map.group_parameters(group))
     always_on = [p for p in always_on if id(p) not in in_layers]
-    largest = sorted(per_layer, key=lambda params: sum(weight_bytes(p) for p in params), reverse=True)[:n_active]
+    by_size = sorted(per_layer, key=lambda params: sum(weight_bytes(p) for p in params), reverse=True)
+    largest = by_size[:n_active]
     trained = always_on + [p for params in largest for p in params]
 
     weights = sum(weight_bytes(p) for p in _unique(p for p in model.parameters()))
+    if shards > 1:
+        compute_size = 2 if precision == "bf16-mixed" else None
+        gathered = always_on + [p for params in by_size[:2] for p in params]
+        weights += sum(p.numel() * (compute_size or p.element_size()) for p in gathered)
     gradients = sum(weight_bytes(p) for p in trained)
     tier = "cpu" if offload == "auto" else offload
     if tier == "none":

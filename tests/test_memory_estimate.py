@@ -6,7 +6,8 @@ from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning.pytorch.callbacks import Callback
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_grass import GRASSCallback, GRASSStrategy, MemoryEstimate, estimate_memory
+from lightning_grass import GRASSCallback, GRASSStrategy, MemoryEstimate, discover_layers, estimate_memory
+from lightning_grass.errors import SettingValueError
 
 MODEL = TinyCausalLM().model
 TOTAL = sum(p.numel() for p in MODEL.parameters())
@@ -95,3 +96,38 @@ def test_the_estimate_is_within_ten_percent_of_a_measured_cpu_run(precision):
     # The estimate leaves out AdamW's 4-byte step counters, and the measurement sees every transfer in flight.
     assert abs(estimate.optimizer_states + estimate.master_weights - measured_state) <= 0.1 * measured_state
     assert abs(estimate.gradients - gradients.bytes) <= 0.1 * gradients.bytes
+
+
+def test_one_rank_of_grass_fsdp_holds_a_shard_of_everything_plus_the_gathered_groups():
+    shards = 4
+    single = estimate_memory(MODEL, n_active=2, offload="cpu")
+    sharded = estimate_memory(MODEL, n_active=2, offload="cpu", shards=shards)
+    layer_map = discover_layers(MODEL)
+
+    def shard_bytes(params):
+        return sum(-(-p.numel() // shards) * p.element_size() for p in params)
+
+    layer_params = [list(layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
+    in_layers = {id(p) for params in layer_params for p in params}
+    always_on = [p for p in MODEL.parameters() if id(p) not in in_layers]
+    two_blocks = [p for params in layer_params[:2] for p in params]  # the blocks are all the same size
+    gathered = sum(p.numel() * p.element_size() for p in always_on + two_blocks)
+    assert sharded.weights == shard_bytes(MODEL.parameters()) + gathered
+    assert sharded.gradients == shard_bytes(always_on + two_blocks)
+    assert sharded.optimizer_states == 2 * shard_bytes(always_on + two_blocks)
+    assert sharded.master_weights == 0
+    assert sharded.gradients < single.gradients and sharded.optimizer_states < single.optimizer_states
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shards": 0}, "shards=0 must be an int >= 1 (the ranks grass_fsdp shards over)"),
+        ({"shards": 2, "precision": "bf16-true"}, "precision='bf16-true' is not supported by grass_fsdp (shards=2)"),
+        ({"shards": 2, "max_resident_bytes": "1MiB"}, "max_resident_bytes='1MiB' is not supported by grass_fsdp"),
+    ],
+)
+def test_settings_grass_fsdp_does_not_take_are_refused(kwargs, message):
+    with pytest.raises(SettingValueError) as raised:
+        estimate_memory(MODEL, n_active=2, **kwargs)
+    assert str(raised.value).startswith(message)
