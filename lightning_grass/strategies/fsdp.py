@@ -148,10 +148,15 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
-        # Lightning restores callbacks after on_fit_start when this is True, and GRASSCallback reads its saved
-        # draws at on_fit_start. The sharded weights and optimizer states are loaded after setup anyway, in
-        # load_optimizer_state_dict.
-        return False
+        # Fitting: Lightning restores callbacks after on_fit_start when this is True, and GRASSCallback reads its
+        # saved draws at on_fit_start, so restore first; the sharded weights and optimizer states are loaded after
+        # setup anyway, in load_optimizer_state_dict. validate, test and predict restore no optimizer: they
+        # restore after setup, once the model is sharded, and load_model_state_dict loads the weights.
+        return not self._fitting()
+
+    def _fitting(self) -> bool:
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        return trainer is None or trainer.state.fn == TrainerFn.FITTING
 
     @property
     @override
@@ -255,20 +260,31 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        # The model is not sharded yet when Lightning calls this; load_optimizer_state_dict loads the weights.
-        pass
+        """Load the sharded weights for validate, test and predict.
+
+        When fitting, the model is not sharded yet when Lightning calls this, and
+        :meth:`load_optimizer_state_dict` loads the weights.
+        """
+        if not self._fitting():
+            self._load_sharded_weights()
+
+    def _load_sharded_weights(self) -> None:
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        assert self._checkpoint_path is not None and self.model is not None
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        load(model_state, checkpoint_id=self._checkpoint_path)
+        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Load the sharded weights, then the optimizer states: active ones resident, the others to the tier."""
         from torch.distributed.checkpoint import FileSystemReader, load
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         path = self._checkpoint_path
         assert path is not None and self.model is not None
-        model_state = {"state_dict": get_model_state_dict(self.model)}
-        load(model_state, checkpoint_id=path)
-        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        self._load_sharded_weights()
 
         metadata = FileSystemReader(path).read_metadata().state_dict_metadata
         params = dict(self.model.named_parameters())

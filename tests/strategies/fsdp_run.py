@@ -37,6 +37,7 @@ parser.add_argument("--offload", default="none")
 parser.add_argument("--precision", default="32-true")
 parser.add_argument("--save-every", type=int, default=0)
 parser.add_argument("--resume", type=Path, default=None)
+parser.add_argument("--validate-from", type=Path, default=None, help="only trainer.validate from this checkpoint")
 parser.add_argument("--no-lazy-init", action="store_true", help="skip the strategy's all-trainable lazy init")
 args = parser.parse_args()
 if args.no_lazy_init:
@@ -111,7 +112,15 @@ if args.save_every:
     callbacks.append(
         ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=args.save_every, save_top_k=-1, save_last=False)
     )
-module = TinyCausalLM(lr=args.lr, weight_decay=0.1)
+
+
+class Validated(TinyCausalLM):
+    def validation_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        self.log("val_loss", self.model(input_ids=input_ids, labels=input_ids).loss, sync_dist=True)
+
+
+module = (Validated if args.validate_from else TinyCausalLM)(lr=args.lr, weight_decay=0.1)
 if args.devices > 1:
     strategy = GRASSFSDPStrategy(offload=args.offload, offload_dir=args.out / "offload", process_group_backend="gloo")
 else:
@@ -143,7 +152,12 @@ if trainer.world_size > 1:
     ]
 else:
     order = list(range(len(dataset)))
-trainer.fit(module, DataLoader(dataset, batch_size=args.batch_size, sampler=order), ckpt_path=args.resume)
+loader = DataLoader(dataset, batch_size=args.batch_size, sampler=order)
+if args.validate_from is not None:
+    trainer.validate(module, loader, ckpt_path=args.validate_from)
+    observer.final_state = {}
+else:
+    trainer.fit(module, loader, ckpt_path=args.resume)
 weights = {
     name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for name, p in module.named_parameters()
 }

@@ -112,6 +112,15 @@ def test_checkpoint_holds_offloaded_states_and_resumes_bit_exactly(fsdp_run, tmp
                 assert torch.equal(part["final_state"][name][key], value), (name, key)
 
 
+def test_validate_from_a_sharded_checkpoint_loads_its_weights(tmp_path):
+    trained = run(tmp_path / "fit", "--devices=2", "--steps=4", "--save-every=4", "--offload=cpu")
+    checkpoint = tmp_path / "fit" / "ckpt" / "epoch=0-step=4.ckpt"
+    validated = run(tmp_path / "validate", "--devices=2", f"--validate-from={checkpoint}")
+    for fit_rank, validate_rank in zip(trained, validated, strict=True):
+        for name, weight in fit_rank["weights"].items():
+            assert torch.equal(weight, validate_rank["weights"][name]), name
+
+
 def test_bf16_mixed_survives_reactivating_a_block_frozen_at_the_first_forward(tmp_path):
     # lisa trains 1 of 4 blocks from the first step, so 3 blocks are frozen when the first forward runs; with
     # sample_every=2 blocks frozen then are drawn later. FSDP2 shards with MixedPrecisionPolicy(bf16, fp32).
