@@ -26,6 +26,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # 60-90 s; the deep sweep below runs the same sweep-to-report path in the default run
 def test_sweep_and_collector_fill_every_row_and_draw_every_figure(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
