@@ -21,7 +21,13 @@ from lightning_grass.gradient_measurement import LayerGradientMeter
 from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
-from lightning_grass.sampling import effective_layers, sample_layers, sampling_probabilities, uniform_probabilities
+from lightning_grass.sampling import (
+    effective_layers,
+    sample_layers,
+    sampling_probabilities,
+    selection_counts,
+    uniform_probabilities,
+)
 
 
 class GRASSCallback(Callback):
@@ -452,11 +458,7 @@ class GRASSCallback(Callback):
 
 def _draw_shares(history: list[dict[str, Any]], num_layers: int) -> list[float]:
     """Each layer's share of all the layer draws made so far (resamples and the first activation)."""
-    counts = [0] * num_layers
-    for record in history:
-        if record["resampled"]:
-            for layer in record["active_layers"]:
-                counts[layer] += 1
+    counts = selection_counts(history, num_layers)
     total = sum(counts)
     return [count / total if total else 0.0 for count in counts]
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lightning_grass._extras import require_app_extra
+from lightning_grass.sampling import selection_counts
 
 try:
     from matplotlib.axes import Axes
@@ -85,24 +86,6 @@ def _value_grid(history: Sequence[dict[str, Any]], value: str) -> tuple[list[int
     return [record["step"] for record in records], grid
 
 
-def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:
-    """How many sampling windows each layer was active in, from the records where a resample happened.
-
-    Args:
-        history: ``GRASSCallback.history``.
-        num_layers: Number of layers of the model.
-
-    Returns:
-        ``counts[l]``: the number of resamples that made layer ``l`` active.
-    """
-    counts = [0] * num_layers
-    for record in history:
-        if record["resampled"]:
-            for layer in record["active_layers"]:
-                counts[layer] += 1
-    return counts
-
-
 def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num_layers: int | None = None) -> Path:
     """Draw a bar chart of how often each layer was active and save it as PNG.
 
@@ -118,12 +101,7 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
         num_layers = _infer_num_layers(history)
     counts = selection_counts(history, num_layers)
     fig = Figure(figsize=(max(4.0, 0.35 * num_layers + 2), 3.0))
-    ax = fig.subplots()
-    ax.bar(range(num_layers), counts, color="tab:blue")
-    ax.set_xticks(range(num_layers))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("windows active")
-    ax.set_title("layer selection frequency")
+    _layer_bars(fig.subplots(), counts, "windows active", "layer selection frequency")
     return save_figure(fig, path)
 
 
@@ -155,13 +133,17 @@ def sampling_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, nu
     spread.set_xlabel("optimizer step")
     spread.set_ylabel("effective layers")
     spread.set_title("exp(entropy(p))")
-    share.bar(range(num_layers), [count / total for count in counts], color="tab:blue")
+    _layer_bars(share, [count / total for count in counts], "share of draws", "layer draws over the run")
     share.axhline(1 / num_layers, color="grey", linestyle="--", linewidth=0.8)
-    share.set_xticks(range(num_layers))
-    share.set_xlabel("layer")
-    share.set_ylabel("share of draws")
-    share.set_title("layer draws over the run")
     return save_figure(fig, path)
+
+
+def _layer_bars(ax: Axes, heights: Sequence[float], ylabel: str, title: str) -> None:
+    ax.bar(range(len(heights)), heights, color="tab:blue")
+    ax.set_xticks(range(len(heights)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:

@@ -15,6 +15,8 @@ Three calibrations keep ``p`` following importance without collapsing:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -188,3 +190,21 @@ def sample_layers(probabilities: Tensor, n_active: int, generator: torch.Generat
         raise ValueError(f"n_active={n_active} must be between 1 and the number of layers ({num_layers})")
     drawn = torch.multinomial(probabilities, n_active, replacement=False, generator=generator)
     return sorted(drawn.tolist())
+
+
+def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:
+    """How many sampling windows each layer was active in, from the records where a resample happened.
+
+    Args:
+        history: ``GRASSCallback.history``.
+        num_layers: Number of layers of the model.
+
+    Returns:
+        ``counts[l]``: the number of resamples that made layer ``l`` active.
+    """
+    counts = [0] * num_layers
+    for record in history:
+        if record["resampled"]:
+            for layer in record["active_layers"]:
+                counts[layer] += 1
+    return counts

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lightning_grass.plots import save_figure
-from reporting.markdown import describe_machine, split_common, yaml_block
+from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
 from reporting.paired import Selection, learning_rate_of, paired_comparisons, select, variant_of
 from reporting.runs import Run, load_runs
 from reporting.summary import shared_hyperparameters
@@ -88,19 +87,10 @@ def _markdown(
 ) -> str:
     rates = sorted({float(run.config["model"]["lr"]) for run in runs})
     seeds = sorted({run.seed for run in runs})
-    ends = [(run.directory / "metrics.json").stat().st_mtime for run in runs]
-    starts = [end - float(run.metrics.get("run_seconds") or 0.0) for end, run in zip(ends, runs, strict=True)]
     parts = [
-        f"# {title}",
-        "",
-        f"Collected on {time.strftime('%Y-%m-%d')} from {len(runs)} runs. Produced by:",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
+        *report_header(title, commands, runs),
         f"Machine: {describe_machine(runs[0].metrics.get('machine', {}))}. The sweep ran for "
-        f"{(max(ends) - min(starts)) / 60:.1f} min, from the first job's start to the last one's end.",
+        f"{sweep_minutes(runs):.1f} min, from the first job's start to the last one's end.",
         "",
         f"Base: {summary['layers']} layers. Every method ran every learning rate of {rates} on seeds {seeds}; the "
         "same seed gives every method the same data order and the same base. Per task and method (a sampler at "

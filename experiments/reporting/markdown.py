@@ -1,11 +1,14 @@
-"""Pieces of the benchmark reports' Markdown: configs as YAML blocks, and the machine in one line."""
+"""Pieces of the benchmark reports' Markdown: the header, configs as YAML blocks, the machine in one line."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from reporting.runs import Run
 
 
 def split_common(shared: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -30,3 +33,24 @@ def describe_machine(machine: Mapping[str, Any]) -> str:
         f"{machine.get('cpu_count')} CPU cores ({machine.get('cpu')}){memory}, "
         f"{'no GPU' if device == 'cpu' else device}; torch {machine.get('torch')}, Python {machine.get('python')}"
     )
+
+
+def report_header(title: str, commands: Sequence[str], runs: Sequence[Run]) -> list[str]:
+    """The lines every ``results.md`` starts with: the title, when and from how many runs, the commands."""
+    return [
+        f"# {title}",
+        "",
+        f"Collected on {time.strftime('%Y-%m-%d')} from {len(runs)} runs. Produced by:",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+    ]
+
+
+def sweep_minutes(runs: Sequence[Run]) -> float:
+    """Minutes from the first job's start to the last one's end (``metrics.json`` times and ``run_seconds``)."""
+    ends = [(run.directory / "metrics.json").stat().st_mtime for run in runs]
+    starts = [end - float(run.metrics.get("run_seconds") or 0.0) for end, run in zip(ends, runs, strict=True)]
+    return (max(ends) - min(starts)) / 60

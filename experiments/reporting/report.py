@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from reporting import figures
-from reporting.markdown import describe_machine, split_common, yaml_block
+from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
 from reporting.runs import METHOD_LABELS, Run, load_runs
 from reporting.summary import (
     MethodSummary,
@@ -98,19 +97,10 @@ def _markdown(
 ) -> str:
     machine = runs[0].metrics.get("machine", {})
     run_seconds = sum(float(run.metrics.get("run_seconds") or 0.0) for run in runs)
-    ends = [(run.directory / "metrics.json").stat().st_mtime for run in runs]
-    starts = [end - float(run.metrics.get("run_seconds") or 0.0) for end, run in zip(ends, runs, strict=True)]
     parts = [
-        f"# {title}",
-        "",
-        f"Collected on {time.strftime('%Y-%m-%d')} from {len(runs)} runs. Produced by:",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
+        *report_header(title, commands, runs),
         f"Machine: {describe_machine(machine)}.",
-        f"The sweep ran for {(max(ends) - min(starts)) / 60:.1f} min, from the first job's start to the last one's "
+        f"The sweep ran for {sweep_minutes(runs):.1f} min, from the first job's start to the last one's "
         f"end; the jobs' own wall times add up to {run_seconds / 60:.1f} min (process start-up excluded).",
         "",
         "Exact match is the share of validation examples whose final answer, parsed from a greedy generation, "

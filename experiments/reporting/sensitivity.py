@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from lightning_grass.plots import save_figure
-from reporting.markdown import describe_machine
+from reporting.markdown import describe_machine, report_header
 from reporting.runs import Run, load_runs
 
 FIGURE = "sensitivity.png"
@@ -54,14 +53,7 @@ def write_sensitivity_results(sweep_dir: str | Path, out_dir: str | Path, title:
     )
     _figure(rows, key, out_dir / FIGURE)
     lines = [
-        f"# {title}",
-        "",
-        f"Collected on {time.strftime('%Y-%m-%d')} from {len(runs)} runs. Produced by:",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
+        *report_header(title, commands, runs),
         f"Machine: {describe_machine(runs[0].metrics.get('machine', {}))}.",
         "",
         f"| T_s (sample_every) | {key} | effective layers | validation (%) | test (%) | seeds |",
