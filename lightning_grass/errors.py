@@ -27,3 +27,24 @@ class DataFormatError(InputError, ValueError):
 
 class MissingPathError(InputError, FileNotFoundError):
     """A file or directory that a setting names does not exist, or is not what it should be."""
+
+
+class StorageError(InputError, OSError):
+    """A directory the run writes to is full, gone or not writable; the message names it and the bytes needed.
+
+    Nothing already saved there is damaged: a write that fails leaves the previous version of its file intact.
+    """
+
+
+class CheckpointError(InputError, ValueError):
+    """A checkpoint cannot be resumed from: not a checkpoint, truncated, or of another model or run.
+
+    The message names the file and what is wrong with it.
+    """
+
+
+class NothingToTrainError(InputError, RuntimeError):
+    """The run would train nothing: no gradient reaches the layers it samples.
+
+    The message names the likely cause and the fix.
+    """
