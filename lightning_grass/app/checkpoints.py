@@ -2,16 +2,21 @@
 
 A run with ``ckpt_every_n_steps=N`` keeps ``<output_dir>/checkpoints/last.ckpt``, rewritten every ``N``
 optimizer steps, at the end of training, and when SIGTERM arrives. ``ckpt_path=last`` resumes from it,
-``ckpt_path=/path/x.ckpt`` from any checkpoint.
+``ckpt_path=/path/x.ckpt`` from any checkpoint. Every save is atomic
+(:class:`~lightning_grass.AtomicCheckpointIO`), and a checkpoint is checked before the run resumes from it
+(:func:`check_resume_checkpoint`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
 
-from lightning_grass.errors import MissingPathError, SettingTypeError, SettingValueError
+from lightning_grass.atomic_checkpoint_io import read_checkpoint
+from lightning_grass.errors import CheckpointError, MissingPathError, SettingTypeError, SettingValueError
 from lightning_grass.preemption import CheckpointOnSigterm
 
 #: The folder of a run's checkpoints, inside its output directory.
@@ -60,7 +65,14 @@ def checkpoint_callbacks(output_dir: str | Path, every_n_steps: int) -> list[Cal
     if every_n_steps == 0:
         return []
     directory = Path(output_dir) / CHECKPOINT_DIR
-    periodic = ModelCheckpoint(dirpath=directory, every_n_train_steps=every_n_steps, save_top_k=0, save_last=True)
+    # No version counter: last.ckpt is always this run's own (a directory holding another run's is refused).
+    periodic = ModelCheckpoint(
+        dirpath=directory,
+        every_n_train_steps=every_n_steps,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
     return [periodic, CheckpointOnSigterm(directory / LAST)]
 
 
@@ -82,3 +94,49 @@ def resume_path(ckpt_path: str | None, output_dir: str | Path) -> Path | None:
         return Path(ckpt_path)
     last = Path(output_dir) / CHECKPOINT_DIR / LAST
     return last if last.is_file() else None
+
+
+def resumes_in_place(ckpt_path: str | None, output_dir: str | Path) -> bool:
+    """Whether ``ckpt_path`` continues the run of ``output_dir`` (``"last"``, or a file in its checkpoints)."""
+    if ckpt_path is None:
+        return False
+    if ckpt_path == "last":
+        return True
+    return Path(ckpt_path).resolve().parent == (Path(output_dir) / CHECKPOINT_DIR).resolve()
+
+
+def check_resume_checkpoint(path: str | Path, module: nn.Module) -> int:
+    """Check that ``path`` is a readable Lightning checkpoint of ``module``'s shape, before ``fit`` uses it.
+
+    The file is memory-mapped, so the check reads little of a large checkpoint.
+
+    Args:
+        path: The checkpoint file.
+        module: The LightningModule the run will load it into.
+
+    Returns:
+        The checkpoint's global step.
+
+    Raises:
+        CheckpointError: When the file is empty, truncated, not a Lightning checkpoint, or holds another model
+            (a tensor of another shape, or tensors missing or extra), naming the file and the first difference.
+    """
+    checkpoint = read_checkpoint(path, map_location="cpu", mmap=True)
+    saved = checkpoint["state_dict"]
+    expected = module.state_dict()
+    missing = [name for name in expected if name not in saved]
+    extra = [name for name in saved if name not in expected]
+    if missing or extra:
+        difference = f"lacks {missing[:2]}" if missing else f"has tensors this model lacks, e.g. {extra[:2]}"
+        raise CheckpointError(
+            f"checkpoint {path} holds another model: it {difference} ({len(missing)} missing, {len(extra)} extra "
+            "of this model's tensors); resume with the model it was written with"
+        )
+    for name, tensor in expected.items():
+        other = saved[name]
+        if isinstance(other, torch.Tensor) and other.shape != tensor.shape:
+            raise CheckpointError(
+                f"checkpoint {path} holds another model shape: {name} is {list(other.shape)} in the checkpoint and "
+                f"{list(tensor.shape)} in this model; resume with the model it was written with"
+            )
+    return int(checkpoint["global_step"])

@@ -3,7 +3,12 @@
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_grass.app.checkpoints import check_checkpoint_settings, checkpoint_callbacks, resume_path
+from lightning_grass.app.checkpoints import (
+    check_checkpoint_settings,
+    checkpoint_callbacks,
+    resume_path,
+    resumes_in_place,
+)
 from lightning_grass.errors import MissingPathError, SettingTypeError, SettingValueError
 from lightning_grass.preemption import CheckpointOnSigterm
 
@@ -46,3 +51,15 @@ def test_the_callbacks_keep_only_last_ckpt_and_write_it_on_sigterm(tmp_path):
     assert (periodic.dirpath, periodic.save_top_k, periodic.save_last) == (str(tmp_path / "checkpoints"), 0, True)
     assert periodic._every_n_train_steps == 7
     assert on_sigterm.path == tmp_path / "checkpoints" / "last.ckpt"
+
+
+def test_last_ckpt_is_never_versioned_beside_an_existing_one(tmp_path):
+    periodic, _ = checkpoint_callbacks(tmp_path, 7)
+    assert periodic._enable_version_counter is False
+
+
+def test_a_run_resumes_in_place_from_last_or_from_a_file_of_its_own_checkpoints(tmp_path):
+    assert not resumes_in_place(None, tmp_path)
+    assert resumes_in_place("last", tmp_path)
+    assert resumes_in_place(str(tmp_path / "checkpoints" / "last.ckpt"), tmp_path)
+    assert not resumes_in_place(str(tmp_path / "elsewhere" / "last.ckpt"), tmp_path), "continues into a new run"
