@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_grass.config import GRASSConfig
-from lightning_grass.errors import SettingValueError
+from lightning_grass.errors import NothingToTrainError, SettingValueError
 from lightning_grass.gradient_measurement import LayerGradientMeter
 from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
@@ -58,12 +58,25 @@ class GRASSCallback(Callback):
     does not look important for its scale alone). ``normalize="none"`` is the paper's formula exactly.
 
     Only parameters that require grad when fit starts are managed: a layer you froze yourself, or the base
-    weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again.
+    weights of a ``peft`` model, stay frozen. At the end of fit, managed parameters are trainable again. A layer
+    with no parameter that requires grad is left out of probing and sampling, with one warning naming it: its
+    probability is exactly 0, its importance is reported as 0.0, and ``n_active`` is checked against the
+    trainable layers only. Layer indices stay the model's own everywhere.
+
+    Two failures that would otherwise train nothing in silence are caught. A probe or a sampling window at whose
+    end no active layer received any gradient (all missing or exactly zero; typically reentrant gradient
+    checkpointing without input gradients) raises :class:`~lightning_grass.errors.NothingToTrainError`. A
+    ``max_steps`` too short for probing plus one window gets a warning at fit start.
 
     Gradients are measured on optimizer-step boundaries, after gradient accumulation and AMP unscaling, before
     clipping (:class:`~lightning_grass.gradient_measurement.LayerGradientMeter`). The measurement uses batched
     tensor ops and no host synchronisation; the host reads the accumulators only when it refreshes or
-    resamples. A step with a non-finite layer gradient, or one the grad scaler skips, adds nothing to MGN.
+    resamples, or when a window ends. A step with a non-finite layer gradient, or one the grad scaler skips,
+    adds nothing to MGN. With ``skip_non_finite``, such a step is skipped and its number kept in
+    :attr:`skipped_steps` (one boolean read on the host per step).
+
+    Resuming from a checkpoint with another ``mode`` is refused. Any other setting that differs from the
+    checkpoint's gets one warning line that says when its new value applies.
 
     With ``Trainer(strategy="grass")`` (:class:`~lightning_grass.GRASSStrategy`), the states of deactivated
     layers are kept off the device and a layer drawn again resumes its moments. With any other strategy they
@@ -101,6 +114,8 @@ class GRASSCallback(Callback):
         history: One record per resample or refresh: ``step``, ``active_layers``, ``importance``,
             ``probabilities``, ``resampled``, ``refreshed``, ``effective_layers`` (``exp(entropy(p))``, ``None``
             in ``fixed`` mode) and ``draw_share`` (each layer's share of every draw so far).
+        skipped_steps: The optimizer steps (1-based, as in the warnings) skipped because a layer's gradient was
+            non-finite; kept in checkpoints.
 
     Example::
 
@@ -158,7 +173,10 @@ class GRASSCallback(Callback):
         self.probabilities: Tensor | None = None
         self.phase = "probe" if self.config.probes else "train"
         self.history: list[dict[str, Any]] = []
+        self.skipped_steps: list[int] = []
         self._optimizer_steps = 0
+        self._train_start = 0
+        self._window_start = 0
         self._step_pending = False
         self._generator = torch.Generator()
         self._mgn: MeanGradNorm | None = None
@@ -175,8 +193,15 @@ class GRASSCallback(Callback):
         return self.config.mode == "grass" or self.phase == "probe"
 
     @property
-    def _train_start_step(self) -> int:
-        return self.config.probe_steps if self.config.probes else 0
+    def _trainable_layers(self) -> list[int]:
+        """The layers that have a managed parameter: the only ones probed and drawn."""
+        return [index for index, params in enumerate(self._layer_params) if params]
+
+    @property
+    def _eligible(self) -> list[int] | None:
+        """:attr:`_trainable_layers` for the sampling functions, ``None`` when that is every layer."""
+        trainable = self._trainable_layers
+        return None if len(trainable) == len(self._layer_params) else trainable
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -185,20 +210,22 @@ class GRASSCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(
+            raise SettingValueError(
                 f"GRASSCallback needs exactly one optimizer, got {len(trainer.optimizers)} from configure_optimizers"
             )
         state = self._state_to_restore or (self.state_dict() if self._mgn is not None else None)
         self._state_to_restore = None
         self.layer_map = discover_layers(pl_module, self.config.layers)
-        self.config.check_num_layers(self.layer_map.num_layers)
+        self._collect_parameters(pl_module)
+        device = self._layer_params_device()
+        untrainable = [index for index, params in enumerate(self._layer_params) if not params]
+        self.config.check_num_layers(self.layer_map.num_layers, untrainable)
+        self._check_optimizer_covers(pl_module, trainer.optimizers[0])
         strategy = trainer.strategy
         self._listener = strategy if isinstance(strategy, ActiveLayerListener) else None
         if self._listener is not None:
             self._listener.on_layer_map(self.layer_map)
         self._optimizer = trainer.optimizers[0]
-        self._collect_parameters(pl_module)
-        device = self._layer_params_device()
         numel = torch.tensor([sum(p.numel() for p in params) for params in self._layer_params])
         self._mgn = MeanGradNorm(numel, device=device)
         self._meter = LayerGradientMeter(
@@ -208,10 +235,19 @@ class GRASSCallback(Callback):
             use_probe_hooks=trainer.world_size == 1,
             free_probe_grads=bool(self._always_on_params) or _grad_scaler(trainer) is None,
         )
+        if untrainable:
+            rank_zero_warn(
+                f"GRASS: layers {untrainable} have no parameter that requires grad (frozen before fit); they are "
+                f"left out of probing and sampling, and n_active={self.config.n_active} is drawn from the other "
+                f"{len(self._trainable_layers)} layers"
+            )
         if state is not None:
             self._restore(state)
         else:
             self._start(trainer)
+        self._window_start = self._optimizer_steps
+        if self.phase == "probe":
+            self._warn_if_too_short(trainer.max_steps)
         states = (
             f"{type(strategy).__name__} keeps the optimizer states of deactivated layers"
             if self._listener is not None
@@ -231,6 +267,12 @@ class GRASSCallback(Callback):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resume loads the optimizer state after on_fit_start; drop what it brought for inactive layers.
+        if self._listener is None:
+            self._drop_optimizer_states(set(range(self.layer_map.num_layers)) - set(self.active_layers))
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -242,15 +284,15 @@ class GRASSCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         self._step_pending = True
-        if not (self._measures_steps or self.config.skip_non_finite):
-            return
         assert self._mgn is not None and self._meter is not None
         scaler = _grad_scaler(trainer)
         layer_sq = self._meter.read_step(optimizer, scaler, probing=self.phase == "probe")
-        if self.config.skip_non_finite:
-            self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=self._optimizer_steps + 1)
+        step = self._optimizer_steps + 1
+        if self.config.skip_non_finite and self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=step):
+            self.skipped_steps.append(step)
+        step_is_finite = self._meter.step_is_finite(layer_sq, optimizer, scaler)
+        self._meter.add_to_window(layer_sq, step_is_finite)
         if self._measures_steps:
-            step_is_finite = self._meter.step_is_finite(layer_sq, optimizer, scaler)
             scale_sq = None
             if self.config.importance == "relative":
                 scale_sq = self._meter.weight_sq_norms(self.active_layers)
@@ -287,10 +329,17 @@ class GRASSCallback(Callback):
             "history": self.history,
             "generator": self._generator.get_state(),
             "mgn": self._mgn.state_dict() if self._mgn is not None else None,
+            "skipped_steps": list(self.skipped_steps),
+            "train_start_step": self._train_start,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's state for fit start; refuse one written with another ``mode``.
+
+        Checkpoints written before ``skipped_steps`` and ``train_start_step`` were saved load too: no step was
+        counted as skipped, and training started at the end of probing by their own ``probe_steps``.
+        """
         saved_mode = state_dict["config"]["mode"]
         if saved_mode != self.config.mode:
             raise SettingValueError(
@@ -303,13 +352,13 @@ class GRASSCallback(Callback):
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed()
         self._generator.manual_seed(trainer.strategy.broadcast(seed, src=0))
         if self.phase == "probe":
-            self._activate(list(range(self.layer_map.num_layers)))
+            self._activate(self._trainable_layers)
             self._meter.start_probe_hooks()
             return
         if self.config.mode == "fixed":
             self._activate(list(self.config.fixed_layers))
         else:
-            self.probabilities = uniform_probabilities(self.layer_map.num_layers)
+            self.probabilities = uniform_probabilities(self.layer_map.num_layers, self._eligible)
             self._resample(trainer)
         self._record(trainer, resampled=True, refreshed=False)
 
@@ -317,15 +366,29 @@ class GRASSCallback(Callback):
         assert self._mgn is not None
         if state["mgn"] is not None:
             self._mgn.load_state_dict(state["mgn"])
+        saved = state["config"]
         self.phase = state["phase"]
         self._optimizer_steps = state["optimizer_steps"]
+        self._train_start = state.get(
+            "train_start_step", saved["probe_steps"] if saved["mode"] in ("grass", "grass_static") else 0
+        )
         self.importance = state["importance"]
         self.probabilities = state["probabilities"]
         self.history = list(state["history"])
+        self.skipped_steps = list(state.get("skipped_steps", []))
         self._generator.set_state(state["generator"])
-        self._activate(list(state["active_layers"]))
+        self.active_layers = list(state["active_layers"])
+        self._activate(list(self.config.fixed_layers) if self.config.mode == "fixed" else self.active_layers)
         if self.phase == "probe":
             self._meter.start_probe_hooks()
+        changed = _changed_settings(saved, self.config)
+        if self.importance is not None and changed & set(_DISTRIBUTION_SETTINGS):
+            self._set_importance(self.importance)
+        for name in sorted(changed, key=_SETTING_ORDER.index):
+            rank_zero_warn(
+                f"GRASS: resuming with {name}={getattr(self.config, name)!r}, the checkpoint was written with "
+                f"{name}={saved[name]!r}; {self._when_setting_applies(name)}"
+            )
 
     def _on_optimizer_step_done(self, trainer: pl.Trainer) -> None:
         assert self._mgn is not None
@@ -333,13 +396,17 @@ class GRASSCallback(Callback):
         if self.phase == "probe":
             if self._optimizer_steps < config.probe_steps:
                 return
+            self._check_gradients_reached_layers("probing")
             self._meter.stop_probe_hooks()
             self.phase = "train"
+            self._train_start = self._optimizer_steps
             self._set_importance(self._mgn.initialize())
             self._resample(trainer)
             self._record(trainer, resampled=True, refreshed=True)
             return
-        steps = self._optimizer_steps - self._train_start_step
+        steps = self._optimizer_steps - self._train_start
+        if steps % config.sample_every == 0:
+            self._check_gradients_reached_layers("a training window")
         refreshed = config.mode == "grass" and steps % config.refresh_every == 0
         resampled = config.mode != "fixed" and steps % config.sample_every == 0
         if refreshed:
@@ -358,12 +425,126 @@ class GRASSCallback(Callback):
             config.normalize,
             config.target_effective_layers,
             config.max_probability,
+            self._eligible,
         )
 
     def _resample(self, trainer: pl.Trainer) -> None:
         assert self.probabilities is not None
-        layers = sample_layers(self.probabilities, self.config.n_active, self._generator)
+        layers = sample_layers(self.probabilities, self.config.n_active, self._generator, self._eligible)
         self._activate(trainer.strategy.broadcast(layers, src=0))
+
+    def _check_gradients_reached_layers(self, window: str) -> None:
+        """At the end of a probe or window: refuse to go on when no gradient reached any active layer in it.
+
+        A window whose every step was skipped as non-finite is not judged: those steps are in :attr:`skipped_steps`.
+        Every rank reads the same all-reduced gradients, so under DDP all of them raise together.
+
+        Raises:
+            NothingToTrainError: If no active layer received a non-zero gradient in the window's finite steps.
+        """
+        assert self._meter is not None
+        first, last = self._window_start + 1, self._optimizer_steps
+        self._window_start = last
+        finite_steps, reached = self._meter.close_window()
+        if finite_steps == 0 or reached:
+            return
+        raise NothingToTrainError(
+            f"GRASS: no gradient reached any of the active layers {self.active_layers} in {window} (optimizer "
+            f"steps {first} to {last}): every layer gradient was missing or exactly zero, so no layer learns. The "
+            "usual cause is reentrant gradient checkpointing (use_reentrant=True, the transformers 4.x default) with "
+            f"input gradients off and train_embeddings={self.config.train_embeddings}: when nothing before the "
+            "blocks requires grad, no checkpointed block runs its backward. Fix: "
+            'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}), or call '
+            "model.enable_input_require_grads() before fit. Otherwise check that the loss depends on the layers"
+        )
+
+    def _warn_if_too_short(self, max_steps: int) -> None:
+        """Warn at fit start when ``max_steps`` ends the run before probing plus one sampling window.
+
+        Only the probing modes are checked: ``lisa`` and ``fixed`` train from the first step.
+        """
+        config = self.config
+        needed = config.probe_steps + config.sample_every
+        if not config.probes or max_steps <= 0 or max_steps >= needed:
+            return
+        numbers = f"max_steps={max_steps} with probe_steps={config.probe_steps} and sample_every={config.sample_every}"
+        if max_steps <= config.probe_steps:
+            rank_zero_warn(
+                f"GRASS: {numbers}: the run ends while probing, so no parameter will be updated. Set max_steps to "
+                f"at least probe_steps + sample_every = {needed}, or lower probe_steps"
+            )
+            return
+        rank_zero_warn(
+            f"GRASS: {numbers}: only {max_steps - config.probe_steps} steps train after probing, fewer than one "
+            f"sampling window, so only the layers drawn at step {config.probe_steps} ever train. Set max_steps to at "
+            f"least probe_steps + sample_every = {needed}, or lower probe_steps or sample_every"
+        )
+
+    def _when_setting_applies(self, name: str) -> str:
+        """When a setting that differs from the checkpoint's takes effect in this resumed run, as a clause."""
+        config, step = self.config, self._optimizer_steps
+        probing = self.phase == "probe"
+        probe_end = max(config.probe_steps, step + 1)
+
+        def next_boundary(every: int) -> int:
+            if probing:
+                return probe_end + every
+            return self._train_start + ((step - self._train_start) // every + 1) * every
+
+        unused = self._why_setting_is_unused(name)
+        if unused is not None:
+            return f"it has no effect: {unused}"
+        if name in ("layers", "fixed_layers", "train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
+            return f"the new value applies from step {step + 1}, the first of this run"
+        if name == "probe_steps":
+            return f"the new value applies now: probing ends at step {probe_end}"
+        if name in ("update_every", "ema"):
+            return f"the new value applies from the next refresh, at step {next_boundary(config.refresh_every)}"
+        if name == "importance":
+            before = "the probing steps so far" if probing else "the importance carried over"
+            return f"the new signal is measured from step {step + 1} on; {before} used the old one"
+        if probing:
+            next_draw = f"the draw at the end of probing, at step {probe_end}"
+        else:
+            next_draw = f"the next resample, at step {next_boundary(config.sample_every)}"
+        if name == "sample_every":
+            refreshes = (
+                " (refreshes too, as update_every=None)"
+                if config.mode == "grass" and config.update_every is None
+                else ""
+            )
+            return f"the new value applies from {next_draw}, then every {config.sample_every} steps{refreshes}"
+        if name in _DISTRIBUTION_SETTINGS and not probing:
+            recomputed = "the probabilities were recomputed from the checkpoint's importance"
+            return f"{recomputed}; the new value applies from {next_draw}"
+        return f"the new value applies from {next_draw}"
+
+    def _why_setting_is_unused(self, name: str) -> str | None:
+        """Why a changed setting does nothing in this resumed run, or ``None`` if it does something."""
+        mode = self.config.mode
+        if name == "seed":
+            return "the sampling generator continues from its state in the checkpoint"
+        if name == "probe_steps":
+            if not self.config.probes:
+                return f"mode={mode!r} does not probe"
+            return None if self.phase == "probe" else f"probing ended at step {self._train_start}"
+        if name not in _SAMPLING_SETTINGS:
+            return None
+        if mode == "fixed":
+            return "mode='fixed' trains fixed_layers and never samples"
+        if name in ("n_active", "sample_every"):
+            return None
+        if name in ("update_every", "ema") and mode != "grass":
+            return f"mode={mode!r} does not refresh importance"
+        if mode == "lisa":
+            return "mode='lisa' samples uniformly"
+        if name == "importance" and mode == "grass_static" and self.phase != "probe":
+            return (
+                f"mode='grass_static' measured importance only while probing, which ended at step {self._train_start}"
+            )
+        if name == "temperature" and self.config.target_effective_layers is not None:
+            return f"target_effective_layers={self.config.target_effective_layers!r} chooses the temperature"
+        return None
 
     def _activate(self, layers: list[int]) -> None:
         """Make exactly ``layers`` trainable, drop the optimizer state of layers leaving the active set."""
@@ -379,10 +560,15 @@ class GRASSCallback(Callback):
         if self._listener is not None:
             self._listener.on_active_layers(self.active_layers)
         else:
-            for index in leaving:
-                for p in self._layer_params[index]:
-                    self._optimizer.state.pop(p, None)
+            self._drop_optimizer_states(leaving)
         self._meter.set_active(self.active_layers, probing=self.phase == "probe")
+
+    def _drop_optimizer_states(self, layers: set[int]) -> None:
+        """Remove the optimizer state of ``layers``' parameters (without a listener, that keeps no state)."""
+        assert self._optimizer is not None
+        for index in layers:
+            for p in self._layer_params[index]:
+                self._optimizer.state.pop(p, None)
 
     def _collect_parameters(self, pl_module: pl.LightningModule) -> None:
         """Split the parameters that require grad now into per-layer lists and the trained always-on set."""
@@ -407,14 +593,13 @@ class GRASSCallback(Callback):
             p.requires_grad_(False)
             p.grad = None
         self._always_on_params = list(trained.values())
-        self._check_optimizer_covers(pl_module)
 
-    def _check_optimizer_covers(self, pl_module: pl.LightningModule) -> None:
-        in_optimizer = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+    def _check_optimizer_covers(self, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         required = {id(p) for params in (*self._layer_params, self._always_on_params) for p in params}
         missing = [name for name, p in pl_module.named_parameters() if id(p) in required and id(p) not in in_optimizer]
         if missing:
-            raise ValueError(
+            raise SettingValueError(
                 f"the optimizer does not hold {len(missing)} trainable parameters that GRASS may train, for example "
                 f"{missing[:3]}. Build the optimizer over all parameters in configure_optimizers (for example "
                 "AdamW(self.parameters())): GRASSCallback freezes layers after the optimizer exists, so that every "
@@ -425,7 +610,7 @@ class GRASSCallback(Callback):
         for params in self._layer_params:
             if params:
                 return params[0].device
-        raise ValueError(
+        raise SettingValueError(
             f"no layer at '{self.layer_map.path}' has a parameter that requires grad; GRASSCallback has nothing to "
             "train. Unfreeze the layers before fit"
         )
@@ -454,6 +639,35 @@ class GRASSCallback(Callback):
                 metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._optimizer_steps)
+
+
+#: The settings that only decide how the distribution is computed from importance.
+_DISTRIBUTION_SETTINGS = ("temperature", "normalize", "target_effective_layers", "max_probability")
+
+#: The settings that only matter when layers are sampled.
+_SAMPLING_SETTINGS = ("n_active", "sample_every", "update_every", "ema", "importance", *_DISTRIBUTION_SETTINGS)
+
+#: GRASSConfig's fields in declaration order, the order in which changed settings are reported.
+_SETTING_ORDER = [field.name for field in dataclasses.fields(GRASSConfig)]
+
+
+def _changed_settings(saved: dict[str, Any], config: GRASSConfig) -> set[str]:
+    """The settings (``mode`` aside) whose value in a checkpoint's config differs from ``config``.
+
+    ``n_active`` is left out in ``fixed`` mode, where it is the length of ``fixed_layers``; a setting the
+    checkpoint does not hold (one added since it was written) counts as unchanged.
+    """
+
+    def comparable(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    current = dataclasses.asdict(config)
+    skipped = {"mode", "n_active"} if config.mode == "fixed" else {"mode"}
+    return {
+        name
+        for name in _SETTING_ORDER
+        if name not in skipped and name in saved and comparable(saved[name]) != comparable(current[name])
+    }
 
 
 def _draw_shares(history: list[dict[str, Any]], num_layers: int) -> list[float]:

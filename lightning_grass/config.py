@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ IMPORTANCE_SIGNALS = ("mgn", "relative")
 @dataclass(frozen=True)
 class GRASSConfig:
     """Layer-sampling settings, named after the paper. Every field is checked at construction.
+
+    The number fields (``temperature``, ``ema``, ``target_effective_layers``, ``max_probability``) must be
+    finite: NaN and infinity are refused. "The number of layers" below counts the trainable ones: a layer with
+    no parameter that requires grad when fit starts (frozen by the user) is never probed or drawn.
 
     Attributes:
         mode: ``"grass"`` (adaptive: probe, then refresh importance with an EMA), ``"grass_static"`` (GRASS*:
@@ -58,6 +63,7 @@ class GRASSConfig:
         skip_non_finite: When a layer's gradient holds NaN or Inf, warn (naming the step and the layers) and
             skip the optimizer step, as the fp16 grad scaler does. Default ``True``: one NaN would otherwise
             poison the Adam moments of the active layers for good. It costs one host read per step.
+            The skipped steps are listed in ``GRASSCallback.skipped_steps``.
     """
 
     mode: str = "grass"
@@ -84,22 +90,22 @@ class GRASSConfig:
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
         _check_choice("importance", self.importance, IMPORTANCE_SIGNALS)
         if self.target_effective_layers is not None:
-            _check_number("target_effective_layers", self.target_effective_layers, "a number >= 1")
+            _check_number("target_effective_layers", self.target_effective_layers, ">= 1")
             if self.target_effective_layers < 1:
                 raise SettingValueError(f"target_effective_layers={self.target_effective_layers!r} must be >= 1")
         if self.max_probability is not None:
-            _check_number("max_probability", self.max_probability, "a number in (0, 1]")
+            _check_number("max_probability", self.max_probability, "in (0, 1]")
             if not 0 < self.max_probability <= 1:
                 raise SettingValueError(f"max_probability={self.max_probability!r} must be in (0, 1]")
         _check_int("probe_steps", self.probe_steps, minimum=1 if self.mode in ("grass", "grass_static") else 0)
         _check_int("sample_every", self.sample_every, minimum=1)
         if self.update_every is not None:
             _check_int("update_every", self.update_every, minimum=1)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise SettingTypeError(f"temperature={self.temperature!r} must be a number > 0")
+        _check_number("temperature", self.temperature, "> 0")
         if not self.temperature > 0:
             raise SettingValueError(f"temperature={self.temperature!r} must be > 0")
-        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 < self.ema <= 1:
+        _check_number("ema", self.ema, "in (0, 1]")
+        if not 0 < self.ema <= 1:
             raise SettingValueError(f"ema={self.ema!r} must be in (0, 1]")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
@@ -129,33 +135,51 @@ class GRASSConfig:
         """Whether this mode starts with a probing phase."""
         return self.mode in ("grass", "grass_static")
 
-    def check_num_layers(self, num_layers: int) -> None:
+    def check_num_layers(self, num_layers: int, untrainable: Sequence[int] = ()) -> None:
         """Validate the settings that depend on the model.
 
+        Layers with no parameter that requires grad are never probed or drawn, so the counts are checked against
+        the trainable layers alone.
+
+        Args:
+            num_layers: The model's number of layers.
+            untrainable: Indices of the layers with no parameter that requires grad (frozen before fit).
+
         Raises:
-            SettingValueError: If ``n_active`` or ``target_effective_layers`` exceeds ``num_layers``, a fixed layer
-                is out of range, or ``max_probability`` is below ``1 / num_layers``.
+            SettingValueError: If ``n_active`` or ``target_effective_layers`` exceeds the number of trainable
+                layers, a fixed layer is out of range or untrainable, or ``max_probability`` is below one over
+                the number of trainable layers.
         """
+        trainable = num_layers - len(untrainable)
+        if untrainable:
+            counted = f"trainable layers ({trainable}; layers {list(untrainable)} have no parameter that requires grad)"
+        else:
+            counted = f"layers ({num_layers})"
         if self.mode == "fixed":
-            bad = [i for i in self.fixed_layers or () if i >= num_layers]
+            fixed = list(self.fixed_layers or ())
+            bad = [i for i in fixed if i >= num_layers]
             if bad:
                 raise SettingValueError(
-                    f"fixed_layers={list(self.fixed_layers or ())} has indices {bad} out of range: "
+                    f"fixed_layers={fixed} has indices {bad} out of range: "
                     f"the model has {num_layers} layers (0 to {num_layers - 1})"
                 )
-        elif self.n_active > num_layers:
+            frozen = [i for i in fixed if i in untrainable]
+            if frozen:
+                raise SettingValueError(
+                    f"fixed_layers={fixed} names layers {frozen}, which have no parameter that requires grad (they "
+                    "were frozen before fit), so they would train nothing. Unfreeze them or leave them out"
+                )
+        elif self.n_active > trainable:
+            raise SettingValueError(f"n_active={self.n_active} must be between 1 and the number of {counted}")
+        if self.target_effective_layers is not None and self.target_effective_layers > trainable:
             raise SettingValueError(
-                f"n_active={self.n_active} must be between 1 and the number of layers ({num_layers})"
+                f"target_effective_layers={self.target_effective_layers} must be between 1 and the number of {counted}"
             )
-        if self.target_effective_layers is not None and self.target_effective_layers > num_layers:
+        if self.max_probability is not None and self.max_probability < 1 / trainable:
+            what = "trainable layers" if untrainable else "layers"
             raise SettingValueError(
-                f"target_effective_layers={self.target_effective_layers} must be between 1 and the number of layers "
-                f"({num_layers})"
-            )
-        if self.max_probability is not None and self.max_probability < 1 / num_layers:
-            raise SettingValueError(
-                f"max_probability={self.max_probability} is below 1/{num_layers}, the uniform probability of the "
-                f"model's {num_layers} layers; no distribution can respect it"
+                f"max_probability={self.max_probability} is below 1/{trainable}, the uniform probability of the "
+                f"model's {trainable} {what}; no distribution can respect it"
             )
 
     def _check_fixed_layers(self) -> None:
@@ -177,8 +201,11 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def _check_number(name: str, value: object, allowed: str) -> None:
+    """Refuse a value that is not a real number, or is NaN or infinite; ``allowed`` is the range, e.g. ``"> 0"``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SettingTypeError(f"{name}={value!r} must be {allowed}")
+        raise SettingTypeError(f"{name}={value!r} must be a number {allowed}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingValueError(f"{name}={value!r} must be a finite number {allowed}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -2,7 +2,9 @@
 
 Gradients are read on optimizer-step boundaries: after gradient accumulation, after AMP unscaling (also for
 fused optimizers, which unscale inside ``step()`` and leave the gradients scaled until then), before
-clipping. The reads are batched tensor ops without a host synchronisation.
+clipping. The reads are batched tensor ops without a host synchronisation. The meter also sums the active
+layers' squared norms over a window, so that the callback can tell, with one host read at the window's end,
+whether any gradient reached them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class LayerGradientMeter:
         self._use_probe_hooks = use_probe_hooks
         self._free_probe_grads = free_probe_grads
         self._probe_sq = torch.zeros(self.num_layers, device=device)
+        self._window = torch.zeros(2, device=device)
         self._probe_hooks: list[RemovableHandle] = []
         self._measured_params: list[nn.Parameter] = []
         self._measured_groups: list[int] = []
@@ -122,17 +125,38 @@ class LayerGradientMeter:
         found_inf = _scaler_found_inf(scaler, optimizer, layer_sq.device)
         return finite if found_inf is None else finite & (found_inf == 0)
 
+    def add_to_window(self, layer_sq: Tensor, step_is_finite: Tensor) -> None:
+        """Add a step's squared norms of the active layers to the open window; a non-finite step adds nothing.
+
+        Device ops only; :meth:`close_window` reads the sums.
+        """
+        include = self.active_mask & step_is_finite
+        step = torch.stack([step_is_finite.to(torch.float32), torch.where(include, layer_sq, 0.0).sum()])
+        self._window += step.to(self._window.device)
+
+    def close_window(self) -> tuple[int, bool]:
+        """Finite steps in the window and whether any active layer had a non-zero gradient in them; then reset.
+
+        One host read. Zero steps mean every step of the window was skipped as non-finite.
+        """
+        steps, sq_sum = self._window.tolist()
+        self._window.zero_()
+        return int(steps), sq_sum > 0
+
     def skip_if_non_finite(
         self, layer_sq: Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, step: int
-    ) -> None:
+    ) -> bool:
         """Warn about layers with NaN/Inf gradients and empty every gradient, so the optimizer step is a no-op.
 
         The grad scaler skips such steps by itself under fp16; then only the warning is added. This reads one
         boolean on the host.
+
+        Returns:
+            Whether the step is skipped.
         """
         bad = ~torch.isfinite(layer_sq)
         if not bool(bad.any()):
-            return
+            return False
         layers = bad.nonzero().flatten().tolist()
         rank_zero_warn(
             f"GRASS: optimizer step {step} has non-finite gradients in layers {layers}; the step is skipped "
@@ -142,6 +166,7 @@ class LayerGradientMeter:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+        return True
 
     def weight_sq_norms(self, layers: Sequence[int]) -> Tensor:
         """``||w^(l)||^2`` of each of ``layers``' managed parameters, zero for the other layers.

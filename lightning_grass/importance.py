@@ -66,8 +66,11 @@ def grouped_sq_norms(grads: list[Tensor], group_index: Tensor, num_groups: int) 
 class MeanGradNorm:
     """Window accumulators and EMA-refreshed importance for ``L`` layers.
 
+    A layer with no trainable parameter (``N_l = 0``: frozen by the user before fit) gets no gradient, so its
+    importance is exactly 0; the caller leaves it out of sampling.
+
     Args:
-        layer_numel: Parameter count ``N_l`` of each layer, shape ``(L,)``.
+        layer_numel: Parameter count ``N_l`` of each layer's trainable parameters, shape ``(L,)``.
         device: Where the accumulators live (the device the gradients are on).
     """
 
@@ -108,21 +111,21 @@ class MeanGradNorm:
     def initialize(self) -> Tensor:
         """Close the probing window: importance becomes the window mean of every layer.
 
-        A layer with no finite step in the window takes the mean of the measured layers (or 1.0 if none was
-        measured), so that sampling stays defined. This is the only point where all layers are measured.
+        A trainable layer with no finite step in the window takes the mean of the measured layers (or 1.0 if
+        none was measured), so that sampling stays defined; a layer with no trainable parameter gets 0. This is
+        the only point where all layers are measured.
 
         Returns:
             The new importance, shape ``(L,)``.
         """
         mean = self.window_mean()
-        measured = self.window_count > 0
+        trainable = self.layer_numel > 0
+        measured = (self.window_count > 0) & trainable
         fallback = mean[measured].mean() if bool(measured.any()) else torch.ones((), device=mean.device)
-        if not bool(measured.all()):
-            log.warning(
-                "MGN: layers %s had no finite gradient while probing",
-                (~measured).nonzero().flatten().tolist(),
-            )
-        self.importance = torch.where(measured, mean, fallback)
+        unmeasured = trainable & ~measured
+        if bool(unmeasured.any()):
+            log.warning("MGN: layers %s had no finite gradient while probing", unmeasured.nonzero().flatten().tolist())
+        self.importance = torch.where(measured, mean, torch.where(trainable, fallback, 0.0))
         self._reset_window()
         return self.importance
 

@@ -128,8 +128,12 @@ def sampling_probabilities(
     normalize: str = "mean",
     target_effective_layers: float | None = None,
     max_probability: float | None = None,
+    eligible: Sequence[int] | None = None,
 ) -> Tensor:
     """``p = softmax(normalize(m) / temperature)``, then capped at ``max_probability``.
+
+    With ``eligible``, the distribution is computed over those layers alone (their importance normalized among
+    themselves, the target and cap counted in them) and every other layer gets probability exactly 0.
 
     Args:
         importance: Per-layer importance ``m``, shape ``(L,)``, non-negative.
@@ -139,9 +143,10 @@ def sampling_probabilities(
         target_effective_layers: Choose the temperature so that ``exp(entropy(p))`` equals this, in
             ``[1, L]`` (see :func:`temperature_for_effective_layers`); ``None`` uses ``temperature``.
         max_probability: Cap on any layer's probability, in ``[1 / L, 1]``; ``None`` caps nothing.
+        eligible: Indices of the layers that can be drawn (``L`` then counts only them); ``None`` means all.
 
     Returns:
-        Float32 probabilities on the CPU, shape ``(L,)``, summing to 1.
+        Float32 probabilities on the CPU, shape ``(L,)`` (all layers, eligible or not), summing to 1.
 
     Raises:
         ValueError: For an unknown ``normalize``, a non-positive ``temperature``, or a target or cap outside
@@ -149,6 +154,13 @@ def sampling_probabilities(
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
+    if eligible is not None:
+        index = torch.tensor(list(eligible), dtype=torch.long)
+        full = torch.zeros(importance.numel(), dtype=torch.float32)
+        full[index] = sampling_probabilities(
+            importance.detach().cpu()[index], temperature, normalize, target_effective_layers, max_probability
+        )
+        return full
     values = normalize_importance(importance, normalize)
     num_layers = values.numel()
     if target_effective_layers is not None:
@@ -169,27 +181,37 @@ def sampling_probabilities(
     return probabilities
 
 
-def uniform_probabilities(num_layers: int) -> Tensor:
-    """The LISA distribution: every layer equally likely."""
-    return torch.full((num_layers,), 1.0 / num_layers)
+def uniform_probabilities(num_layers: int, eligible: Sequence[int] | None = None) -> Tensor:
+    """The LISA distribution: every layer (every ``eligible`` one, if given) equally likely, the others at 0."""
+    if eligible is None:
+        return torch.full((num_layers,), 1.0 / num_layers)
+    probabilities = torch.zeros(num_layers)
+    probabilities[list(eligible)] = 1.0 / len(eligible)
+    return probabilities
 
 
-def sample_layers(probabilities: Tensor, n_active: int, generator: torch.Generator) -> list[int]:
+def sample_layers(
+    probabilities: Tensor, n_active: int, generator: torch.Generator, eligible: Sequence[int] | None = None
+) -> list[int]:
     """Draw ``n_active`` distinct layers, without replacement, with probability proportional to ``probabilities``.
 
     Args:
         probabilities: Shape ``(L,)`` on the CPU.
-        n_active: How many layers to draw, ``1 <= n_active <= L``.
+        n_active: How many layers to draw, ``1 <= n_active <= L`` (``L``: the number of ``eligible`` layers).
         generator: CPU generator; the same state gives the same draw.
+        eligible: Indices of the layers that can be drawn; ``None`` means all. Only these are drawn, even
+            when fewer than ``n_active`` of them have a non-zero probability (``torch.multinomial`` then fills
+            the draw with zero-probability entries, which must not be layers outside ``eligible``).
 
     Returns:
         The drawn layer indices, sorted ascending.
     """
-    num_layers = probabilities.numel()
-    if not 1 <= n_active <= num_layers:
-        raise ValueError(f"n_active={n_active} must be between 1 and the number of layers ({num_layers})")
-    drawn = torch.multinomial(probabilities, n_active, replacement=False, generator=generator)
-    return sorted(drawn.tolist())
+    layers = list(range(probabilities.numel())) if eligible is None else list(eligible)
+    if not 1 <= n_active <= len(layers):
+        raise ValueError(f"n_active={n_active} must be between 1 and the number of layers ({len(layers)})")
+    candidates = probabilities if eligible is None else probabilities[torch.tensor(layers, dtype=torch.long)]
+    drawn = torch.multinomial(candidates, n_active, replacement=False, generator=generator)
+    return sorted(layers[i] for i in drawn.tolist())
 
 
 def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:

@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from tolerances import fp32_sum_rtol
 
 from lightning_grass import GRASSCallback
+from lightning_grass.errors import SettingValueError
 
 NUM_LAYERS = 4
 LAYER_NUMEL = sum(p.numel() for p in TinyCausalLM().model.model.layers[0].parameters())
@@ -374,7 +375,7 @@ def test_optimizer_missing_layer_parameters_is_refused():
             return torch.optim.AdamW(self.model.model.layers[0].parameters())
 
     with pytest.raises(
-        ValueError,
+        SettingValueError,
         match=r"does not hold 30 trainable parameters .*embed_tokens.weight.*AdamW\(self.parameters\(\)\)",
     ):
         fit(PartialOptimizer(), GRASSCallback(), max_steps=1)

@@ -1,6 +1,9 @@
+import math
+
 import pytest
 
 from lightning_grass import GRASSCallback, GRASSConfig
+from lightning_grass.errors import SettingValueError
 
 
 def test_defaults():
@@ -61,6 +64,22 @@ def test_every_bad_value_names_the_field_and_what_is_allowed(kwargs, error, mess
         GRASSCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("temperature", math.nan, r"> 0"),
+        ("temperature", math.inf, r"> 0"),
+        ("ema", math.nan, r"in \(0, 1\]"),
+        ("target_effective_layers", math.nan, r">= 1"),
+        ("target_effective_layers", math.inf, r">= 1"),
+        ("max_probability", math.nan, r"in \(0, 1\]"),
+    ],
+)
+def test_every_float_setting_refuses_nan_and_infinity(field, value, allowed):
+    with pytest.raises(SettingValueError, match=rf"^{field}={value!r} must be a finite number {allowed}$"):
+        GRASSCallback(**{field: value})
+
+
 def test_fixed_mode_sets_n_active_from_the_list():
     config = GRASSConfig(mode="fixed", fixed_layers=[3, 1])
     assert (config.fixed_layers, config.n_active) == ((1, 3), 2)
@@ -79,3 +98,22 @@ def test_model_dependent_checks():
         GRASSConfig(target_effective_layers=9).check_num_layers(4)
     with pytest.raises(ValueError, match=r"max_probability=0.1 is below 1/4, the uniform probability"):
         GRASSConfig(max_probability=0.1).check_num_layers(4)
+
+
+def test_model_dependent_checks_count_only_the_trainable_layers():
+    frozen = "trainable layers \\(2; layers \\[1, 2\\] have no parameter that requires grad\\)"
+    with pytest.raises(SettingValueError, match=rf"^n_active=3 must be between 1 and the number of {frozen}$"):
+        GRASSConfig(n_active=3).check_num_layers(4, untrainable=[1, 2])
+    GRASSConfig(n_active=2).check_num_layers(4, untrainable=[1, 2])
+    with pytest.raises(
+        SettingValueError, match=rf"target_effective_layers=3 must be between 1 and the number of {frozen}"
+    ):
+        GRASSConfig(target_effective_layers=3).check_num_layers(4, untrainable=[1, 2])
+    with pytest.raises(SettingValueError, match=r"max_probability=0.4 is below 1/2, .* model's 2 trainable layers"):
+        GRASSConfig(max_probability=0.4).check_num_layers(4, untrainable=[1, 2])
+    with pytest.raises(
+        SettingValueError,
+        match=r"^fixed_layers=\[0, 2\] names layers \[2\], which have no parameter that requires grad \(they were "
+        r"frozen before fit\), so they would train nothing. Unfreeze them or leave them out$",
+    ):
+        GRASSConfig(mode="fixed", fixed_layers=[0, 2]).check_num_layers(4, untrainable=[1, 2])

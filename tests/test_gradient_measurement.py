@@ -3,6 +3,8 @@
 Gradients here are small integers, so every squared norm is exact in float32 and compared with ``==``.
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,33 @@ def test_a_non_finite_gradient_is_named_and_the_step_emptied():
     with pytest.warns(UserWarning, match=r"optimizer step 7 has non-finite gradients in layers \[1\]"):
         meter.skip_if_non_finite(layer_sq, optimizer, scaler=None, step=7)
     assert all(layer.weight.grad is None for layer in layers), "every gradient removed: the step is a no-op"
+
+
+def test_the_window_tells_whether_any_active_layer_got_a_gradient():
+    layers = three_layers()
+    meter = meter_for(layers)
+    meter.set_active([0, 2], probing=False)
+    optimizer = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1)
+    for _ in range(2):  # no gradient at all: missing grads read as 0
+        meter.add_to_window(meter.read_step(optimizer, None, probing=False), torch.tensor(True))
+    set_grads(layers, [0.0, 5.0, 0.0])  # zero in the active layers; layer 1 is not measured
+    meter.add_to_window(meter.read_step(optimizer, None, probing=False), torch.tensor(True))
+    assert meter.close_window() == (3, False)
+
+    meter.add_to_window(torch.tensor([float("inf"), 0.0, 1.0]), torch.tensor(False))
+    assert meter.close_window() == (0, False), "a non-finite step is not counted, and the window was reset"
+    set_grads(layers, [0.0, 0.0, 1.0])
+    meter.add_to_window(meter.read_step(optimizer, None, probing=False), torch.tensor(True))
+    assert meter.close_window() == (1, True)
+
+
+def test_skip_if_non_finite_says_whether_it_skipped():
+    layers = three_layers()
+    meter = meter_for(layers)
+    meter.set_active([0], probing=False)
+    set_grads(layers, [1.0, 1.0, 1.0])
+    optimizer = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1)
+    assert meter.skip_if_non_finite(meter.read_step(optimizer, None, probing=False), optimizer, None, step=1) is False
+    assert all(layer.weight.grad is not None for layer in layers)
+    with pytest.warns(UserWarning, match="optimizer step 2 has non-finite"):
+        assert meter.skip_if_non_finite(torch.tensor([math.nan, 0.0, 0.0]), optimizer, None, step=2) is True

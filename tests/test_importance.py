@@ -79,3 +79,13 @@ def test_state_dict_round_trip_and_shape_check():
     assert torch.equal(restored.window_count, mgn.window_count)
     with pytest.raises(ValueError, match=r"'window_sum' has shape \(2,\), expected \(3,\)"):
         MeanGradNorm(torch.tensor([1, 1, 1])).load_state_dict(mgn.state_dict())
+
+
+def test_a_layer_without_trainable_parameters_has_importance_zero_and_no_warning(caplog):
+    mgn = MeanGradNorm(torch.tensor([1, 0, 1]))
+    mgn.accumulate(torch.tensor([4.0, 0.0, 16.0]), torch.tensor([True, False, True]), torch.tensor(True))
+    with caplog.at_level("WARNING", logger="lightning_grass.importance"):
+        assert mgn.initialize().tolist() == [2.0, 0.0, 4.0], "0, not the fallback mean of 3"
+    assert caplog.messages == []
+    mgn.accumulate(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True]), torch.tensor(True))
+    assert mgn.refresh(ema=0.5).tolist() == [1.5, 0.0, 2.5]

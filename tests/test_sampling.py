@@ -145,3 +145,25 @@ def test_a_cap_shares_the_excess_among_the_other_layers_in_proportion():
 def test_calibration_ranges_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sampling_probabilities(torch.ones(4), 1.0, **kwargs)
+
+
+def test_layers_outside_eligible_get_probability_zero_and_the_rest_is_computed_among_the_eligible():
+    importance = torch.tensor([1.0, 0.0, 2.0, 3.0])
+    for normalize in ("mean", "rank", "log", "max", "none"):
+        probs = sampling_probabilities(importance, 0.5, normalize, target_effective_layers=2.0, eligible=[0, 2, 3])
+        alone = sampling_probabilities(torch.tensor([1.0, 2.0, 3.0]), 0.5, normalize, target_effective_layers=2.0)
+        assert probs[1].item() == 0.0
+        assert torch.equal(probs[[0, 2, 3]], alone), "the same computation on the eligible layers alone"
+    capped = sampling_probabilities(importance, 0.1, max_probability=0.5, eligible=[0, 2, 3])
+    assert capped[1].item() == 0.0 and capped.max().item() == pytest.approx(0.5, rel=1e-6)
+    assert torch.equal(uniform_probabilities(4, eligible=[0, 2, 3]), torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]))
+
+
+def test_only_eligible_layers_are_drawn_even_when_too_few_have_a_non_zero_probability():
+    probs = torch.tensor([0.5, 0.5, 0.0, 0.0])  # layer 3 is not eligible; layer 2's probability underflowed to 0
+    for seed in range(20):
+        assert sample_layers(probs, 3, torch.Generator().manual_seed(seed), eligible=[0, 1, 2]) == [0, 1, 2]
+    draws = {tuple(sample_layers(probs, 3, torch.Generator().manual_seed(seed))) for seed in range(20)}
+    assert any(3 in draw for draw in draws), "without eligible, torch.multinomial fills in zero-probability layers"
+    with pytest.raises(ValueError, match=r"n_active=4 must be between 1 and the number of layers \(3\)"):
+        sample_layers(probs, 4, torch.Generator(), eligible=[0, 1, 2])
