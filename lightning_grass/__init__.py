@@ -2,6 +2,7 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.config import GRASSConfig
 from lightning_grass.layer_discovery import LayerMap, discover_layers
@@ -16,6 +17,7 @@ GRASSFSDPStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "ActiveLayerListener",
+    "AtomicCheckpointIO",
     "GRASSCallback",
     "GRASSConfig",
     "GRASSDDPStrategy",

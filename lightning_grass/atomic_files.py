@@ -68,6 +68,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     except OSError as error:
         raise _storage_error(path, error, size) from error
     try:
+        os.chmod(temporary, _permissions(0o666))
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
@@ -104,6 +105,7 @@ def replace_directory_atomically(path: str | os.PathLike, build: Callable[[Path]
     except OSError as error:
         raise _storage_error(path, error, None) from error
     try:
+        os.chmod(staging, _permissions(0o777))
         build(staging)
         for file in sorted(p for p in staging.rglob("*") if p.is_file()):
             with open(file, "rb") as handle:
@@ -113,6 +115,7 @@ def replace_directory_atomically(path: str | os.PathLike, build: Callable[[Path]
         else:
             if path.exists():
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
+                os.rmdir(old)
                 os.replace(path, old)
                 os.replace(staging, path)
                 shutil.rmtree(old)
@@ -149,6 +152,13 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
+
+
+def _permissions(mode: int) -> int:
+    """``mode`` under the process's umask: what ``open`` or ``mkdir`` would give (temporaries start private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def _temporary_prefix(path: Path) -> str:

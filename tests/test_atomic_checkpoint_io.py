@@ -7,8 +7,8 @@ import zipfile
 import pytest
 import torch
 from conftest import TinyCausalLM, make_trainer, token_batches
-from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_grass import atomic_files
 from lightning_grass.app.checkpoints import check_resume_checkpoint
@@ -75,7 +75,7 @@ def test_an_empty_checkpoint_is_named(tmp_path):
 
 def test_a_truncated_checkpoint_is_named(tmp_path, checkpoint):
     path = tmp_path / "last.ckpt"
-    path.write_bytes(checkpoint.read_bytes()[:282_624 // 100])
+    path.write_bytes(checkpoint.read_bytes()[: 282_624 // 100])
     with pytest.raises(CheckpointError, match=f"^checkpoint {path} is truncated \\(2,826 bytes, the end of the"):
         read_checkpoint(path)
 
@@ -98,7 +98,9 @@ def test_a_foreign_zip_is_not_a_checkpoint(tmp_path):
 def test_a_torch_file_that_is_not_a_lightning_checkpoint_is_named(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(CheckpointError, match=r"is a torch file but not a Lightning checkpoint: it lacks \['state_dict'"):
+    with pytest.raises(
+        CheckpointError, match=r"is a torch file but not a Lightning checkpoint: it lacks \['state_dict'"
+    ):
         read_checkpoint(path)
 
 

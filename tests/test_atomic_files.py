@@ -127,3 +127,14 @@ def test_a_directory_build_that_fails_keeps_the_previous_directory(tmp_path):
         replace_directory_atomically(model, fails)
     assert sorted(p.name for p in model.iterdir()) == ["a.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_files_and_directories_get_the_permissions_of_an_ordinary_write(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_bytes_atomically(tmp_path / "metrics.json", b"{}")
+        replace_directory_atomically(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"w"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
+from typing_extensions import override
 
 from lightning_grass.atomic_checkpoint_io import read_checkpoint
 from lightning_grass.errors import CheckpointError, MissingPathError, SettingTypeError, SettingValueError
@@ -58,9 +60,9 @@ def checkpoint_callbacks(output_dir: str | Path, every_n_steps: int) -> list[Cal
         every_n_steps: Optimizer steps between checkpoints; ``0`` for none.
 
     Returns:
-        A ``ModelCheckpoint`` that rewrites ``last.ckpt`` every ``every_n_steps`` steps and at the end of
-        training, and a :class:`~lightning_grass.preemption.CheckpointOnSigterm` that writes it on
-        SIGTERM; no callbacks when ``every_n_steps`` is 0.
+        A :class:`CheckpointAtTrainEnd`, a ``ModelCheckpoint`` that rewrites ``last.ckpt`` every
+        ``every_n_steps`` steps, and a :class:`~lightning_grass.preemption.CheckpointOnSigterm` that writes it on
+        SIGTERM or SIGINT; no callbacks when ``every_n_steps`` is 0.
     """
     if every_n_steps == 0:
         return []
@@ -73,7 +75,28 @@ def checkpoint_callbacks(output_dir: str | Path, every_n_steps: int) -> list[Cal
         save_last=True,
         enable_version_counter=False,
     )
-    return [periodic, CheckpointOnSigterm(directory / LAST)]
+    return [CheckpointAtTrainEnd(directory / LAST), periodic, CheckpointOnSigterm(directory / LAST)]
+
+
+class CheckpointAtTrainEnd(Callback):
+    """Write ``path`` when training ends, after the last step's validation.
+
+    ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` at the end of training only if it wrote nothing
+    during the run, so the last step of a run whose length is not a multiple of ``every_n_train_steps`` would
+    be lost, and a step-based save comes before that step's validation. This save holds the final weights and
+    metrics, so that a run stopped during its final evaluation resumes with nothing left to train and the
+    same metrics.
+
+    Args:
+        path: The checkpoint file, usually ``ModelCheckpoint``'s ``last.ckpt``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
 
 
 def resume_path(ckpt_path: str | None, output_dir: str | Path) -> Path | None:

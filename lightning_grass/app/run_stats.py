@@ -22,12 +22,37 @@ class RunStats(Callback):
     Optimizer-state bytes are read from ``optimizer.state`` after each step; with ``GRASSStrategy`` the
     strategy's ``peak_resident_bytes`` (which also sees states that are resident only during the step) is
     taken when larger.
+
+    Its checkpoint state is the run's last logged metrics (``train/loss``, ``val/*``), so that a run resumed from
+    a checkpoint of its last step, which trains no further step, still reports them.
+
+    Attributes:
+        restored_metrics: The metrics of the checkpoint a run resumed from; empty for a fresh run.
     """
 
     def __init__(self) -> None:
         self.step_seconds: list[float] = []
         self.peak_optimizer_state_bytes = 0
+        self.restored_metrics: dict[str, float] = {}
         self._start: float | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def metrics(self) -> dict[str, float]:
+        """The run's last logged metrics: those of this process, over those of the checkpoint it resumed from."""
+        current = {} if self._trainer is None else self._trainer.callback_metrics
+        return {**self.restored_metrics, **{name: float(value) for name, value in current.items()}}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored_metrics = dict(state_dict.get("metrics", {}))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:

@@ -5,17 +5,24 @@ package (``lightning_grass.conf``, the repository's ``conf/``), and ``--config-d
 Any config value can be overridden on the command line (``trainer.max_steps=50 sampler=lisa``), and
 ``grass-train -m sampler=lisa,grass seed=0,1`` runs one job per combination. Bad input stops the run with
 one line, ``error: <message>``, and exit status 2 (see :mod:`lightning_grass.app.input_errors`).
+
+Exit statuses: 0, the run trained and wrote its outputs; 2, bad input (nothing was trained or damaged);
+3, training diverged (weights not finite, or more than half the steps skipped for non-finite gradients),
+written anyway; 130 and 143, stopped by SIGINT or SIGTERM, with the resume command printed.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.utils import instantiate
@@ -24,14 +31,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
 from lightning_grass import plots
-from lightning_grass.app.checkpoints import CHECKPOINT_DIR, check_checkpoint_settings, checkpoint_callbacks, resume_path
+from lightning_grass.app.checkpoints import (
+    CHECKPOINT_DIR,
+    check_checkpoint_settings,
+    check_resume_checkpoint,
+    checkpoint_callbacks,
+    resume_path,
+    resumes_in_place,
+)
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
+from lightning_grass.app.run_directory import claim_output_dir
 from lightning_grass.app.run_stats import RunStats
+from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
+from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
+from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.callback import GRASSCallback
+from lightning_grass.preemption import CheckpointOnSigterm
 
 # The `process` launcher ships in this package. Hydra finds plugins by scanning the directories of the
 # hydra_plugins namespace, which misses it in an editable install run from outside the checkout; registering
@@ -41,9 +60,20 @@ Plugins.instance().register(ProcessLauncher)
 #: The package that holds the configs: the repository's ``conf/``, installed as ``lightning_grass.conf``.
 CONFIG_PACKAGE = "lightning_grass.conf"
 
+#: The exit status of a run that trained but diverged: its weights are not finite, or it skipped more than half
+#: of its steps for non-finite gradients. Its outputs are written first.
+DIVERGED_STATUS = 3
+
+#: Settings whose change on a resume is not worth a line: where the run writes and which checkpoint it reads.
+_UNCOMPARED_SETTINGS = ("ckpt_path", "paths")
+
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Build the base if needed, fine-tune, evaluate before and after, and write the run's outputs.
+
+    The run holds ``output_dir`` while it works (:func:`~lightning_grass.app.run_directory.claim_output_dir`),
+    and every file it must not lose (checkpoints, ``metrics.json``, ``model/``, ``resolved_config.yaml``) is
+    written atomically.
 
     Args:
         cfg: The composed config (see ``conf/train.yaml``).
@@ -51,26 +81,42 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     Returns:
         The metrics written to ``metrics.json``.
+
+    Raises:
+        SystemExit: With :data:`DIVERGED_STATUS` after writing the outputs of a run that diverged, or
+            ``128 + signal`` when SIGTERM or SIGINT stopped it.
     """
     run_start = time.perf_counter()
-    if cfg.stage == "pretrain":
-        path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
-        metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - run_start}
-        _write_json(output_dir / "metrics.json", metrics)
-        print(f"Base model written to {path}")
-        return metrics
-
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
-    check_checkpoint_settings(ckpt_every_n_steps, cfg.get("ckpt_path"))
+    if cfg.stage != "pretrain":
+        check_checkpoint_settings(ckpt_every_n_steps, cfg.get("ckpt_path"))
+    with claim_output_dir(output_dir, CHECKPOINT_DIR, resuming=resumes_in_place(cfg.get("ckpt_path"), output_dir)):
+        if cfg.stage == "pretrain":
+            path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
+            metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - run_start}
+            _write_json(output_dir / "metrics.json", metrics)
+            print(f"Base model written to {path}")
+            return metrics
+        return _finetune(cfg, output_dir, run_start)
+
+
+def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, Any]:
+    ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
     base_seconds = None
     pretrained_path = cfg.model.get("pretrained_path")
     if pretrained_path is not None and cfg.base.build_if_missing and Path(pretrained_path) == Path(cfg.base.path):
         _, base_seconds = ensure_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
     module = _build_module(cfg)
+    ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is not None and ckpt_path.is_file():
+        resumed_step = check_resume_checkpoint(ckpt_path, module)
+        _report_changed_settings(cfg, output_dir, resumed_step)
     datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("fit")
+    if ckpt_path is None:
+        _write_config(cfg, output_dir)
 
     sampler: GRASSCallback | None = instantiate(cfg.sampler) if cfg.get("sampler") else None
     stats = RunStats()
@@ -84,6 +130,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers or False,
         strategy=strategy,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),
         enable_checkpointing=ckpt_every_n_steps > 0,
     )
@@ -94,26 +141,62 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.get("evaluate_before", True):
         exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
     start = time.perf_counter()
-    _fit(trainer, module, datamodule, cfg, output_dir)
+    _fit(trainer, module, datamodule, cfg, output_dir, ckpt_path)
     fit_seconds = time.perf_counter() - start
+    try:
+        with stop_signals_raise():
+            metrics = _evaluate_and_write(
+                cfg, output_dir, trainer, module, datamodule, sampler, stats, eval_examples, pattern
+            )
+    except StopRequested as stop:
+        if trainer.is_global_zero:
+            print(f"stopped by {stop.signal_name} during the final evaluation; {_resume_hint(cfg, output_dir)}")
+        raise SystemExit(stop.exit_status) from None
+    metrics.update(exact_match_before=exact_match_before, fit_seconds=fit_seconds, base_build_seconds=base_seconds)
+    if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
+        return metrics
+    metrics["run_seconds"] = time.perf_counter() - run_start
+    _write_json(output_dir / "metrics.json", metrics)
+    _print_summary(metrics, output_dir)
+    diverged = _divergence(metrics)
+    if diverged is not None:
+        print(f"error: training diverged: {diverged}; outputs written to {output_dir}", file=sys.stderr)
+        raise SystemExit(DIVERGED_STATUS)
+    return metrics
+
+
+def _evaluate_and_write(
+    cfg: DictConfig,
+    output_dir: Path,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    sampler: GRASSCallback | None,
+    stats: RunStats,
+    eval_examples: list[Any],
+    pattern: str | None,
+) -> dict[str, Any]:
+    """Score the fine-tuned model, save it and its plots, and return the metrics (``metrics.json`` comes later)."""
     module.to(trainer.strategy.root_device)
     exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
     test_examples = datamodule.test_examples[: cfg.model.get("eval_examples", 64)]
     exact_match_test = exact_match(module.model, module.tokenizer, test_examples, pattern) if test_examples else None
 
     model_dir = output_dir / "model"
+    skipped_steps = list(sampler.skipped_steps) if sampler is not None else []
     metrics: dict[str, Any] = {
         "stage": "finetune",
         "method": _method_name(cfg, sampler),
         "task": cfg.data.task,
         "seed": cfg.seed,
-        "exact_match_before": exact_match_before,
+        "exact_match_before": None,
         "exact_match_after": exact_match_after,
         "exact_match_test": exact_match_test,
-        **{k: float(v) for k, v in trainer.callback_metrics.items()},
+        **stats.metrics(),
         **stats.summary(trainer.strategy.root_device),
-        "fit_seconds": fit_seconds,
-        "base_build_seconds": base_seconds,
+        "optimizer_steps": trainer.global_step,
+        "skipped_non_finite_steps": skipped_steps,
+        "non_finite_tensors": _non_finite_tensors(module),
         "trainable_parameters_per_step": _trainable_per_step(module, sampler),
         "model_dir": str(model_dir),
         "machine": describe_machine(trainer.strategy.root_device),
@@ -124,10 +207,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         metrics["effective_layers_mean"] = sum(spreads) / len(spreads) if spreads else None
         metrics["draw_share"] = sampler.history[-1]["draw_share"] if sampler.history else None
         metrics["history"] = sampler.history
-    if not trainer.is_global_zero:  # under DDP every rank holds the same result; rank 0 writes it
+    if not trainer.is_global_zero:
         return metrics
-    module.save_pretrained(model_dir)
-    OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)
+    replace_directory_atomically(model_dir, module.save_pretrained)
+    _write_config(cfg, output_dir)
     if sampler is not None and cfg.get("save_plots", True):
         if any(record["importance"] is not None for record in sampler.history):
             heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
@@ -140,9 +223,6 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             sampler.history, output_dir / "sampling.png", sampler.layer_map.num_layers
         )
         metrics["sampling_plot"] = str(diagnostics)
-    metrics["run_seconds"] = time.perf_counter() - run_start
-    _write_json(output_dir / "metrics.json", metrics)
-    _print_summary(metrics, output_dir)
     return metrics
 
 
@@ -152,22 +232,69 @@ def _fit(
     datamodule: pl.LightningDataModule,
     cfg: DictConfig,
     output_dir: Path,
+    ckpt_path: Path | None,
 ) -> None:
-    """``trainer.fit``, from the checkpoint ``cfg.ckpt_path`` names; on SIGTERM, say how to resume and exit 143."""
-    ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
+    """``trainer.fit`` from ``ckpt_path``; on SIGTERM or SIGINT, say how to resume and exit 143 or 130."""
     if cfg.get("ckpt_path") == "last" and ckpt_path is None and trainer.is_global_zero:
         print(f"no checkpoint in {output_dir / CHECKPOINT_DIR} yet: starting from step 0")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
+        stop = next((c.stop_signal for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None)
+        stop = stop or "SIGTERM"
         if trainer.is_global_zero:
-            resume = (
-                f"resume with ckpt_path=last paths.output_dir={output_dir}"
-                if cfg.get("ckpt_every_n_steps", 0) > 0
-                else "no checkpoint was written (ckpt_every_n_steps=0)"
-            )
-            print(f"stopped by SIGTERM after step {trainer.global_step}; {resume}", flush=True)
-        raise SystemExit(143) from None
+            print(f"stopped by {stop} after step {trainer.global_step}; {_resume_hint(cfg, output_dir)}", flush=True)
+        raise SystemExit(128 + signal.Signals[stop].value) from None
+
+
+def _resume_hint(cfg: DictConfig, output_dir: Path) -> str:
+    if cfg.get("ckpt_every_n_steps", 0) == 0:
+        return "no checkpoint was written (ckpt_every_n_steps=0)"
+    return f"resume with ckpt_path=last paths.output_dir={output_dir}"
+
+
+def _report_changed_settings(cfg: DictConfig, output_dir: Path, resumed_step: int) -> None:
+    """One line per setting that differs from the run's own ``resolved_config.yaml`` (the sampler reports its own)."""
+    print(f"resuming from the checkpoint of step {resumed_step}")
+    saved_path = output_dir / "resolved_config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
+    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    for name in sorted(saved.keys() | current.keys()):
+        if name.split(".")[0] in _UNCOMPARED_SETTINGS or (name.startswith("sampler.") and name != "sampler._target_"):
+            continue
+        if saved.get(name) != current.get(name):
+            print(f"resuming with {name}={current.get(name)!r}; the run started with {name}={saved.get(name)!r}")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _write_config(cfg: DictConfig, output_dir: Path) -> None:
+    write_text_atomically(output_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _non_finite_tensors(module: pl.LightningModule) -> int:
+    """How many of the module's weight tensors hold NaN or Inf."""
+    with torch.no_grad():
+        return sum(int(not torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _divergence(metrics: dict[str, Any]) -> str | None:
+    """Why the run counts as diverged, or ``None``."""
+    if metrics["non_finite_tensors"]:
+        return f"{metrics['non_finite_tensors']} weight tensors hold NaN or Inf"
+    skipped, steps = len(metrics["skipped_non_finite_steps"]), metrics["optimizer_steps"]
+    if steps and skipped > steps / 2:
+        return f"{skipped} of {steps} optimizer steps were skipped for non-finite gradients"
+    return None
 
 
 def _build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -200,8 +327,7 @@ def _trainable_per_step(module: pl.LightningModule, sampler: GRASSCallback | Non
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _percent(value: float | None) -> str:
@@ -220,6 +346,14 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"  optimizer state   {metrics['optimizer_state_bytes_peak'] / mib:.1f} MiB at peak on the device",
         f"  median step       {metrics['median_step_seconds'] * 1e3:.0f} ms; fit took {metrics['fit_seconds']:.0f} s",
     ]
+    if metrics["skipped_non_finite_steps"]:
+        skipped = metrics["skipped_non_finite_steps"]
+        lines.append(
+            f"  skipped steps     {len(skipped)} of {metrics['optimizer_steps']} for non-finite gradients "
+            f"(first: step {skipped[0]})"
+        )
+    if metrics["non_finite_tensors"]:
+        lines.append(f"  non-finite        {metrics['non_finite_tensors']} weight tensors hold NaN or Inf")
     if metrics.get("base_build_seconds") is not None:
         lines.append(f"  base model        built in {metrics['base_build_seconds']:.0f} s (first run only)")
     if "layer_selection_counts" in metrics:

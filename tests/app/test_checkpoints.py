@@ -1,9 +1,12 @@
 """grass-train's checkpoint settings: checked before any work, and where ``ckpt_path=last`` points."""
 
 import pytest
+import torch
+from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_grass.app.checkpoints import (
+    CheckpointAtTrainEnd,
     check_checkpoint_settings,
     checkpoint_callbacks,
     resume_path,
@@ -46,15 +49,16 @@ def test_last_resumes_from_the_runs_own_last_checkpoint_once_it_exists(tmp_path)
 
 def test_the_callbacks_keep_only_last_ckpt_and_write_it_on_sigterm(tmp_path):
     assert checkpoint_callbacks(tmp_path, 0) == []
-    periodic, on_sigterm = checkpoint_callbacks(tmp_path, 7)
+    at_end, periodic, on_sigterm = checkpoint_callbacks(tmp_path, 7)
     assert isinstance(periodic, ModelCheckpoint) and isinstance(on_sigterm, CheckpointOnSigterm)
+    assert isinstance(at_end, CheckpointAtTrainEnd) and at_end.path == tmp_path / "checkpoints" / "last.ckpt"
     assert (periodic.dirpath, periodic.save_top_k, periodic.save_last) == (str(tmp_path / "checkpoints"), 0, True)
     assert periodic._every_n_train_steps == 7
     assert on_sigterm.path == tmp_path / "checkpoints" / "last.ckpt"
 
 
 def test_last_ckpt_is_never_versioned_beside_an_existing_one(tmp_path):
-    periodic, _ = checkpoint_callbacks(tmp_path, 7)
+    _, periodic, _ = checkpoint_callbacks(tmp_path, 7)
     assert periodic._enable_version_counter is False
 
 
@@ -63,3 +67,10 @@ def test_a_run_resumes_in_place_from_last_or_from_a_file_of_its_own_checkpoints(
     assert resumes_in_place("last", tmp_path)
     assert resumes_in_place(str(tmp_path / "checkpoints" / "last.ckpt"), tmp_path)
     assert not resumes_in_place(str(tmp_path / "elsewhere" / "last.ckpt"), tmp_path), "continues into a new run"
+
+
+def test_the_last_step_is_saved_when_the_run_length_is_not_a_multiple_of_the_interval(tmp_path):
+    trainer = make_trainer(max_steps=5, enable_checkpointing=True, callbacks=checkpoint_callbacks(tmp_path, 3))
+    trainer.fit(TinyCausalLM(), token_batches())
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]

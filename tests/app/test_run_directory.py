@@ -11,9 +11,8 @@ from lightning_grass.errors import SettingValueError
 
 def test_a_second_claim_is_refused_while_the_first_is_held_and_allowed_after(tmp_path):
     with claim_output_dir(tmp_path, "checkpoints", resuming=False):
-        with pytest.raises(SettingValueError) as raised:
-            with claim_output_dir(tmp_path, "checkpoints", resuming=False):
-                pass
+        with pytest.raises(SettingValueError) as raised, claim_output_dir(tmp_path, "checkpoints", resuming=False):
+            pass
         assert str(raised.value).startswith(f"paths.output_dir={tmp_path} is in use by a running grass-train (pid ")
     with claim_output_dir(tmp_path, "checkpoints", resuming=False):
         pass
@@ -44,9 +43,9 @@ def test_a_live_process_elsewhere_holds_the_directory(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(SettingValueError, match=f"is in use by a running grass-train \\(pid {holder.pid} on "):
-            with claim_output_dir(tmp_path, "checkpoints", resuming=True):
-                pass
+        in_use = f"is in use by a running grass-train \\(pid {holder.pid} on "
+        with pytest.raises(SettingValueError, match=in_use), claim_output_dir(tmp_path, "checkpoints", resuming=True):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -55,9 +54,8 @@ def test_a_live_process_elsewhere_holds_the_directory(tmp_path):
 def test_a_fresh_run_refuses_a_directory_with_a_checkpoint_and_a_resume_takes_it(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"seed 0")
-    with pytest.raises(SettingValueError) as raised:
-        with claim_output_dir(tmp_path, "checkpoints", resuming=False):
-            pass
+    with pytest.raises(SettingValueError) as raised, claim_output_dir(tmp_path, "checkpoints", resuming=False):
+        pass
     assert str(raised.value) == (
         f"paths.output_dir={tmp_path} already holds a checkpoint of an earlier run (checkpoints/last.ckpt); resume "
         f"that run with ckpt_path=last, or start a fresh one with another paths.output_dir (or delete "

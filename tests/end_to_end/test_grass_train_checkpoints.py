@@ -31,8 +31,8 @@ RUN = [
 ]
 
 
-def grass_train(output_dir, *overrides, check=True):
-    command = [sys.executable, "-m", "lightning_grass.app.train", *RUN, f"paths.output_dir={output_dir}", *overrides]
+def grass_train(output_dir, *overrides, check=True, entry=("-m", "lightning_grass.app.train")):
+    command = [sys.executable, *entry, *RUN, f"paths.output_dir={output_dir}", *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     if check:
@@ -95,6 +95,140 @@ def test_sigterm_saves_a_checkpoint_exits_with_143_and_the_run_resumes_bit_exact
 
     grass_train(tmp_path, "ckpt_path=last")
     assert_same_run(tmp_path, reference)
+
+
+def test_sigint_does_what_sigterm_does_and_exits_with_130(tmp_path, reference):
+    stopped = grass_train(tmp_path, *signal_at(5, "SIGINT"), check=False)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert saved_step(tmp_path) == 5
+    assert f"stopped by SIGINT after step 5; resume with ckpt_path=last paths.output_dir={tmp_path}" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+
+    resumed = grass_train(tmp_path, "ckpt_path=last")
+    assert "resuming from the checkpoint of step 5" in resumed.stdout
+    changed = sorted(line.split("=")[0] for line in resumed.stdout.splitlines() if line.startswith("resuming with "))
+    assert changed == [f"resuming with callbacks.stop.{name}" for name in ("_target_", "signal", "step")], (
+        "only the callback that sent the signal is gone"
+    )
+    assert_same_run(tmp_path, reference)
+
+
+def test_a_signal_in_the_final_evaluation_leaves_the_checkpoint_and_the_resume_completes_the_outputs(
+    tmp_path, reference
+):
+    evaluation = (str(HERE / "signal_in_evaluation.py"), "SIGTERM")
+    stopped = grass_train(tmp_path, check=False, entry=evaluation)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert (
+        f"stopped by SIGTERM during the final evaluation; resume with ckpt_path=last paths.output_dir={tmp_path}"
+        in stopped.stdout
+    )
+    assert saved_step(tmp_path) == 12, "the end of training was saved before the evaluation began"
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
+
+    resumed = grass_train(tmp_path, "ckpt_path=last", "save_plots=false")
+    assert "resuming with save_plots=False; the run started with save_plots=True" in resumed.stdout
+    assert_same_run(tmp_path, reference)  # train/loss included: it comes from the checkpoint
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_intact(tmp_path, reference):
+    before = {p: p.read_bytes() for p in [reference / "checkpoints" / "last.ckpt", reference / "metrics.json"]}
+    result = grass_train(reference, "seed=1", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: paths.output_dir={reference} already holds a checkpoint of an earlier run (checkpoints/last.ckpt); "
+        "resume that run with ckpt_path=last, or start a fresh one with another paths.output_dir (or delete "
+        f"{reference / 'checkpoints'})"
+    )
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_a_second_process_on_a_live_runs_output_dir_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from lightning_grass.app.run_directory import claim_output_dir\n"
+            "with claim_output_dir(sys.argv[1], 'checkpoints', resuming=False):\n"
+            "    print('held', flush=True); time.sleep(120)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = grass_train(tmp_path, "ckpt_path=last", check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: paths.output_dir={tmp_path} is in use by a running grass-train (pid {holder.pid} on ")
+    )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "is empty (0 bytes): the save that wrote it was cut short"),
+        (b"not a checkpoint\n", "is not a checkpoint (17 bytes, not a torch.save archive)"),
+    ],
+)
+def test_an_unreadable_last_ckpt_stops_the_resume_in_one_line_naming_it(tmp_path, content, problem):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(content)
+    result = grass_train(tmp_path, "ckpt_path=last", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint {last} {problem}"
+    assert last.read_bytes() == content
+
+
+def test_a_truncated_checkpoint_stops_the_resume_naming_it(tmp_path, reference):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes((reference / "checkpoints" / "last.ckpt").read_bytes()[:100_000])
+    result = grass_train(tmp_path, "ckpt_path=last", check=False)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: checkpoint {last} is truncated (100,000 bytes, the end of the archive is missing)")
+    )
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_naming_a_tensor(tmp_path, reference):
+    result = grass_train(
+        tmp_path, f"ckpt_path={reference / 'checkpoints' / 'last.ckpt'}", "model.config.hidden_size=16", check=False
+    )
+    assert result.returncode == 2
+    assert "in the checkpoint and" in result.stderr.strip().splitlines()[-1]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: checkpoint {reference / 'checkpoints' / 'last.ckpt'} holds another model shape: model.")
+    )
+
+
+def test_a_run_that_diverges_writes_its_outputs_and_exits_3(tmp_path):
+    result = grass_train(tmp_path, "model.lr=1e30", "ckpt_every_n_steps=0", check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 12
+    skipped = metrics["skipped_non_finite_steps"]
+    assert len(skipped) > 6 and skipped == sorted(skipped)
+    assert f"skipped steps     {len(skipped)} of 12 for non-finite gradients" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: training diverged: {len(skipped)} of 12 optimizer steps were skipped for non-finite gradients; "
+        f"outputs written to {tmp_path}"
+    )
+    assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
 def test_bad_checkpoint_settings_stop_before_any_work(tmp_path):
