@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, extract_answer
 from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.utf8 import read_utf8
 from lightning_grass.errors import DataFormatError, MissingPathError
 
 #: File suffixes :func:`load_alpaca` reads.
@@ -22,19 +23,19 @@ def _string_field(record: dict[str, Any], field: str, where: str, default: str |
         record: The record.
         field: The field's name.
         where: File and record or line, for the message.
-        default: The value of a missing field; ``None`` makes the field required.
+        default: The value of a missing field, and of one that is ``null``; ``None`` makes the field required.
 
     Returns:
         The field's value.
 
     Raises:
-        DataFormatError: When the field is missing and required, or is not a string.
+        DataFormatError: When the field is required and missing, or is not a string (a required one ``null``).
     """
-    if field not in record:
-        if default is None:
-            raise DataFormatError(f"{where}: missing required field {field!r}; expected a string")
+    value = record.get(field)
+    if value is None and default is not None:
         return default
-    value = record[field]
+    if field not in record:
+        raise DataFormatError(f"{where}: missing required field {field!r}; expected a string")
     if not isinstance(value, str):
         raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}")
     return value
@@ -91,7 +92,11 @@ def _parse_json(text: str, path: Path) -> list[tuple[Any, str]]:
 
 
 def _parse_jsonl(text: str, path: Path) -> list[tuple[Any, str]]:
-    """Records of a ``.jsonl`` file, one per non-blank line, each with where it is.
+    r"""Records of a ``.jsonl`` file, one per non-blank line, each with where it is.
+
+    Lines end at ``"\n"`` only, as JSON Lines says: a string may hold a raw U+2028 or another character
+    that ``str.splitlines`` would break at (``json.dumps(..., ensure_ascii=False)`` writes them so). A
+    ``"\r"`` before the ``"\n"`` is whitespace to the JSON parser.
 
     Args:
         text: The file's content.
@@ -104,7 +109,7 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[Any, str]]:
         DataFormatError: For a line that is not valid JSON.
     """
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
@@ -116,11 +121,12 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[Any, str]]:
 
 
 def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_ANSWER_PATTERN) -> list[Example]:
-    """Read Alpaca records (``instruction``, optional ``input``, ``output``, optional ``answer``) from a file.
+    r"""Read Alpaca records (``instruction``, optional ``input``, ``output``, optional ``answer``) from a file.
 
     A ``.json`` file holds one JSON array of records; a ``.jsonl`` file holds one record per line, blank
-    lines allowed. ``instruction`` and ``output`` must be strings, ``input`` is a string or missing (then
-    ``""``). The answer is a string ``answer`` field when the record has one, otherwise the answer
+    lines allowed, each ending with ``"\n"`` or ``"\r\n"``. The file is UTF-8 and may start with a
+    byte-order mark. ``instruction`` and ``output`` must be strings, ``input`` is a string, ``null`` or
+    missing (both ``""``). The answer is a string ``answer`` field when the record has one, otherwise the answer
     extracted from ``output`` with ``answer_pattern``.
 
     Args:
@@ -133,9 +139,10 @@ def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_AN
 
     Raises:
         MissingPathError: When ``path`` does not exist.
-        DataFormatError: For another suffix, invalid JSON, a record that is not an object, a missing or
-            non-string field, or a file without records. The message names the file and the record index
-            (``.json``) or the line, counted from 1 (``.jsonl``).
+        DataFormatError: For another suffix, a byte that is not UTF-8 (the message names the line and the
+            byte offset), invalid JSON, a record that is not an object, a missing or non-string field, or a
+            file without records. The message names the file and the record index (``.json``) or the line,
+            counted from 1 (``.jsonl``).
     """
     path = Path(path)
     if not path.is_file():
@@ -143,7 +150,7 @@ def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_AN
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataFormatError(f"{path}: unsupported suffix {path.suffix!r}; expected one of {SUFFIXES}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     parse = _parse_json if suffix == ".json" else _parse_jsonl
     records = parse(text, path) if text.strip() else []
     if not records:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,30 @@ from lightning_grass.app.data.prompt import (
     tokenize_example,
 )
 from lightning_grass.app.data.synthetic import TASKS
-from lightning_grass.errors import DataFormatError, SettingValueError
+from lightning_grass.errors import DataFormatError, SettingTypeError, SettingValueError
+
+
+def _check_settings(counts: dict[str, tuple[object, int | None]], texts: dict[str, object]) -> None:
+    """Check the types of the settings, and the range of the counts.
+
+    Args:
+        counts: Each integer setting's value and its minimum (``None``: any integer).
+        texts: Each string setting's value.
+
+    Raises:
+        SettingTypeError: For a count that is not an integer (a bool, a float, ``nan`` or a string included),
+            or a text that is not a string.
+        SettingValueError: For a count below its minimum.
+    """
+    for name, (value, minimum) in counts.items():
+        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingTypeError(f"{name}={value!r} must be {allowed}, not {type(value).__name__}")
+        if minimum is not None and value < minimum:
+            raise SettingValueError(f"{name}={value!r} must be >= {minimum}")
+    for name, value in texts.items():
+        if not isinstance(value, str):
+            raise SettingTypeError(f"{name}={value!r} must be a string, not {type(value).__name__}")
 
 
 class InstructionDataModule(pl.LightningDataModule):
@@ -44,8 +68,9 @@ class InstructionDataModule(pl.LightningDataModule):
       :func:`~lightning_grass.app.data.load_hf_dataset`, Alpaca records or conversations as ``columns`` says
       (``None``: ``instruction``, optional ``input``, ``output``). Both use ``answer_pattern``. The last
       ``num_test`` records go to the test split, the ``num_val`` before them to validation and all the others
-      to training. When ``num_val`` is more than half of the remaining records, validation gets their last
-      10% instead (at least one record). ``num_train`` is unused.
+      to training. ``setup`` refuses, before tokenizing anything, a ``num_test`` that leaves fewer than two
+      records, and a ``num_val`` above half of the records ``num_test`` leaves, so that at least as many
+      remain for training. ``num_train`` is unused.
 
     ``chat_template`` chooses how an example becomes text. ``"auto"`` uses the tokenizer's chat template when
     ``tokenizer.chat_template`` is set and the Alpaca prompt of :func:`~lightning_grass.app.data.format_prompt`
@@ -88,6 +113,9 @@ class InstructionDataModule(pl.LightningDataModule):
         chat_template: ``"auto"``, ``"none"`` or a Jinja chat template, as described above.
 
     Raises:
+        SettingTypeError: For a count or ``seed`` that is not an integer (a string, a bool, a float such as
+            ``nan``), a ``task`` that is neither a string nor a path, or another text setting that is not a
+            string.
         SettingValueError: For an unknown task that is not an existing file or folder, ``task_options`` or
             ``columns`` with a generated task, a ``split`` other than ``"train"`` for a task that is not a
             folder, ``columns`` that :func:`~lightning_grass.app.data.hf_dataset.check_columns` refuses, a
@@ -114,6 +142,27 @@ class InstructionDataModule(pl.LightningDataModule):
         chat_template: str = "auto",
     ) -> None:
         super().__init__()
+        _check_settings(
+            counts={
+                "num_train": (num_train, 1),
+                "num_val": (num_val, 1),
+                "num_test": (num_test, 0),
+                "max_length": (max_length, 1),
+                "batch_size": (batch_size, 1),
+                "num_workers": (num_workers, 0),
+                "seed": (seed, None),
+            },
+            texts={
+                "truncation": truncation,
+                "answer_pattern": answer_pattern,
+                "split": split,
+                "chat_template": chat_template,
+            },
+        )
+        if not isinstance(task, (str, os.PathLike)):
+            raise SettingTypeError(
+                f"task={task!r} must be a task name or the path of a data file or folder, not {type(task).__name__}"
+            )
         if task not in TASKS and not Path(task).exists():
             raise SettingValueError(
                 f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing data file "
@@ -139,16 +188,6 @@ class InstructionDataModule(pl.LightningDataModule):
             )
         if truncation not in TRUNCATION_POLICIES:
             raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
-        for name, value, minimum in (
-            ("num_train", num_train, 1),
-            ("num_val", num_val, 1),
-            ("num_test", num_test, 0),
-            ("max_length", max_length, 1),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < minimum:
-                raise SettingValueError(f"{name}={value!r} must be >= {minimum}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.task = task
         self.tokenizer = tokenizer
@@ -177,7 +216,12 @@ class InstructionDataModule(pl.LightningDataModule):
         """The raw training, validation and test examples.
 
         Returns:
-            ``(train, val, test)``, split as described in the class docstring.
+            ``(train, val, test)``, split as described in the class docstring; training and validation hold
+            at least one example each.
+
+        Raises:
+            DataFormatError: For a local dataset of fewer than two records, or one that cannot be read.
+            SettingValueError: For a local dataset too small for ``num_test`` and ``num_val``.
         """
         if self.task in TASKS:
             total = self.num_train + self.num_val + self.num_test
@@ -188,10 +232,39 @@ class InstructionDataModule(pl.LightningDataModule):
             examples = load_alpaca(self.task, self.answer_pattern or None)
         else:
             examples = load_hf_dataset(self.task, self.columns, self.split, self.answer_pattern or None)
-        test = examples[len(examples) - self.num_test :] if self.num_test else []
-        examples = examples[: len(examples) - len(test)]
-        num_val = self.num_val if self.num_val <= len(examples) // 2 else max(1, len(examples) // 10)
-        return examples[: len(examples) - num_val], examples[len(examples) - num_val :], test
+        self._check_split_sizes(len(examples))
+        first_val = len(examples) - self.num_test - self.num_val
+        first_test = len(examples) - self.num_test
+        return examples[:first_val], examples[first_val:first_test], examples[first_test:]
+
+    def _check_split_sizes(self, total: int) -> None:
+        """Check that a local dataset of ``total`` records holds ``num_test``, ``num_val`` and training records.
+
+        Args:
+            total: The number of records.
+
+        Raises:
+            DataFormatError: For fewer than two records.
+            SettingValueError: When ``num_test`` leaves fewer than two records, or ``num_val`` is more than half
+                of the records it leaves.
+        """
+        if total < 2:
+            raise DataFormatError(
+                f"task {self.task!r} holds {total} record; training and validation need at least one each, so "
+                "it must hold at least 2"
+            )
+        left = total - self.num_test
+        if left < 2:
+            raise SettingValueError(
+                f"num_test={self.num_test} leaves {max(left, 0)} of the {total} records of task {self.task!r} for "
+                f"training and validation, which need at least one each; num_test must be at most {total - 2}"
+            )
+        if self.num_val > left // 2:
+            raise SettingValueError(
+                f"num_val={self.num_val} is more than half of the {left} records that task {self.task!r} has for "
+                f"training and validation ({total} records, num_test={self.num_test}); at least as many must remain "
+                f"for training, so num_val must be at most {left // 2}"
+            )
 
     def _tokenize(self, examples: list[Example], split: str) -> tuple[list[TokenizedExample], list[Example]]:
         """Tokenize one split, count and log what was truncated or skipped.
@@ -239,8 +312,10 @@ class InstructionDataModule(pl.LightningDataModule):
             stage: The Lightning stage; both splits are built whatever it is.
 
         Raises:
-            SettingValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token.
-            DataFormatError: When a split is empty, or for data that cannot be read or rendered.
+            SettingValueError: When :attr:`tokenizer` is ``None`` or lacks a pad or eos token, or a local
+                dataset is too small for ``num_test`` and ``num_val``.
+            DataFormatError: When a split is empty after skipping long examples, or for data that cannot be
+                read or rendered.
         """
         if self.tokenizer is None:
             raise SettingValueError(
@@ -252,14 +327,6 @@ class InstructionDataModule(pl.LightningDataModule):
         self.num_truncated = self.num_skipped = 0
         template = resolve_chat_template(self.tokenizer, self.chat_template)
         train, val, test = ([replace(e, chat_template=template) for e in split] for split in self._splits())
-        if not train:
-            raise DataFormatError(
-                f"the training split of task {self.task!r} contains no examples; expected at least one"
-            )
-        if not val:
-            raise DataFormatError(
-                f"the validation split of task {self.task!r} contains no examples; expected at least one"
-            )
         self._train, _ = self._tokenize(train, "training")
         self._val, self._val_examples = self._tokenize(val, "validation")
         self._test_examples = self._tokenize(test, "test")[1] if test else []

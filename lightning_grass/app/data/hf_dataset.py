@@ -14,6 +14,7 @@ from datasets.exceptions import DatasetGenerationError
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, extract_answer
 from lightning_grass.app.data.chat import ROLES
 from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.utf8 import check_utf8
 from lightning_grass.errors import DataFormatError, MissingPathError, SettingValueError
 
 #: File suffixes :func:`load_hf_dataset` reads, with the ``datasets`` reader of each.
@@ -23,6 +24,9 @@ READERS = {
     ".csv": Dataset.from_csv,
     ".parquet": Dataset.from_parquet,
 }
+
+#: The suffixes of text files, checked to be UTF-8 before their reader sees them.
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
 
 #: The keys of ``columns``: our fields, each mapped to a column of the dataset.
 COLUMN_KEYS = ("instruction", "input", "output", "answer", "messages")
@@ -73,7 +77,8 @@ def _read(path: Path, split: str) -> tuple[Dataset, str]:
         The dataset, and how messages name it: the path, and the split of a ``DatasetDict``.
 
     Raises:
-        DataFormatError: For another suffix, an empty file or one that its reader refuses (a CSV file with a
+        DataFormatError: For another suffix, an empty file, a text file with a byte that is not UTF-8 (the
+            message names the line and the byte offset), a file that its reader refuses (a CSV file with a
             header only, say), or a folder that ``save_to_disk`` did not write.
         SettingValueError: For a ``split`` that the folder lacks, or a ``split`` other than ``"train"`` with a
             single dataset.
@@ -99,6 +104,8 @@ def _read(path: Path, split: str) -> tuple[Dataset, str]:
             )
         if path.stat().st_size == 0:
             raise DataFormatError(f"{path} is empty; expected at least one record")
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            check_utf8(path)
         # The reader prepares an Arrow copy in its cache; a temporary one keeps it away from the user's data
         # and from ~/.cache, and keep_in_memory holds the rows once the folder is gone.
         with tempfile.TemporaryDirectory(prefix="lightning_grass_datasets_") as cache_dir:
@@ -218,9 +225,10 @@ def load_hf_dataset(
     """Read a local dataset with the ``datasets`` library, mapping its columns to our fields.
 
     ``path`` is a ``.json`` (an array of records, or one record per line), ``.jsonl``, ``.csv`` or ``.parquet``
-    file, or a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``. Only local readers
-    are used, so nothing touches the network; a file is prepared in a temporary cache and held in memory, so
-    nothing is written next to it.
+    file, or a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``. A text file (JSON,
+    JSONL, CSV) must be UTF-8 and may start with a byte-order mark; it is checked before ``datasets`` reads it,
+    so that a bad byte is reported with its line and offset. Only local readers are used, so nothing touches
+    the network; a file is prepared in a temporary cache and held in memory, so nothing is written next to it.
 
     ``columns`` takes one of two forms:
 
@@ -252,9 +260,10 @@ def load_hf_dataset(
         MissingPathError: When ``path`` does not exist.
         SettingValueError: For ``columns`` that :func:`check_columns` refuses, or a ``split`` that is not
             there.
-        DataFormatError: For another suffix, a file that is empty or that its reader refuses, a folder that is
-            not a saved dataset, a mapped column the dataset lacks (the message names it and lists the columns
-            there are), or a bad value (the message names the row, counted from 0, and the field).
+        DataFormatError: For another suffix, a file that is empty, not UTF-8 (the message names the line and
+            the byte offset of the first bad byte) or that its reader refuses, a folder that is not a saved
+            dataset, a mapped column the dataset lacks (the message names it and lists the columns there are),
+            or a bad value (the message names the row, counted from 0, and the field).
     """
     path = Path(path)
     if not path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,10 @@ IGNORE_INDEX = -100
 
 #: Accepted values of ``truncation``.
 TRUNCATION_POLICIES = ("truncate", "skip")
+
+#: The longest vocabulary entry of each tokenizer :func:`tokenize_example` has met, with the vocabulary size it
+#: was measured at (a tokenizer given more tokens since is measured again).
+_LONGEST_TOKEN: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def format_prompt(example: Example) -> str:
@@ -119,6 +124,61 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[
     return [token for text, _ in segments for token in tokenizer.encode(text, add_special_tokens=False)]
 
 
+def _longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters an entry of ``tokenizer``'s vocabulary has, added tokens included.
+
+    Args:
+        tokenizer: The tokenizer.
+
+    Returns:
+        The length of its longest vocabulary string, at least 1.
+    """
+    size = len(tokenizer)
+    measured = _LONGEST_TOKEN.get(tokenizer)
+    if measured is None or measured[0] != size:
+        measured = (size, max(1, max(map(len, tokenizer.get_vocab()), default=1)))
+        _LONGEST_TOKEN[tokenizer] = measured
+    return measured[1]
+
+
+def _encode_within(tokenizer: PreTrainedTokenizerBase, text: str, budget: int) -> list[int]:
+    """The ids of ``text``, or of a prefix of it when that prefix alone has more than ``budget`` of them.
+
+    The work is bounded by ``budget``, not by the length of ``text``: a text longer than ``(budget + 1) * L``
+    characters, where ``L`` is the longest vocabulary entry, is tokenized only up to there.
+
+    Why that changes no example that fits: in the tokenizers this project meets (its character tokenizer,
+    byte-level BPE as in GPT-2, Llama 3 or Qwen, SentencePiece as in Llama 2 or Mistral), every token stands
+    for at most as many characters of the text as its vocabulary entry has (a byte-level entry has one
+    character per byte, and a character has at least one byte), and every character of the text is in some
+    token. So ``k`` tokens never cover more than ``k * L`` characters: a text of at most ``budget`` tokens has
+    at most ``budget * L`` characters and is tokenized whole, as before; a longer one has more than ``budget``
+    tokens, and so has its prefix of ``(budget + 1) * L`` characters. The caller then keeps at most ``budget``
+    of that prefix's tokens; they cover at most ``budget * L`` characters, ending at least ``L`` characters
+    before the cut, so they are the whole text's tokens unless the tokenizer's split of a single word depends
+    on characters further ahead than that. A tokenizer where one token stands for more characters (an
+    unknown-word token, a normalizer that drops characters) may find the prefix within ``budget``; then the
+    prefix is doubled until it is not, or the whole text is tokenized: a text is cut only where its prefix
+    alone already exceeds ``budget``.
+
+    Args:
+        tokenizer: The tokenizer; no special tokens are added.
+        text: The text.
+        budget: The most tokens that may still be kept, ``>= 0``.
+
+    Returns:
+        ``tokenizer.encode(text)`` when the text may fit, otherwise the ids of a prefix, more than ``budget``.
+    """
+    if len(text) > budget + 1:
+        limit = (budget + 1) * _longest_token(tokenizer)
+        while limit < len(text):
+            ids = tokenizer.encode(text[:limit], add_special_tokens=False)
+            if len(ids) > budget:
+                return ids
+            limit *= 2
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def tokenize_example(
     tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, truncation: str = "truncate"
 ) -> TokenizedExample | None:
@@ -129,6 +189,14 @@ def tokenize_example(
     appended only when the template's rendering of the last assistant turn does not already hold the eos
     token: a template that ends its turns with eos is not given a second one, and one that ends them with
     another token (``<|im_end|>``, say) gets eos after it, so that generation stops there.
+
+    The work is bounded by ``max_length``, not by the length of the texts: tokenizing stops at the first piece
+    that overflows ``max_length``, and of a piece longer than ``max_length + 1`` times the longest vocabulary
+    entry (in characters) only a prefix that long is tokenized. That prefix already shows that the example is
+    too long and gives its first ``max_length`` tokens. With a tokenizer whose tokens stand for no more
+    characters than their vocabulary entries (byte-level BPE, SentencePiece, the character tokenizer), an
+    example that fits is tokenized whole, exactly as without the bound; ``_encode_within`` says why, and what
+    happens with other tokenizers.
 
     Args:
         tokenizer: A tokenizer with pad and eos tokens. Special tokens are not added around the texts.
@@ -153,14 +221,19 @@ def tokenize_example(
     segments = prompt_segments(tokenizer, example)
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, trained in segments:
-        ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt_length = 0
+    for index, (text, trained) in enumerate(segments):
+        ids = _encode_within(tokenizer, text, max_length - len(input_ids))
+        if index == 0:
+            prompt_length = len(ids)
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    if example.chat_template is None or tokenizer.eos_token not in segments[-1][0]:
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    prompt_length = len(tokenizer.encode(segments[0][0], add_special_tokens=False))
+        if len(input_ids) > max_length:
+            break
+    else:
+        if example.chat_template is None or tokenizer.eos_token not in segments[-1][0]:
+            input_ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
     truncated = len(input_ids) > max_length
     if truncated:
         if truncation == "skip" or prompt_length >= max_length:

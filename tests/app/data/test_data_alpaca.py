@@ -111,3 +111,50 @@ def test_missing_file_and_unknown_suffix(tmp_path):
         load_alpaca(missing)
     path = _write(tmp_path / "data.csv", "instruction,output\n")
     assert _error(path) == f"{path}: unsupported suffix '.csv'; expected one of ('.json', '.jsonl')"
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_non_utf8_byte_names_line_and_offset(tmp_path, suffix):
+    first = json.dumps(RECORDS[0]).encode() + b"\n"
+    second = b'{"instruction": "caf\xe9", "output": "x"}\n'
+    data = first + second if suffix == ".jsonl" else b"[" + first + b"," + second + b"]"
+    path = _write_bytes(tmp_path / f"latin1{suffix}", data)
+    offset = data.index(b"\xe9")
+    assert offset == len(first) + 20 + (suffix == ".json") * 2
+    assert _error(path) == (
+        f"{path}, line 2: byte 0xe9 at byte offset {offset} (from 0) is not valid UTF-8 (invalid continuation "
+        "byte); data files must be UTF-8, so convert the file (e.g. with iconv) or fix that byte"
+    )
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    # str.splitlines breaks at each of these; JSON Lines breaks at "\n" only.
+    separators = "\u2028\u2029\x0b\x0c\x1c\x1d\x1e\x85"
+    record = {"instruction": f"one{separators}line", "output": "#### 1"}
+    lines = [json.dumps(record, ensure_ascii=False), json.dumps(RECORDS[2]), "{broken"]
+    path = _write(tmp_path / "raw.jsonl", "\n".join(lines) + "\n")
+    message = _error(path)
+    assert message.startswith(f"{path}, line 3: invalid JSON: ")
+    path = _write(tmp_path / "raw.jsonl", "\n".join(lines[:2]) + "\n")
+    assert load_alpaca(path) == [Example(f"one{separators}line", "", "#### 1", "1"), EXPECTED[2]]
+
+
+def test_jsonl_with_crlf_line_endings(tmp_path):
+    lines = [json.dumps(record) for record in RECORDS]
+    path = _write_bytes(tmp_path / "windows.jsonl", "\r\n".join([lines[0], "", *lines[1:]]).encode() + b"\r\n")
+    assert load_alpaca(path) == EXPECTED
+    path = _write_bytes(tmp_path / "windows.jsonl", "\r\n".join([lines[0], "", "[1]"]).encode())
+    assert _error(path) == f"{path}, line 3: record must be a JSON object, got list"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_bom_and_null_input(tmp_path, suffix):
+    records = [dict(RECORDS[0], input=None), RECORDS[1]]
+    text = json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(record) for record in records)
+    path = _write_bytes(tmp_path / f"bom{suffix}", b"\xef\xbb\xbf" + text.encode())
+    assert load_alpaca(path) == EXPECTED[:2]

@@ -14,6 +14,7 @@ from lightning_grass.app.data import (
     multiple_choice_examples,
     tokenize_example,
 )
+from lightning_grass.errors import DataFormatError, SettingTypeError, SettingValueError
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +220,10 @@ def test_file_task_split(tok, tmp_path, messages):
     dm.setup("fit")
     assert [example.answer for example in dm.val_examples] == ["16", "17", "18", "19", "20"]
     assert len(dm._train) == 15
-    ten_percent = _module(tok, task=str(path), num_val=11)
-    ten_percent.setup("fit")
-    assert [example.answer for example in ten_percent.val_examples] == ["19", "20"]
-    assert len(ten_percent._train) == 18
+    half = _module(tok, task=str(path), num_val=10)
+    half.setup("fit")
+    assert [example.answer for example in half.val_examples] == [str(i) for i in range(11, 21)]
+    assert len(half._train) == 10
     with_test = _module(tok, task=str(path), num_val=5, num_test=3)
     with_test.setup("fit")
     assert [example.answer for example in with_test.test_examples] == ["18", "19", "20"]
@@ -235,7 +236,105 @@ def test_file_task_split(tok, tmp_path, messages):
 
 def test_file_task_errors(tok, tmp_path, messages):
     single = _write_jsonl(tmp_path / "one.jsonl", 1)
-    with pytest.raises(ValueError, match=re.escape(f"the training split of task {str(single)!r} contains no examples")):
-        _module(tok, task=str(single)).setup("fit")
+    message = (
+        f"task {str(single)!r} holds 1 record; training and validation need at least one each, so it must hold at "
+        "least 2"
+    )
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        _module(tok, task=str(single), num_val=1).setup("fit")
     with pytest.raises(ValueError, match=r"task_options=.* apply only to generated tasks"):
         _module(tok, task=str(single), task_options={"num_choices": 2})
+
+
+def _untokenizable():
+    """A character tokenizer whose ``encode`` fails the test: a check must come before any tokenizing."""
+    tokenizer = build_char_tokenizer()
+
+    def encode(*args, **kwargs):
+        raise AssertionError("the data was tokenized before the split sizes were checked")
+
+    tokenizer.encode = encode
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    ("num_val", "num_test", "message"),
+    [
+        (
+            1,
+            50,
+            "num_test=50 leaves 0 of the 40 records of task {task!r} for training and validation, which need "
+            "at least one each; num_test must be at most 38",
+        ),
+        (
+            1,
+            80,
+            "num_test=80 leaves 0 of the 40 records of task {task!r} for training and validation, which need "
+            "at least one each; num_test must be at most 38",
+        ),
+        (
+            1,
+            39,
+            "num_test=39 leaves 1 of the 40 records of task {task!r} for training and validation, which need "
+            "at least one each; num_test must be at most 38",
+        ),
+        (
+            200,
+            0,
+            "num_val=200 is more than half of the 40 records that task {task!r} has for training and "
+            "validation (40 records, num_test=0); at least as many must remain for training, so num_val must be at "
+            "most 20",
+        ),
+        (
+            16,
+            10,
+            "num_val=16 is more than half of the 30 records that task {task!r} has for training and "
+            "validation (40 records, num_test=10); at least as many must remain for training, so num_val must be at "
+            "most 15",
+        ),
+    ],
+)
+def test_splits_larger_than_the_data_are_refused_before_tokenizing(tmp_path, num_val, num_test, message):
+    task = str(_write_jsonl(tmp_path / "sums.jsonl", 40))
+    dm = _module(_untokenizable(), task=task, num_val=num_val, num_test=num_test)
+    with pytest.raises(SettingValueError) as info:
+        dm.setup("fit")
+    assert str(info.value) == message.format(task=task)
+
+
+def test_the_largest_splits_the_data_allows(tok, tmp_path, messages):
+    task = str(_write_jsonl(tmp_path / "sums.jsonl", 40))
+    most_test = _module(tok, task=task, num_val=1, num_test=38)
+    most_test.setup("fit")
+    assert (len(most_test._train), len(most_test.val_examples), len(most_test.test_examples)) == (1, 1, 38)
+    most_val = _module(tok, task=task, num_val=15, num_test=10)
+    most_val.setup("fit")
+    assert (len(most_val._train), len(most_val.val_examples), len(most_val.test_examples)) == (15, 15, 10)
+    assert [example.answer for example in most_val.test_examples] == [str(i) for i in range(31, 41)]
+
+
+@pytest.mark.parametrize("name", ["num_train", "num_val", "num_test", "max_length", "batch_size", "num_workers"])
+@pytest.mark.parametrize(("value", "kind"), [("abc", "str"), (True, "bool"), (float("nan"), "float"), (16.0, "float")])
+def test_counts_that_are_not_integers(tok, name, value, kind):
+    minimum = 0 if name in ("num_test", "num_workers") else 1
+    with pytest.raises(SettingTypeError) as info:
+        _module(tok, **{name: value})
+    assert str(info.value) == f"{name}={value!r} must be an integer >= {minimum}, not {kind}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seed": "0"}, "seed='0' must be an integer, not str"),
+        ({"seed": 1.5}, "seed=1.5 must be an integer, not float"),
+        ({"truncation": 1}, "truncation=1 must be a string, not int"),
+        ({"answer_pattern": None}, "answer_pattern=None must be a string, not NoneType"),
+        ({"split": 0}, "split=0 must be a string, not int"),
+        ({"chat_template": False}, "chat_template=False must be a string, not bool"),
+        ({"task": 7}, "task=7 must be a task name or the path of a data file or folder, not int"),
+    ],
+)
+def test_other_settings_of_the_wrong_type(tok, overrides, message):
+    with pytest.raises(SettingTypeError) as info:
+        _module(tok, **overrides)
+    assert str(info.value) == message

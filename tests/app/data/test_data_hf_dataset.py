@@ -7,7 +7,7 @@ import socket
 import pytest
 from datasets import Dataset, DatasetDict
 
-from lightning_grass.app.data import DataFormatError, Example, load_hf_dataset
+from lightning_grass.app.data import DataFormatError, Example, load_alpaca, load_hf_dataset
 from lightning_grass.errors import MissingPathError, SettingValueError
 
 RECORDS = [
@@ -251,3 +251,41 @@ def test_files_the_reader_refuses(tmp_path):
     broken.write_text("not parquet")
     with pytest.raises(DataFormatError, match=re.escape(f"{broken} could not be read as parquet: ArrowInvalid: ")):
         load_hf_dataset(broken)
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("latin1.jsonl", b'{"instruction": "a", "output": "x"}\n{"instruction": "caf\xe9", "output": "x"}\n'),
+        ("latin1.json", b'[{"instruction": "a", "output": "x"},\n {"instruction": "caf\xe9", "output": "x"}]'),
+        ("latin1.csv", b"instruction,output\ncaf\xe9,x\n"),
+    ],
+)
+def test_non_utf8_text_files_name_the_line_and_the_byte(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(DataFormatError) as info:
+        load_hf_dataset(path)
+    assert str(info.value) == (
+        f"{path}, line 2: byte 0xe9 at byte offset {offset} (from 0) is not valid UTF-8 (invalid "
+        "continuation byte); data files must be UTF-8, so convert the file (e.g. with iconv) or fix that byte"
+    )
+
+
+def test_raw_line_separators_in_jsonl(tmp_path):
+    separators = "\u2028\u2029\x0b\x0c\x1c\x1d\x1e\x85"
+    records = [dict(RECORDS[0], instruction=f"one{separators}line"), RECORDS[1]]
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\r\n".join(json.dumps(record, ensure_ascii=False) for record in records), encoding="utf-8")
+    assert load_hf_dataset(path) == [Example(f"one{separators}line", "", EXPECTED[0].output, "5"), EXPECTED[1]]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_both_loaders_agree_on_a_bom_and_a_null_input(tmp_path, suffix):
+    records = [dict(RECORDS[0], input=None), RECORDS[1], {"instruction": "Say hi.", "output": "hi"}]
+    text = json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(record) for record in records)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_hf_dataset(path) == EXPECTED
+    assert load_alpaca(path) == EXPECTED

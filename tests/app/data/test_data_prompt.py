@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from lightning_grass.app.data import (
     Example,
@@ -9,8 +13,10 @@ from lightning_grass.app.data import (
     build_char_tokenizer,
     collate_batch,
     format_prompt,
+    prompt_segments,
     tokenize_example,
 )
+from lightning_grass.app.data.prompt import IGNORE_INDEX, _longest_token
 
 EXAMPLE = Example("Add 2 and 3.", "", "2 + 3 = 5\n#### 5", "5")
 PROMPT = "### Instruction:\nAdd 2 and 3.\n\n### Response:\n"
@@ -109,3 +115,121 @@ def test_collate_pads_right():
 def test_collate_empty_batch():
     with pytest.raises(ValueError, match="batch is empty"):
         collate_batch([], pad_token_id=0)
+
+
+def _counting(tokenizer, monkeypatch):
+    """``tokenizer``, recording the length of every text its ``encode`` is given."""
+    lengths = []
+    encode = tokenizer.encode
+
+    def counting_encode(text, **kwargs):
+        lengths.append(len(text))
+        return encode(text, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", counting_encode)
+    return tokenizer, lengths
+
+
+def _untruncated(tokenizer, example, max_length, truncation="truncate"):
+    """What ``tokenize_example`` gave before its work was bounded: every piece tokenized whole."""
+    segments = prompt_segments(tokenizer, example)
+    input_ids, labels = [], []
+    for text, trained in segments:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    if example.chat_template is None or tokenizer.eos_token not in segments[-1][0]:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    prompt_length = len(tokenizer.encode(segments[0][0], add_special_tokens=False))
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if truncation == "skip" or prompt_length >= max_length:
+            return None
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return TokenizedExample(input_ids=input_ids, labels=labels, prompt_length=prompt_length, truncated=truncated)
+
+
+def test_a_huge_response_is_cut_before_tokenizing(monkeypatch):
+    tok, lengths = _counting(build_char_tokenizer(), monkeypatch)
+    huge = Example("Add 2 and 3.", "", "2 + 3 = 5 " * 2_000_000, "5")
+    assert len(huge.output) == 20_000_000
+    result = tokenize_example(tok, huge, max_length=64)
+    # The prompt (45 characters) is read whole; the response only up to (64 - 45 + 1) tokens of at most 5
+    # characters each (the longest entry of the vocabulary is "<pad>").
+    assert lengths == [45, 100]
+    short = Example("Add 2 and 3.", "", "2 + 3 = 5 " * 3, "5")
+    assert result == tokenize_example(tok, short, max_length=64) == _untruncated(tok, short, 64)
+    assert result.truncated and len(result.input_ids) == 64
+    lengths.clear()
+    assert tokenize_example(tok, huge, max_length=64, truncation="skip") is None
+    assert lengths == [45, 100]
+
+
+def test_a_huge_prompt_is_dropped_after_reading_a_prefix(monkeypatch):
+    tok, lengths = _counting(build_char_tokenizer(), monkeypatch)
+    huge = Example("x" * 20_000_000, "", "#### 1", "1")
+    assert tokenize_example(tok, huge, max_length=64) is None
+    assert lengths == [65 * 5]
+
+
+def _byte_level_bpe():
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained here on text with long repeated words."""
+    rng = random.Random(0)
+    words = ["the", "answer", "is", "12", "345", "====", "    ", "ab" * 6, "über", "😀", "\n"]
+    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(400)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_bounded_tokenizing_gives_the_ids_of_whole_tokenizing():
+    tok = _byte_level_bpe()
+    longest = _longest_token(tok)
+    assert longest > 4  # merges longer than one byte, so the bound is not the character count
+    rng = random.Random(1)
+    pieces = ["the ", "answer ", "is ", "12", "345 ", "==== ", "    ", "abab", "über ", "😀", "\n", "<eos>", "q"]
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}<eos>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    outcomes = {"fits": 0, "truncated": 0, "dropped": 0, "response cut before tokenizing": 0}
+    for _ in range(200):
+        sizes = ([1, 5, 20], [0, 5, 40], [1, 5, 40, 400])
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.choice(choices))) for choices in sizes]
+        example = Example(texts[0], texts[1], texts[2], None, chat_template=template if rng.random() < 0.3 else None)
+        for max_length in (8, 30, 60, 120, 1000):
+            for truncation in ("truncate", "skip"):
+                expected = _untruncated(tok, example, max_length, truncation)
+                assert tokenize_example(tok, example, max_length, truncation) == expected
+                outcomes["dropped" if expected is None else "truncated" if expected.truncated else "fits"] += 1
+                outcomes["response cut before tokenizing"] += len(example.output) > (max_length + 1) * longest
+    assert outcomes == {"fits": 774, "truncated": 154, "dropped": 1072, "response cut before tokenizing": 204}
+
+
+def test_a_token_longer_than_its_entry_reads_more_of_the_text(monkeypatch):
+    # A word-level tokenizer turns any unknown word into one "<unk>", however long: the prefix that the bound
+    # allows fits, so it is doubled until the whole word is read, and the example is kept whole.
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, "a": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok, lengths = _counting(
+        PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"), monkeypatch
+    )
+    example = Example("a", "", "w" * 1000, None)
+    result = tokenize_example(tok, example, max_length=12)
+    # "### Instruction:\na\n\n### Response:\n" is five words, four of them unknown; the response is one.
+    assert result == TokenizedExample(input_ids=[2, 2, 3, 2, 2, 2, 1], labels=[-100] * 5 + [2, 1], prompt_length=5)
+    assert lengths == [len(format_prompt(example)), 40, 80, 160, 320, 640, 1000]
+    assert result == _untruncated(tok, example, 12)
+
+
+def test_the_longest_entry_is_measured_again_when_tokens_are_added():
+    tok = build_char_tokenizer()
+    assert _longest_token(tok) == 5
+    tok.add_tokens(["<" + "z" * 38 + ">"])
+    assert _longest_token(tok) == 40
