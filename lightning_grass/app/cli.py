@@ -3,20 +3,25 @@
 grass-cli fit --config conf/cli/grass.yaml
 grass-cli fit --config conf/cli/grass.yaml --trainer.strategy=grass --print_config
 
-Bad input stops it with one line, ``error: <message>``, and exit status 2, as jsonargparse does for a
-malformed argument (see :mod:`lightning_grass.app.input_errors`).
+Bad input stops it with one line, ``error: <message>``, and exit status 2, as for ``grass-train`` (see
+:mod:`lightning_grass.app.input_errors`): a setting that a class refuses (``GRASSStrategy``, ``GRASSCallback``,
+the model, the data), a setting that Lightning's ``Trainer`` refuses (``error: trainer: ...``), and a malformed
+command line, reported in jsonargparse's own words.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
 
 import lightning_grass  # noqa: F401  (registers strategy="grass" and its presets)
 from lightning_grass.app.data import InstructionDataModule, build_char_tokenizer
-from lightning_grass.app.input_errors import report_input_errors
+from lightning_grass.app.input_errors import find_input_error, report_input_errors, trainer_settings
 from lightning_grass.app.lm import CausalLMModule
+from lightning_grass.errors import InputError
 
 
 class GRASSCLI(LightningCLI):
@@ -27,10 +32,38 @@ class GRASSCLI(LightningCLI):
     tokenizer) before fitting.
     """
 
+    @override
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Derive ``model.answer_pattern`` from ``data.answer_pattern``."""
         parser.link_arguments("data.answer_pattern", "model.answer_pattern")
 
+    @override
+    def instantiate_classes(self) -> None:
+        """Instantiate as ``LightningCLI`` does; a class's refusal of its settings is raised as itself.
+
+        jsonargparse tries each type of a union in turn (``trainer.strategy`` is ``str | Strategy``) and, when
+        all fail, raises one ``ValueError`` whose message quotes every refusal but which is raised from the
+        first only: the ``str`` one. ``GRASSStrategy``'s bad-input error would then be lost inside that message.
+        A recording instantiator keeps each bad-input error a class raised, and the one the message quotes is
+        raised instead.
+        """
+        recorder = _RefusalRecorder()
+        self.parser.add_instantiator(recorder, object)  # after LightningCLI's own for the model and the data
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            refusal = None if find_input_error(error) is not None else recorder.quoted_by(error)
+            if refusal is None:
+                raise
+            raise refusal  # noqa: B904  (the union error stays attached as its context)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the Trainer; a setting it refuses stops the run with ``error: trainer: <Lightning's message>``."""
+        with trainer_settings("trainer"):
+            return super().instantiate_trainer(**kwargs)
+
+    @override
     def before_fit(self) -> None:
         """Hand the model's tokenizer to the datamodule."""
         if self.model.tokenizer is None:
@@ -38,10 +71,38 @@ class GRASSCLI(LightningCLI):
         self.datamodule.tokenizer = self.model.tokenizer
 
 
-def main() -> None:
-    """Console entry point of ``grass-cli``."""
+class _RefusalRecorder:
+    """A jsonargparse instantiator: builds a class as the default one does, and keeps the bad input it refused."""
+
+    def __init__(self) -> None:
+        self.refusals: list[InputError] = []
+
+    def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return class_type(*args, **kwargs)
+        except InputError as refusal:
+            self.refusals.append(refusal)
+            raise
+
+    def quoted_by(self, error: BaseException) -> InputError | None:
+        """The first kept refusal whose message is part of ``error``'s, or ``None``."""
+        return next((refusal for refusal in self.refusals if str(refusal) in str(error)), None)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point of ``grass-cli``.
+
+    Args:
+        args: The command line after ``grass-cli``; ``None`` reads ``sys.argv``.
+    """
     with report_input_errors():
-        GRASSCLI(CausalLMModule, InstructionDataModule, save_config_kwargs={"overwrite": True})
+        GRASSCLI(
+            CausalLMModule,
+            InstructionDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+        )
 
 
 if __name__ == "__main__":

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import transformers
+from safetensors import SafetensorError, safe_open
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from lightning_grass.app.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.app.evaluation import exact_match
-from lightning_grass.app.lora import apply_lora, save_merged
-from lightning_grass.errors import MissingPathError, SettingValueError
+from lightning_grass.app.lora import apply_lora, check_lora_settings, save_merged
+from lightning_grass.errors import DataFormatError, MissingPathError, SettingTypeError, SettingValueError
 
 IGNORE_INDEX = -100
 
 #: The weight dtypes ``CausalLMModule(dtype=...)`` accepts.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: The weight files ``from_pretrained`` reads from a local directory, one of which must be there.
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+_SAVED_MODEL_HINT = "point it at a directory written by save_pretrained (models are never downloaded)"
 
 
 class CausalLMModule(pl.LightningModule):
@@ -32,6 +43,14 @@ class CausalLMModule(pl.LightningModule):
     (``config``, with ``model_type`` such as ``"llama"``). The loss covers response tokens only: the data
     marks prompt tokens with -100 in ``labels``.
 
+    Every setting is checked here, before a model is loaded: a learning rate that is not a finite number above
+    0, a count given as text, a fraction or NaN, or NaN or infinity in any other number raises a
+    :class:`~lightning_grass.errors.SettingValueError` or :class:`~lightning_grass.errors.SettingTypeError` that
+    names the setting and the value. A model directory that is missing, holds no ``config.json`` or weights, or
+    whose ``config.json``, ``model.safetensors`` or tokenizer files are corrupt or truncated raises a
+    :class:`~lightning_grass.errors.MissingPathError` or :class:`~lightning_grass.errors.DataFormatError` that
+    names the file.
+
     Validation logs ``val/loss``, ``val/token_accuracy`` (micro-averaged over response tokens, padding and
     prompt ignored), ``val/perplexity`` (exp of the token-weighted mean NLL) and, when the datamodule has
     validation examples with answers, ``val/exact_match`` of the final answer in greedy generations.
@@ -39,16 +58,19 @@ class CausalLMModule(pl.LightningModule):
     Args:
         pretrained_path: Local directory of a saved model and tokenizer.
         config: Model config dict for building from scratch, used when ``pretrained_path`` is ``None``.
-        lr: Peak learning rate.
-        betas: AdamW betas.
-        weight_decay: AdamW weight decay; never applied to norms and biases (parameters with < 2 dims).
-        warmup_steps: Linear warm-up steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
-        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        lr: Peak learning rate, a finite number > 0.
+        betas: AdamW betas, two numbers in [0, 1).
+        weight_decay: AdamW weight decay, a finite number >= 0; never applied to norms and biases (parameters
+            with < 2 dims).
+        warmup_steps: Linear warm-up steps (an integer >= 0); then cosine decay to ``min_lr_ratio * lr`` at the
+            last step.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``, in [0, 1].
         gradient_checkpointing: Recompute activations in backward (non-reentrant, so frozen leading layers
             work).
         answer_pattern: Regular expression whose first group is the final answer in generated text.
-        max_new_tokens: Longest generation for exact match.
-        eval_examples: How many validation examples are generated for exact match at each validation.
+        max_new_tokens: Longest generation for exact match, an integer >= 1.
+        eval_examples: How many validation examples are generated for exact match at each validation, an
+            integer >= 0.
         lora: ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``, ...) to train LoRA
             adapters instead of the model's own weights; ``None`` trains the weights.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the weights are loaded or built in.
@@ -74,26 +96,29 @@ class CausalLMModule(pl.LightningModule):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.tokenizer = None
+        _check_optimizer_settings(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
+        _check_evaluation_settings(answer_pattern, max_new_tokens, eval_examples)
+        if not isinstance(gradient_checkpointing, bool):
+            raise SettingTypeError(f"gradient_checkpointing={gradient_checkpointing!r} must be True or False")
         if dtype is not None and dtype not in DTYPES:
             raise SettingValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)} or null")
+        if lora is not None:
+            check_lora_settings(lora)
+        self.save_hyperparameters()
+        self.tokenizer = None
         if pretrained_path is not None:
-            path = Path(pretrained_path)
-            if not (path / "config.json").is_file():
-                raise MissingPathError(
-                    f"pretrained_path={str(path)!r} has no config.json: point it at a directory written by "
-                    "save_pretrained (models are never downloaded)"
-                )
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=DTYPES[dtype] if dtype else "auto"
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = _load_model(Path(pretrained_path), dtype)
+            self.tokenizer = _load_tokenizer(Path(pretrained_path))
         elif config is not None:
+            if not isinstance(config, Mapping):
+                raise SettingTypeError(f"config={config!r} must be a dict of model config fields")
             settings = dict(config)
             model_type = settings.pop("model_type", None)
             if model_type is None:
                 raise SettingValueError(f"config={config!r} needs a 'model_type' such as 'llama'")
+            unknown = _unknown_model_type(model_type)
+            if unknown is not None:
+                raise SettingValueError(f"config: {unknown}")
             self.model = AutoModelForCausalLM.from_config(
                 AutoConfig.for_model(model_type, **settings), dtype=DTYPES[dtype or "float32"]
             )
@@ -177,6 +202,139 @@ class CausalLMModule(pl.LightningModule):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         return directory
+
+
+def _is_number(value: object) -> bool:
+    """Whether ``value`` is an int or a float; a bool is neither here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: object, allowed: str, accepts: Callable[[float], bool]) -> None:
+    """Refuse ``value`` unless it is a finite number that ``accepts``; ``allowed`` says which in words."""
+    if not _is_number(value):
+        raise SettingTypeError(f"{name}={value!r} must be a finite number {allowed}")
+    if not (math.isfinite(value) and accepts(value)):
+        raise SettingValueError(f"{name}={value!r} must be a finite number {allowed}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    """Refuse ``value`` unless it is an int (not a bool, a float or a string) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingTypeError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise SettingValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_optimizer_settings(
+    lr: object, betas: object, weight_decay: object, warmup_steps: object, min_lr_ratio: object
+) -> None:
+    """Refuse what AdamW or the schedule would fail on at fit start, or turn into NaN weights."""
+    _check_number("lr", lr, "> 0, such as 2e-5", lambda value: value > 0)
+    pair = isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
+    if not pair or not all(_is_number(beta) and 0 <= beta < 1 for beta in betas):
+        given = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else betas
+        raise SettingValueError(f"betas={given!r} must be two numbers in [0, 1), such as [0.9, 0.95]")
+    _check_number("weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
+    _check_int("warmup_steps", warmup_steps, minimum=0)
+    _check_number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda value: 0 <= value <= 1)
+
+
+def _check_evaluation_settings(answer_pattern: object, max_new_tokens: object, eval_examples: object) -> None:
+    """Refuse an answer pattern that cannot capture an answer, and counts that are not integers in range."""
+    if not isinstance(answer_pattern, str):
+        raise SettingTypeError(f"answer_pattern={answer_pattern!r} must be a regular expression (a string)")
+    try:
+        groups = re.compile(answer_pattern).groups
+    except re.error as error:
+        raise SettingValueError(f"answer_pattern={answer_pattern!r} is not a regular expression: {error}") from error
+    if groups < 1:
+        raise SettingValueError(
+            f"answer_pattern={answer_pattern!r} has no group; its first group is the answer, e.g. '####\\s*(\\S+)'"
+        )
+    _check_int("max_new_tokens", max_new_tokens, minimum=1)
+    _check_int("eval_examples", eval_examples, minimum=0)
+
+
+def _unknown_model_type(model_type: object) -> str | None:
+    """Why ``model_type`` cannot be built by this version of transformers, or ``None`` if it can."""
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return None
+    return (
+        f"model_type={model_type!r} is not a model type that transformers {transformers.__version__} knows, "
+        "such as 'llama'"
+    )
+
+
+def _read_json(file: Path) -> Any:
+    """The content of a JSON file, or a :class:`DataFormatError` that names the file and where it is broken."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(
+            f"{file}: not UTF-8 text (byte {error.start}); {file.name} is corrupt: save the model again"
+        ) from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(
+            f"{file}, line {error.lineno}, column {error.colno}: invalid JSON: {error.msg}; "
+            f"{file.name} is corrupt or truncated: save the model again"
+        ) from error
+
+
+def _load_model(path: Path, dtype: str | None) -> PreTrainedModel:
+    """``from_pretrained`` of a local model directory, its files checked first so that errors name them."""
+    if not path.exists():
+        raise MissingPathError(f"pretrained_path={str(path)!r} does not exist: {_SAVED_MODEL_HINT}")
+    if not path.is_dir():
+        raise MissingPathError(f"pretrained_path={str(path)!r} is a file, not a directory: {_SAVED_MODEL_HINT}")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise MissingPathError(f"pretrained_path={str(path)!r} has no {CONFIG_NAME}: {_SAVED_MODEL_HINT}")
+    config = _read_json(config_file)
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise DataFormatError(f"{config_file} has no 'model_type': it is not a config written by save_pretrained")
+    unknown = _unknown_model_type(config["model_type"])
+    if unknown is not None:
+        raise DataFormatError(f"{config_file}: {unknown}")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise MissingPathError(
+            f"pretrained_path={str(path)!r} has no weights: expected one of {list(WEIGHT_FILES)}; {_SAVED_MODEL_HINT}"
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=DTYPES[dtype] if dtype else "auto"
+        )
+    except SafetensorError as error:
+        raise DataFormatError(
+            f"{_unreadable_safetensors(path)}: unreadable safetensors weights ({error}); the file is truncated or "
+            "not a safetensors file: save the model again"
+        ) from error
+
+
+def _unreadable_safetensors(path: Path) -> Path:
+    """The first ``*.safetensors`` file in ``path`` whose header does not open, else ``path`` itself."""
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError:
+            return file
+    return path
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local directory; a corrupt JSON file in it is named."""
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        for file in sorted(path.glob("*.json")):
+            try:
+                _read_json(file)
+            except DataFormatError as corrupt:
+                raise corrupt from error
+        raise
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int | float, min_ratio: float = 0.1) -> Any:

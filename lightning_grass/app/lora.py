@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,7 +12,47 @@ from typing import Any
 
 from torch import nn
 
-from lightning_grass.errors import SettingValueError
+from lightning_grass.errors import SettingTypeError, SettingValueError
+
+
+def check_lora_settings(settings: object) -> None:
+    """Refuse LoRA settings that ``peft`` would reject or that would train nothing, before a model is loaded.
+
+    Args:
+        settings: Fields of ``peft.LoraConfig``, as for :func:`apply_lora`.
+
+    Raises:
+        SettingTypeError: If ``settings`` is not a mapping, the rank is not an integer, or ``lora_alpha`` or
+            ``lora_dropout`` is not a number.
+        SettingValueError: For a field that ``LoraConfig`` does not have, a rank below 1, a ``lora_alpha`` that
+            is not a finite number > 0, or a ``lora_dropout`` outside [0, 1).
+    """
+    from peft import LoraConfig  # imported on use: importing peft takes seconds
+
+    if not isinstance(settings, Mapping):
+        raise SettingTypeError(f"lora={settings!r} must be a dict of LoraConfig fields such as r and lora_alpha")
+    allowed = {field.name for field in dataclasses.fields(LoraConfig)} - {"task_type"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise SettingValueError(
+            f"lora has unknown field(s) {unknown}; LoraConfig accepts e.g. r, lora_alpha, target_modules"
+        )
+    rank = settings.get("r", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise SettingTypeError(f"lora.r={rank!r} must be an integer >= 1")
+    if rank < 1:
+        raise SettingValueError(f"lora.r={rank!r} must be an integer >= 1")
+    for name, allowed_range, accepts in (
+        ("lora_alpha", "> 0", lambda value: value > 0),
+        ("lora_dropout", "in [0, 1)", lambda value: 0 <= value < 1),
+    ):
+        if name not in settings:
+            continue
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingTypeError(f"lora.{name}={value!r} must be a finite number {allowed_range}")
+        if not (math.isfinite(value) and accepts(value)):
+            raise SettingValueError(f"lora.{name}={value!r} must be a finite number {allowed_range}")
 
 
 def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
@@ -26,19 +67,11 @@ def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
         The ``peft`` model. Only the adapter parameters have ``requires_grad=True``.
 
     Raises:
-        SettingValueError: For a setting that ``LoraConfig`` does not have, or a rank below 1.
+        SettingTypeError, SettingValueError: For the settings :func:`check_lora_settings` refuses.
     """
     from peft import LoraConfig, get_peft_model  # imported on use: importing peft takes seconds
 
-    allowed = {field.name for field in dataclasses.fields(LoraConfig)} - {"task_type"}
-    unknown = sorted(set(settings) - allowed)
-    if unknown:
-        raise SettingValueError(
-            f"lora has unknown field(s) {unknown}; LoraConfig accepts e.g. r, lora_alpha, target_modules"
-        )
-    rank = settings.get("r", 8)
-    if not isinstance(rank, int) or rank < 1:
-        raise SettingValueError(f"lora.r={rank!r} must be an integer >= 1")
+    check_lora_settings(settings)
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
 
 

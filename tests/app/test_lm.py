@@ -1,15 +1,21 @@
+import json
 import math
+import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import MODULE_CONFIG as CONFIG
 from conftest import make_trainer
+from safetensors import SafetensorError
 from tolerances import FP32_UNIT_ROUNDOFF, fp32_sum_rtol
 from torch.nn import functional
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
 
 from lightning_grass import GRASSStrategy
 from lightning_grass.app.lm import CausalLMModule, warmup_cosine
+from lightning_grass.errors import DataFormatError, MissingPathError, SettingTypeError, SettingValueError
 from lightning_grass.offload import MASTER_KEY
 
 # The model's loss and a hand-written cross-entropy reduce the same float32 logits with different kernels: a
@@ -99,11 +105,186 @@ def test_save_pretrained_reloads_model_and_tokenizer(module, tmp_path):
     )
 
 
-def test_missing_model_directory_says_what_is_expected(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"pretrained_path='.*nothing' has no config.json: .*never downloaded"):
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (-1, SettingValueError, "lr=-1 must be a finite number > 0, such as 2e-5"),
+        (0, SettingValueError, "lr=0 must be a finite number > 0, such as 2e-5"),
+        (math.nan, SettingValueError, "lr=nan must be a finite number > 0, such as 2e-5"),
+        (math.inf, SettingValueError, "lr=inf must be a finite number > 0, such as 2e-5"),
+        ("abc", SettingTypeError, "lr='abc' must be a finite number > 0, such as 2e-5"),
+        (True, SettingTypeError, "lr=True must be a finite number > 0, such as 2e-5"),
+    ],
+)
+def test_a_learning_rate_that_is_not_a_finite_positive_number_is_refused_at_construction(value, error, message):
+    with pytest.raises(error) as refused:
+        CausalLMModule(config=CONFIG, lr=value)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("setting", "error", "message"),
+    [
+        ({"weight_decay": math.nan}, SettingValueError, "weight_decay=nan must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, SettingValueError, "weight_decay=-0.1 must be a finite number >= 0"),
+        ({"min_lr_ratio": 1.5}, SettingValueError, "min_lr_ratio=1.5 must be a finite number in [0, 1]"),
+        ({"min_lr_ratio": "low"}, SettingTypeError, "min_lr_ratio='low' must be a finite number in [0, 1]"),
+        (
+            {"betas": (0.9, 1.0)},
+            SettingValueError,
+            "betas=[0.9, 1.0] must be two numbers in [0, 1), such as [0.9, 0.95]",
+        ),
+        (
+            {"betas": [0.9, math.nan]},
+            SettingValueError,
+            "betas=[0.9, nan] must be two numbers in [0, 1), such as [0.9, 0.95]",
+        ),
+        ({"betas": 0.9}, SettingValueError, "betas=0.9 must be two numbers in [0, 1), such as [0.9, 0.95]"),
+        ({"warmup_steps": "10"}, SettingTypeError, "warmup_steps='10' must be an integer >= 0"),
+        ({"warmup_steps": math.nan}, SettingTypeError, "warmup_steps=nan must be an integer >= 0"),
+        ({"warmup_steps": 2.5}, SettingTypeError, "warmup_steps=2.5 must be an integer >= 0"),
+        ({"warmup_steps": -1}, SettingValueError, "warmup_steps=-1 must be an integer >= 0"),
+        ({"max_new_tokens": 0}, SettingValueError, "max_new_tokens=0 must be an integer >= 1"),
+        ({"eval_examples": math.nan}, SettingTypeError, "eval_examples=nan must be an integer >= 0"),
+        ({"gradient_checkpointing": "yes"}, SettingTypeError, "gradient_checkpointing='yes' must be True or False"),
+        (
+            {"answer_pattern": "####"},
+            SettingValueError,
+            r"answer_pattern='####' has no group; its first group is the answer, e.g. '####\s*(\S+)'",
+        ),
+        (
+            {"answer_pattern": "(#"},
+            SettingValueError,
+            "answer_pattern='(#' is not a regular expression: missing ), unterminated subpattern at position 0",
+        ),
+        (
+            {"config": {**CONFIG, "model_type": "lama"}},
+            SettingValueError,
+            f"config: model_type='lama' is not a model type that transformers {transformers.__version__} knows, "
+            "such as 'llama'",
+        ),
+    ],
+)
+def test_every_other_setting_is_checked_at_construction(setting, error, message):
+    with pytest.raises(error) as refused:
+        CausalLMModule(**{"config": CONFIG, **setting})
+    assert str(refused.value) == message
+
+
+def test_settings_are_checked_before_the_model_is_loaded(tmp_path):
+    with pytest.raises(SettingValueError, match=r"^lr=nan must be"):
+        CausalLMModule(pretrained_path=tmp_path / "nothing", lr=math.nan)
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_pretrained_dir):
+    """A copy of the tiny saved model that a test may damage."""
+    return shutil.copytree(tiny_pretrained_dir, tmp_path / "model")
+
+
+def test_a_missing_model_directory_says_what_is_expected(tmp_path, model_dir):
+    with pytest.raises(MissingPathError) as missing:
         CausalLMModule(pretrained_path=tmp_path / "nothing")
-    with pytest.raises(ValueError, match="needs a 'model_type'"):
+    assert str(missing.value) == (
+        f"pretrained_path='{tmp_path / 'nothing'}' does not exist: point it at a directory written by "
+        "save_pretrained (models are never downloaded)"
+    )
+    with pytest.raises(MissingPathError, match=r"^pretrained_path='.*config.json' is a file, not a directory: "):
+        CausalLMModule(pretrained_path=model_dir / "config.json")
+    (model_dir / "config.json").unlink()
+    with pytest.raises(MissingPathError) as missing:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(missing.value) == (
+        f"pretrained_path='{model_dir}' has no config.json: point it at a directory written by save_pretrained "
+        "(models are never downloaded)"
+    )
+    with pytest.raises(SettingValueError, match="needs a 'model_type'"):
         CausalLMModule(config={"num_hidden_layers": 2})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (
+            b'{"model_type": "llama",',
+            "line 1, column 24: invalid JSON: Expecting property name enclosed in double quotes",
+        ),
+        (b"", "line 1, column 1: invalid JSON: Expecting value"),
+    ],
+)
+def test_a_corrupt_config_json_is_named_with_where_it_breaks(model_dir, content, problem):
+    config_file = model_dir / "config.json"
+    config_file.write_bytes(content)
+    with pytest.raises(DataFormatError) as corrupt:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(corrupt.value) == f"{config_file}, {problem}; config.json is corrupt or truncated: save the model again"
+    assert isinstance(corrupt.value.__cause__, json.JSONDecodeError)
+
+
+def test_a_config_json_that_is_not_a_model_config_is_named(model_dir):
+    config_file = model_dir / "config.json"
+    config_file.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DataFormatError) as corrupt:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(corrupt.value) == f"{config_file}: not UTF-8 text (byte 0); config.json is corrupt: save the model again"
+    config_file.write_text('{"hidden_size": 32}')
+    with pytest.raises(DataFormatError) as corrupt:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(corrupt.value) == f"{config_file} has no 'model_type': it is not a config written by save_pretrained"
+    config_file.write_text('{"model_type": "lama"}')
+    with pytest.raises(DataFormatError) as unknown:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(unknown.value) == (
+        f"{config_file}: model_type='lama' is not a model type that transformers {transformers.__version__} knows, "
+        "such as 'llama'"
+    )
+
+
+def test_missing_weights_are_named(model_dir):
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(MissingPathError) as missing:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(missing.value) == (
+        f"pretrained_path='{model_dir}' has no weights: expected one of ['model.safetensors', "
+        "'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json']; point it at a "
+        "directory written by save_pretrained (models are never downloaded)"
+    )
+
+
+@pytest.mark.parametrize("cut", ["in the tensors", "in the header", "empty"])
+def test_truncated_weights_are_named(model_dir, cut):
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: {"in the tensors": len(data) // 2, "in the header": 20, "empty": 0}[cut]])
+    with pytest.raises(DataFormatError) as truncated:
+        CausalLMModule(pretrained_path=model_dir)
+    message = str(truncated.value)
+    assert message.startswith(f"{weights}: unreadable safetensors weights (Error while deserializing header: ")
+    assert message.endswith("); the file is truncated or not a safetensors file: save the model again")
+    assert isinstance(truncated.value.__cause__, SafetensorError)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_truncated_tokenizer_file_is_named(model_dir, name):
+    tokenizer_file = model_dir / name
+    tokenizer_file.write_text(tokenizer_file.read_text()[:40])
+    with pytest.raises(DataFormatError) as corrupt:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(corrupt.value).startswith(f"{tokenizer_file}, line ")
+    assert str(corrupt.value).endswith(f"; {name} is corrupt or truncated: save the model again")
+    assert isinstance(corrupt.value.__cause__, json.JSONDecodeError)
+
+
+def test_a_tokenizer_error_that_no_file_explains_keeps_its_type(model_dir, monkeypatch):
+    error = json.JSONDecodeError("Expecting value", "", 0)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(json.JSONDecodeError) as raised:
+        CausalLMModule(pretrained_path=model_dir)
+    assert raised.value is error
 
 
 def test_dtype_keeps_a_checkpoints_own_or_casts_to_the_one_asked_for(tmp_path, tiny_pretrained_dir):

@@ -1,5 +1,7 @@
 """The LoRA baseline: peft adapters on every linear layer, frozen base weights, a plain merged save."""
 
+import math
+
 import pytest
 import torch
 from conftest import MODULE_CONFIG as CONFIG
@@ -10,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_grass.app.lm import CausalLMModule
 from lightning_grass.app.lora import apply_lora
+from lightning_grass.errors import SettingTypeError, SettingValueError
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
@@ -69,3 +72,20 @@ def test_rank_below_one_is_refused():
     model = AutoModelForCausalLM.from_config(CausalLMModule(config=CONFIG).model.config)
     with pytest.raises(ValueError, match=r"lora\.r=0 must be an integer >= 1"):
         apply_lora(model, {"r": 0})
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"r": True}, SettingTypeError, "lora.r=True must be an integer >= 1"),
+        ({"r": "8"}, SettingTypeError, "lora.r='8' must be an integer >= 1"),
+        ({"lora_alpha": math.nan}, SettingValueError, "lora.lora_alpha=nan must be a finite number > 0"),
+        ({"lora_alpha": "16"}, SettingTypeError, "lora.lora_alpha='16' must be a finite number > 0"),
+        ({"lora_dropout": 1.0}, SettingValueError, "lora.lora_dropout=1.0 must be a finite number in [0, 1)"),
+        ("r=8", SettingTypeError, "lora='r=8' must be a dict of LoraConfig fields such as r and lora_alpha"),
+    ],
+)
+def test_lora_numbers_are_checked_before_the_model_is_loaded(tmp_path, settings, error, message):
+    with pytest.raises(error) as refused:
+        CausalLMModule(pretrained_path=tmp_path / "nothing", lora=settings)
+    assert str(refused.value) == message
