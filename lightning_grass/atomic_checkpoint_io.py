@@ -111,7 +111,7 @@ def read_checkpoint(
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except (RuntimeError, EOFError, ValueError, IndexError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"checkpoint {path} {_why_unreadable(path, size)} ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"checkpoint {path} {_why_unreadable(path, size)}") from e
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in LIGHTNING_CHECKPOINT_KEYS):
         found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(

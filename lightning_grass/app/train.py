@@ -41,7 +41,7 @@ from lightning_grass.app.checkpoints import (
 )
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
-from lightning_grass.app.input_errors import report_input_errors
+from lightning_grass.app.input_errors import report_input_errors, trainer_settings
 from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
 from lightning_grass.app.run_directory import claim_output_dir
@@ -125,15 +125,16 @@ def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, 
     callbacks += checkpoint_callbacks(output_dir, ckpt_every_n_steps)
     loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
     strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        strategy=strategy,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(output_dir),
-        enable_checkpointing=ckpt_every_n_steps > 0,
-    )
+    with trainer_settings("trainer"):  # Lightning's own refusals become one line naming the trainer
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            strategy=strategy,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(output_dir),
+            enable_checkpointing=ckpt_every_n_steps > 0,
+        )
 
     eval_examples = datamodule.val_examples[: cfg.model.get("eval_examples", 64)]
     pattern = cfg.model.get("answer_pattern") or cfg.data.get("answer_pattern")

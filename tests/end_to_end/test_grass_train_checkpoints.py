@@ -231,6 +231,41 @@ def test_a_run_that_diverges_writes_its_outputs_and_exits_3(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 600 KiB tmpfs: room for one 369 KB checkpoint beside the run's small files, not for a second copy."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (mount said: {mounted.stderr.decode().strip()})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_disk_that_fills_after_the_first_checkpoint_keeps_it_and_the_run_resumes_exactly(
+    small_filesystem, tmp_path, reference, monkeypatch
+):
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_temp))
+    output_dir = small_filesystem / "run"
+    full = grass_train(output_dir, check=False)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = output_dir / "checkpoints" / "last.ckpt"
+    assert full.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {last}: No space left on device (")
+    assert saved_step(output_dir) == 3, "the step-3 checkpoint survives the failed step-6 save"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"], "no temporary file is left behind"
+    assert list(system_temp.iterdir()) == [], "nothing is staged in the system temp folder"
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_filesystem)], check=True)
+    resumed = grass_train(output_dir, "ckpt_path=last")
+    assert "resuming from the checkpoint of step 3" in resumed.stdout
+    assert_same_run(output_dir, reference)
+
+
 def test_bad_checkpoint_settings_stop_before_any_work(tmp_path):
     result = grass_train(tmp_path, "ckpt_path=/nowhere/x.ckpt", check=False)
     assert result.returncode == 2
