@@ -130,3 +130,18 @@ def test_grass_cli_reports_a_setting_lightnings_trainer_refuses(capsys, monkeypa
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: trainer: `max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5."
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=-5", "error: trainer: `max_steps` must be a non-negative integer or -1"),
+        ("trainer.precision=bogus", "error: trainer: Precision 'bogus' is invalid."),
+    ],
+)
+def test_a_setting_lightnings_trainer_refuses_is_one_line_naming_the_trainer(tmp_path, override, message):
+    result = grass_train(tmp_path, override, "evaluate_before=false")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
