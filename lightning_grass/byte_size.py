@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
 
@@ -31,7 +32,7 @@ def parse_byte_size(value: int | str, name: str) -> int:
         The number of bytes, at least 1.
 
     Raises:
-        SettingTypeError: For a value that is neither an int nor a string.
+        SettingTypeError: For a value that is neither an int nor a string (a float, ``nan`` included).
         SettingValueError: For a malformed string, an unknown unit, or a size below one byte.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -46,7 +47,7 @@ def parse_byte_size(value: int | str, name: str) -> int:
                 f"{name}={value!r} is not a byte size; write a number with one of the units "
                 "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, for example '512MiB'"
             )
-        size = int(float(match.group(1)) * _UNITS[unit or "b"])
+        size = int(Fraction(match.group(1)) * _UNITS[unit or "b"])  # exact: no rounding, no overflow
     if size < 1:
         raise SettingValueError(f"{name}={value!r} must be at least one byte")
     return size

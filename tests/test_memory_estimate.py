@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_grass import GRASSCallback, GRASSStrategy, MemoryEstimate, discover_layers, estimate_memory
-from lightning_grass.errors import SettingValueError
+from lightning_grass.errors import SettingTypeError, SettingValueError
 
 MODEL = TinyCausalLM().model
 TOTAL = sum(p.numel() for p in MODEL.parameters())
@@ -70,6 +70,28 @@ def test_a_7b_model_is_sized_on_the_meta_device_without_allocating_it():
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         estimate_memory(MODEL, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (
+            float("nan"),
+            SettingTypeError,
+            "max_resident_bytes=nan must be a number of bytes or a string such as '512MiB'",
+        ),
+        (
+            "12 parsecs",
+            SettingValueError,
+            "max_resident_bytes='12 parsecs' is not a byte size; write a number with one of the units B, KB, MB, GB, "
+            "TB, KiB, MiB, GiB, TiB, for example '512MiB'",
+        ),
+    ],
+)
+def test_a_malformed_max_resident_bytes_is_named_in_one_line(value, error, message):
+    with pytest.raises(error) as raised:
+        estimate_memory(MODEL, n_active=2, offload="cpu", max_resident_bytes=value)
+    assert str(raised.value) == message
 
 
 class PeakGradients(Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -15,6 +16,8 @@ from torch.optim import Optimizer
 from lightning_grass.offload.master_weights import MASTER_KEY
 from lightning_grass.offload.state_bytes import expected_state_bytes
 from lightning_grass.offload.transfer import TensorSpec, Transfer
+
+log = logging.getLogger(__name__)
 
 
 class BackingTier(Protocol):
@@ -33,7 +36,7 @@ class BackingTier(Protocol):
         """Bytes held in the tier."""
 
     def close(self) -> None:
-        """Finish transfers and free the tier."""
+        """Finish transfers and free the tier; never raises for a failed transfer (it raises at its wait)."""
 
 
 @dataclass
@@ -77,6 +80,10 @@ class TensorStateStore:
       while the next one is fetched: the next fetch overlaps the current update, and with room for three
       entries the write-back overlaps it too.
 
+    A transfer that fails (a full or vanished disk tier's folder: :class:`~lightning_grass.errors.StorageError`)
+    raises at the first wait for it, on the caller's thread, before anything reads the state it concerns: an
+    entry leaves the store only after its transfer was waited for. :meth:`close` does not raise it again.
+
     Args:
         optimizer: The optimizer whose ``state`` holds resident states.
         params: The offloaded parameters; a unit is an index into this list.
@@ -109,6 +116,7 @@ class TensorStateStore:
         self._protected: set[int] = set()
         self._always_resident_bytes = 0
         self._closed = False
+        self._failed = False
         self.stats = {
             "resident_bytes": 0,
             "peak_resident_bytes": 0,
@@ -283,10 +291,29 @@ class TensorStateStore:
         self.stats["backing_bytes"] = self.tier.backing_bytes()
 
     def close(self) -> None:
-        """Finish transfers and free the backing tier."""
-        self.flush()
-        self.tier.close()
+        """Wait for the write-backs in flight, then free the backing tier. A second call does nothing.
+
+        It never raises for a failed transfer. One that failed has raised at a wait during training, and the
+        run is stopping because of it: raising it again from teardown would replace that error, or mask another
+        exception that stopped the run. A failure that no wait has raised (a write-back still in flight when
+        training ended, whose state the tier would free now anyway) is logged as a warning instead.
+        """
+        if self._closed:
+            return
         self._closed = True
+        try:
+            for unit in list(self._writes):
+                entry = self._entries.get(unit)
+                if entry is not None and entry.status == "writing":
+                    try:
+                        entry.transfer.wait()
+                    except Exception as error:
+                        if not self._failed:
+                            log.warning("an optimizer-state write-back failed after training ended: %s", error)
+                        self._failed = True
+                self._drop(unit)
+        finally:
+            self.tier.close()
 
     def _start_fetch(self, unit: int, layout: _Layout) -> None:
         tensors, transfer = self.tier.read(unit, [spec for _, spec in layout.tensors])
@@ -370,7 +397,7 @@ class TensorStateStore:
     def _reap(self) -> None:
         """Free the entries whose write-back has finished, without waiting."""
         for unit in [u for u, e in self._entries.items() if e.status == "writing" and e.transfer.done()]:
-            self._entries[unit].transfer.wait()
+            self._wait(self._entries[unit].transfer)
             self._drop(unit)
 
     def _drop(self, unit: int) -> None:
@@ -380,12 +407,15 @@ class TensorStateStore:
         self._note_residency()
 
     def _wait(self, transfer: Transfer) -> None:
-        if transfer.done():
+        """Wait for ``transfer``, timing the wait; note that a transfer failed before its error propagates."""
+        start = None if transfer.done() else time.perf_counter()
+        try:
             transfer.wait()
-            return
-        start = time.perf_counter()
-        transfer.wait()
-        self.stats["wait_seconds"] += time.perf_counter() - start
+        except Exception:
+            self._failed = True
+            raise
+        if start is not None:
+            self.stats["wait_seconds"] += time.perf_counter() - start
 
     def _entry_bytes(self) -> int:
         return sum(entry.nbytes for entry in self._entries.values())

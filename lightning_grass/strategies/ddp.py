@@ -35,7 +35,9 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
         **ddp_kwargs: Passed to ``DDPStrategy`` (and on to ``DistributedDataParallel``).
 
     Raises:
-        SettingValueError: For ``static_graph=True`` or ``find_unused_parameters=False``.
+        SettingValueError: For ``static_graph=True`` or ``find_unused_parameters=False``, and for the offload
+            settings ``GRASSStrategy`` refuses.
+        SettingTypeError: For offload settings of the wrong type, as for ``GRASSStrategy``.
     """
 
     strategy_name = "grass_ddp"

@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.offload import DiskTier, HostTier
+from lightning_grass.offload.disk_tier import check_offload_dir
 from lightning_grass.offload.sharded_states import ShardedStateOffload
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         **kwargs: Passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
 
     Raises:
-        SettingValueError: For an unknown ``offload``, a tensor-parallel size other than 1, or
-            ``save_distributed_checkpoint=False``.
+        SettingValueError: For an unknown ``offload``, a ``data_parallel_size`` below 1, a tensor-parallel size
+            other than 1, or ``save_distributed_checkpoint=False``.
+        SettingTypeError: For an ``offload_dir`` that is not a path, ``layers`` that is not a string, a
+            ``data_parallel_size`` that is neither ``"auto"`` nor an int, or an ``mp_policy`` of another type.
     """
 
     strategy_name = "grass_fsdp"
@@ -104,7 +107,19 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     ) -> None:
         if offload not in FSDP_OFFLOAD_TIERS:
             raise SettingValueError(f"offload={offload!r} is not supported; use one of {FSDP_OFFLOAD_TIERS}")
-        if tensor_parallel_size not in ("auto", 1):
+        check_offload_dir(offload_dir)
+        if layers is not None and not isinstance(layers, str):
+            raise SettingTypeError(f"layers={layers!r} must be a dotted module path such as 'model.layers', or None")
+        if data_parallel_size != "auto" and (
+            isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int)
+        ):
+            raise SettingTypeError(
+                f"data_parallel_size={data_parallel_size!r} must be 'auto' (every process) or an int, the ranks that "
+                "shard the model"
+            )
+        if data_parallel_size != "auto" and data_parallel_size < 1:
+            raise SettingValueError(f"data_parallel_size={data_parallel_size!r} must be at least 1 (or 'auto')")
+        if isinstance(tensor_parallel_size, bool) or tensor_parallel_size not in ("auto", 1):
             raise SettingValueError(
                 f"tensor_parallel_size={tensor_parallel_size!r} is not supported by grass_fsdp; it shards "
                 "data-parallel only, so use 1 (or 'auto')"
@@ -321,8 +336,12 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        self._close_offload()
-        super().teardown()
+        # As GRASSStrategy's: every teardown, a failed run's included, frees the tier and deletes a disk tier's
+        # folder; closing never raises, and Lightning's own teardown runs whatever happens here.
+        try:
+            self._close_offload()
+        finally:
+            super().teardown()
 
     def _shard(self, trainer: pl.Trainer) -> None:
         """``fully_shard`` each block, then each top-level submodule holding parameters; unless already done."""

@@ -29,6 +29,7 @@ from lightning_grass.offload import (
     expected_state_bytes,
     needs_master,
 )
+from lightning_grass.offload.disk_tier import check_offload_dir
 
 #: Accepted values of ``offload``.
 OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
@@ -61,6 +62,7 @@ class LayerwiseOffloadMixin:
     ) -> None:
         if offload not in OFFLOAD_TIERS:
             raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+        check_offload_dir(offload_dir)
         for name, value in (
             ("offload_always_on", offload_always_on),
             ("master_weights", master_weights),
@@ -168,8 +170,13 @@ class LayerwiseOffloadMixin:
 
     @override
     def teardown(self) -> None:
-        self._close_store()
-        super().teardown()
+        # Every teardown frees the tier (a disk tier deletes its folder), failed runs' included: Lightning tears
+        # down after an exception in a step, a StorageError from the tier, or KeyboardInterrupt. Closing never
+        # raises a transfer's error again, and Lightning's own teardown runs whatever happens here.
+        try:
+            self._close_store()
+        finally:
+            super().teardown()
 
     def _wrap_optimizer(self, layer_map: LayerMap | None) -> None:
         """Wrap the user's optimizer for masters and, with a layer map and a tier, for offload; or unwrap it."""

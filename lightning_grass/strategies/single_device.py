@@ -67,6 +67,12 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
         checkpoint_io: Passed to ``SingleDeviceStrategy``.
         precision_plugin: Passed to ``SingleDeviceStrategy``.
 
+    Raises:
+        SettingValueError: For an unknown ``offload``, a ``max_resident_bytes`` that is not a byte size of at
+            least one byte (``"12 parsecs"``, ``0``), or a ``max_resident_bytes`` with ``offload="none"``.
+        SettingTypeError: For an ``offload_dir`` that is not a path, a ``max_resident_bytes`` that is neither an
+            int nor a string (``1.5``, ``float("nan")``), or a flag that is not a bool.
+
     Example::
 
         import lightning as L

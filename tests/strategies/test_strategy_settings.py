@@ -1,0 +1,70 @@
+"""Settings of the three strategies checked at construction: one-line errors naming the field and the value."""
+
+import pytest
+
+from lightning_grass import GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
+from lightning_grass.errors import SettingTypeError, SettingValueError
+
+UNITS = "write a number with one of the units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, for example '512MiB'"
+NOT_BYTES = "must be a number of bytes or a string such as '512MiB'"
+
+
+@pytest.mark.parametrize("strategy", [GRASSStrategy, GRASSDDPStrategy], ids=["grass", "grass_ddp"])
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (float("nan"), SettingTypeError, f"max_resident_bytes=nan {NOT_BYTES}"),
+        (float("inf"), SettingTypeError, f"max_resident_bytes=inf {NOT_BYTES}"),
+        (2.0**30, SettingTypeError, f"max_resident_bytes=1073741824.0 {NOT_BYTES}"),
+        (True, SettingTypeError, f"max_resident_bytes=True {NOT_BYTES}"),
+        ("nan", SettingValueError, f"max_resident_bytes='nan' is not a byte size; {UNITS}"),
+        ("inf GiB", SettingValueError, f"max_resident_bytes='inf GiB' is not a byte size; {UNITS}"),
+        ("1e9", SettingValueError, f"max_resident_bytes='1e9' is not a byte size; {UNITS}"),
+        ("12 parsecs", SettingValueError, f"max_resident_bytes='12 parsecs' is not a byte size; {UNITS}"),
+        ("-1GiB", SettingValueError, f"max_resident_bytes='-1GiB' is not a byte size; {UNITS}"),
+        ("0.4 B", SettingValueError, "max_resident_bytes='0.4 B' must be at least one byte"),
+    ],
+)
+def test_max_resident_bytes_refuses_non_finite_and_malformed_values_in_one_line(strategy, value, error, message):
+    with pytest.raises(error) as raised:
+        strategy(offload="cpu", max_resident_bytes=value)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1.5GB", 1_500_000_000), ("0.1 KiB", 102), ("1" * 400 + " B", int("1" * 400)), (2**70, 2**70)],
+)
+def test_max_resident_bytes_parses_exactly_without_float_rounding_or_overflow(value, expected):
+    assert GRASSStrategy(offload="cpu", max_resident_bytes=value).max_resident_bytes == expected
+
+
+@pytest.mark.parametrize("strategy", [GRASSStrategy, GRASSDDPStrategy, GRASSFSDPStrategy])
+@pytest.mark.parametrize("value", [5, float("nan"), ["/tmp"]])
+def test_offload_dir_of_the_wrong_type_is_refused(strategy, value):
+    with pytest.raises(SettingTypeError) as raised:
+        strategy(offload="disk", offload_dir=value)
+    assert str(raised.value) == (
+        f"offload_dir={value!r} must be a folder path (a string or a pathlib.Path) or None for the system temp folder"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(offload=float("nan")), SettingValueError, "offload=nan is not supported; use one of ('auto', 'none',"),
+        (dict(layers=3), SettingTypeError, "layers=3 must be a dotted module path such as 'model.layers', or None"),
+        (dict(data_parallel_size=float("nan")), SettingTypeError, "data_parallel_size=nan must be 'auto' (every"),
+        (dict(data_parallel_size="two"), SettingTypeError, "data_parallel_size='two' must be 'auto' (every process)"),
+        (dict(data_parallel_size=2.0), SettingTypeError, "data_parallel_size=2.0 must be 'auto' (every process) or"),
+        (dict(data_parallel_size=True), SettingTypeError, "data_parallel_size=True must be 'auto' (every process)"),
+        (dict(data_parallel_size=0), SettingValueError, "data_parallel_size=0 must be at least 1 (or 'auto')"),
+        (dict(tensor_parallel_size=float("nan")), SettingValueError, "tensor_parallel_size=nan is not supported"),
+        (dict(tensor_parallel_size=True), SettingValueError, "tensor_parallel_size=True is not supported by grass"),
+    ],
+)
+def test_grass_fsdp_settings_of_the_wrong_type_or_value_are_refused(kwargs, error, message):
+    with pytest.raises(error) as raised:
+        GRASSFSDPStrategy(**kwargs)
+    assert str(raised.value).startswith(message)
+    assert "\n" not in str(raised.value)
