@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -18,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.byte_size import format_bytes, parse_byte_size
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
@@ -49,7 +51,21 @@ class LayerwiseOffloadMixin:
     its constructor made next to the parameters, already on the device), so ``setup()`` stays Lightning's
     and only adds the wrapping. The second would undo the offload, so :meth:`load_optimizer_state_dict`
     loads offloaded states straight into the backing tier instead.
+
+    Checkpoints are written by :class:`~lightning_grass.AtomicCheckpointIO` unless another ``checkpoint_io`` is
+    given, so a save that fails on any filesystem leaves the previous checkpoint loadable.
     """
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """The checkpoint plugin: :class:`~lightning_grass.AtomicCheckpointIO` unless one was given."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io
 
     def _init_offload(
         self,

@@ -64,7 +64,7 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
             measure what overlap buys.
         device: The device; ``None`` takes the one the Trainer's accelerator and ``devices`` select.
         accelerator: Passed to ``SingleDeviceStrategy``.
-        checkpoint_io: Passed to ``SingleDeviceStrategy``.
+        checkpoint_io: The checkpoint plugin; ``None`` is :class:`~lightning_grass.AtomicCheckpointIO`.
         precision_plugin: Passed to ``SingleDeviceStrategy``.
 
     Raises:

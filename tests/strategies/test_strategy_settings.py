@@ -1,8 +1,9 @@
 """Settings of the three strategies checked at construction: one-line errors naming the field and the value."""
 
 import pytest
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_grass import GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
+from lightning_grass import AtomicCheckpointIO, GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
 from lightning_grass.errors import SettingTypeError, SettingValueError
 
 UNITS = "write a number with one of the units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, for example '512MiB'"
@@ -68,3 +69,10 @@ def test_grass_fsdp_settings_of_the_wrong_type_or_value_are_refused(kwargs, erro
         GRASSFSDPStrategy(**kwargs)
     assert str(raised.value).startswith(message)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("strategy_class", [GRASSStrategy, GRASSDDPStrategy])
+def test_checkpoints_are_written_atomically_unless_another_plugin_is_given(strategy_class):
+    assert type(strategy_class().checkpoint_io) is AtomicCheckpointIO
+    mine = TorchCheckpointIO()
+    assert strategy_class(checkpoint_io=mine).checkpoint_io is mine
