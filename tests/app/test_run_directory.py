@@ -32,6 +32,7 @@ def test_the_lock_file_of_a_killed_run_holds_nothing(tmp_path):
         pass
 
 
+@pytest.mark.slow  # 8 s: the in-process refusal above shows the lock; this shows it across processes
 def test_a_live_process_elsewhere_holds_the_directory(tmp_path):
     script = (
         "import sys, time\n"

@@ -26,7 +26,7 @@ TINY = [
 ]
 
 
-@pytest.mark.slow  # 60-90 s; the deep sweep below runs the same sweep-to-report path in the default run
+@pytest.mark.slow  # 60-90 s; the deep sweep below runs the same sweep-to-report path
 def test_sweep_and_collector_fill_every_row_and_draw_every_figure(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
@@ -108,6 +108,7 @@ DEEP_TOY = [
 ]
 
 
+@pytest.mark.slow  # 100-140 s: the statistics are unit-tested in tests/experiments, multiruns in test_grass_train
 def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps(tmp_path):
     run_sweep(DEEP_TOY, tmp_path / "sweep")
     text = collect(tmp_path / "sweep", "deep", tmp_path / "results")
@@ -146,7 +147,7 @@ def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps
         assert (tmp_path / "results" / figure).stat().st_size > 10_000
 
 
-@pytest.mark.slow  # 40 s: the deep sweep above covers the sweep-to-report path; this adds the T_s x target table
+@pytest.mark.slow  # 40 s: the deep sweep above runs the sweep-to-report path; this adds the T_s x target table
 def test_the_sensitivity_sweep_tabulates_ts_and_the_target(tmp_path):
     overrides = [o for o in DEEP_TOY if not o.startswith(("sampler", "model.lr", "seed", "experiment"))]
     run_sweep(

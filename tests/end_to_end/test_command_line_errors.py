@@ -61,6 +61,7 @@ def test_a_missing_model_directory(tmp_path):
     )
 
 
+@pytest.mark.slow  # 12 s: test_lm refuses every bad learning rate in process
 def test_a_learning_rate_that_is_not_a_number_above_zero(tmp_path):
     result = grass_train(tmp_path, "model.lr=nan")
     assert result.returncode == 2
@@ -68,6 +69,7 @@ def test_a_learning_rate_that_is_not_a_number_above_zero(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 13 s: test_lm names truncated weights in process
 def test_truncated_weights_are_named(tmp_path, tiny_pretrained_dir):
     model = shutil.copytree(tiny_pretrained_dir, tmp_path / "model")
     weights = model / "model.safetensors"
@@ -80,7 +82,14 @@ def test_truncated_weights_are_named(tmp_path, tiny_pretrained_dir):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("variable", ["HYDRA_FULL_ERROR", "LIGHTNING_GRASS_TRACEBACK"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "HYDRA_FULL_ERROR",
+        # slow (12 s): the same code path as HYDRA_FULL_ERROR; test_input_errors reads both variables in process
+        pytest.param("LIGHTNING_GRASS_TRACEBACK", marks=pytest.mark.slow),
+    ],
+)
 def test_the_traceback_when_asked_for(tmp_path, variable):
     result = grass_train(tmp_path, "sampler.n_active=9", **{variable: "1"})
     assert result.returncode == 1
@@ -136,7 +145,9 @@ def test_grass_cli_reports_a_setting_lightnings_trainer_refuses(capsys, monkeypa
     ("override", "message"),
     [
         ("trainer.max_steps=-5", "error: trainer: `max_steps` must be a non-negative integer or -1"),
-        ("trainer.precision=bogus", "error: trainer: Precision 'bogus' is invalid."),
+        pytest.param(  # slow (11 s): test_input_errors refuses it in process
+            "trainer.precision=bogus", "error: trainer: Precision 'bogus' is invalid.", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_a_setting_lightnings_trainer_refuses_is_one_line_naming_the_trainer(tmp_path, override, message):
