@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.errors import SettingValueError
 from lightning_grass.sampling import NORMALIZATIONS
+from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_number
 
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
 MODES = ("grass", "grass_static", "lisa", "fixed")
@@ -86,32 +86,23 @@ class GRASSConfig:
     skip_non_finite: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("normalize", self.normalize, NORMALIZATIONS)
-        _check_choice("importance", self.importance, IMPORTANCE_SIGNALS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("importance", self.importance, IMPORTANCE_SIGNALS)
         if self.target_effective_layers is not None:
-            _check_number("target_effective_layers", self.target_effective_layers, ">= 1")
-            if self.target_effective_layers < 1:
-                raise SettingValueError(f"target_effective_layers={self.target_effective_layers!r} must be >= 1")
+            check_number("target_effective_layers", self.target_effective_layers, ">= 1", lambda v: v >= 1)
         if self.max_probability is not None:
-            _check_number("max_probability", self.max_probability, "in (0, 1]")
-            if not 0 < self.max_probability <= 1:
-                raise SettingValueError(f"max_probability={self.max_probability!r} must be in (0, 1]")
-        _check_int("probe_steps", self.probe_steps, minimum=1 if self.mode in ("grass", "grass_static") else 0)
-        _check_int("sample_every", self.sample_every, minimum=1)
+            check_number("max_probability", self.max_probability, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_int("probe_steps", self.probe_steps, minimum=1 if self.mode in ("grass", "grass_static") else 0)
+        check_int("sample_every", self.sample_every, minimum=1)
         if self.update_every is not None:
-            _check_int("update_every", self.update_every, minimum=1)
-        _check_number("temperature", self.temperature, "> 0")
-        if not self.temperature > 0:
-            raise SettingValueError(f"temperature={self.temperature!r} must be > 0")
-        _check_number("ema", self.ema, "in (0, 1]")
-        if not 0 < self.ema <= 1:
-            raise SettingValueError(f"ema={self.ema!r} must be in (0, 1]")
+            check_int("update_every", self.update_every, minimum=1)
+        check_number("temperature", self.temperature, "> 0", lambda v: v > 0)
+        check_number("ema", self.ema, "in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            check_int("seed", self.seed, minimum=0)
         for name in ("train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
-            if not isinstance(getattr(self, name), bool):
-                raise SettingTypeError(f"{name}={getattr(self, name)!r} must be True or False")
+            check_flag(name, getattr(self, name))
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
             raise SettingValueError(
                 f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'"
@@ -123,7 +114,7 @@ class GRASSConfig:
                 raise SettingValueError(
                     f"fixed_layers={list(self.fixed_layers)} is only used with mode='fixed', not {self.mode!r}"
                 )
-            _check_int("n_active", self.n_active, minimum=1)
+            check_int("n_active", self.n_active, minimum=1)
 
     @property
     def refresh_every(self) -> int:
@@ -187,29 +178,9 @@ class GRASSConfig:
         if layers is None or isinstance(layers, (str, bytes)) or not len(layers):
             raise SettingValueError(f"fixed_layers={layers!r}: mode='fixed' needs a non-empty list of layer indices")
         for index in layers:
-            _check_int("fixed_layers", index, minimum=0)
+            check_int("fixed_layers", index, minimum=0)
         duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
         if duplicates:
             raise SettingValueError(f"fixed_layers={list(layers)} repeats {duplicates}; each layer may appear once")
         object.__setattr__(self, "fixed_layers", tuple(sorted(layers)))
         object.__setattr__(self, "n_active", len(layers))
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SettingValueError(f"{name}={value!r} is not supported; use one of {allowed}")
-
-
-def _check_number(name: str, value: object, allowed: str) -> None:
-    """Refuse a value that is not a real number, or is NaN or infinite; ``allowed`` is the range, e.g. ``"> 0"``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SettingTypeError(f"{name}={value!r} must be a number {allowed}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise SettingValueError(f"{name}={value!r} must be a finite number {allowed}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SettingTypeError(f"{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise SettingValueError(f"{name}={value!r} must be an integer >= {minimum}")

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from lightning_grass.app.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.lora import apply_lora, check_lora_settings, save_merged
 from lightning_grass.errors import DataFormatError, MissingPathError, SettingTypeError, SettingValueError
+from lightning_grass.setting_checks import check_flag, check_int, check_number, is_number
 
 IGNORE_INDEX = -100
 
@@ -98,8 +99,7 @@ class CausalLMModule(pl.LightningModule):
         super().__init__()
         _check_optimizer_settings(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
         _check_evaluation_settings(answer_pattern, max_new_tokens, eval_examples)
-        if not isinstance(gradient_checkpointing, bool):
-            raise SettingTypeError(f"gradient_checkpointing={gradient_checkpointing!r} must be True or False")
+        check_flag("gradient_checkpointing", gradient_checkpointing)
         if dtype is not None and dtype not in DTYPES:
             raise SettingValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)} or null")
         if lora is not None:
@@ -204,39 +204,18 @@ class CausalLMModule(pl.LightningModule):
         return directory
 
 
-def _is_number(value: object) -> bool:
-    """Whether ``value`` is an int or a float; a bool is neither here."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value: object, allowed: str, accepts: Callable[[float], bool]) -> None:
-    """Refuse ``value`` unless it is a finite number that ``accepts``; ``allowed`` says which in words."""
-    if not _is_number(value):
-        raise SettingTypeError(f"{name}={value!r} must be a finite number {allowed}")
-    if not (math.isfinite(value) and accepts(value)):
-        raise SettingValueError(f"{name}={value!r} must be a finite number {allowed}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    """Refuse ``value`` unless it is an int (not a bool, a float or a string) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SettingTypeError(f"{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise SettingValueError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
 def _check_optimizer_settings(
     lr: object, betas: object, weight_decay: object, warmup_steps: object, min_lr_ratio: object
 ) -> None:
     """Refuse what AdamW or the schedule would fail on at fit start, or turn into NaN weights."""
-    _check_number("lr", lr, "> 0, such as 2e-5", lambda value: value > 0)
+    check_number("lr", lr, "> 0, such as 2e-5", lambda value: value > 0)
     pair = isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
-    if not pair or not all(_is_number(beta) and 0 <= beta < 1 for beta in betas):
+    if not pair or not all(is_number(beta) and 0 <= beta < 1 for beta in betas):
         given = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else betas
         raise SettingValueError(f"betas={given!r} must be two numbers in [0, 1), such as [0.9, 0.95]")
-    _check_number("weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
-    _check_int("warmup_steps", warmup_steps, minimum=0)
-    _check_number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda value: 0 <= value <= 1)
+    check_number("weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda value: 0 <= value <= 1)
 
 
 def _check_evaluation_settings(answer_pattern: object, max_new_tokens: object, eval_examples: object) -> None:
@@ -251,8 +230,8 @@ def _check_evaluation_settings(answer_pattern: object, max_new_tokens: object, e
         raise SettingValueError(
             f"answer_pattern={answer_pattern!r} has no group; its first group is the answer, e.g. '####\\s*(\\S+)'"
         )
-    _check_int("max_new_tokens", max_new_tokens, minimum=1)
-    _check_int("eval_examples", eval_examples, minimum=0)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_int("eval_examples", eval_examples, minimum=0)
 
 
 def _unknown_model_type(model_type: object) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.setting_checks import check_int, check_number
 
 
 def check_lora_settings(settings: object) -> None:
@@ -37,22 +37,13 @@ def check_lora_settings(settings: object) -> None:
         raise SettingValueError(
             f"lora has unknown field(s) {unknown}; LoraConfig accepts e.g. r, lora_alpha, target_modules"
         )
-    rank = settings.get("r", 8)
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise SettingTypeError(f"lora.r={rank!r} must be an integer >= 1")
-    if rank < 1:
-        raise SettingValueError(f"lora.r={rank!r} must be an integer >= 1")
+    check_int("lora.r", settings.get("r", 8), minimum=1)
     for name, allowed_range, accepts in (
         ("lora_alpha", "> 0", lambda value: value > 0),
         ("lora_dropout", "in [0, 1)", lambda value: 0 <= value < 1),
     ):
-        if name not in settings:
-            continue
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingTypeError(f"lora.{name}={value!r} must be a finite number {allowed_range}")
-        if not (math.isfinite(value) and accepts(value)):
-            raise SettingValueError(f"lora.{name}={value!r} must be a finite number {allowed_range}")
+        if name in settings:
+            check_number(f"lora.{name}", settings[name], allowed_range, accepts)
 
 
 def apply_lora(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_grass.app.data import build_char_tokenizer, pretraining_corpus, vocabulary_config
 from lightning_grass.app.lm import CausalLMModule
-from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.setting_checks import check_int, check_number
 
 
 class PackedCorpus(Dataset):
@@ -86,11 +85,8 @@ def build_base_model(
         ("seq_len", seq_len, 2),
         ("seed", seed, 0),
     ):
-        _check_count(name, value, minimum)
-    if isinstance(lettered_share, bool) or not isinstance(lettered_share, (int, float)):
-        raise SettingTypeError(f"base model build: lettered_share={lettered_share!r} must be a number in [0, 1]")
-    if not (math.isfinite(lettered_share) and 0 <= lettered_share <= 1):
-        raise SettingValueError(f"base model build: lettered_share={lettered_share!r} must be a number in [0, 1]")
+        check_int(f"base model build: {name}", value, minimum)
+    check_number("base model build: lettered_share", lettered_share, "in [0, 1]", lambda v: 0 <= v <= 1)
     output_dir = Path(output_dir)
     pl.seed_everything(seed, verbose=False)
     tokenizer = build_char_tokenizer()
@@ -128,14 +124,6 @@ def build_base_model(
         shutil.rmtree(output_dir)
     staging.rename(output_dir)
     return output_dir
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    """Refuse a count that is not an int (a string, a fraction, NaN, a bool) or is below ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SettingTypeError(f"base model build: {name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise SettingValueError(f"base model build: {name}={value!r} must be an integer >= {minimum}")
 
 
 def ensure_base_model(output_dir: str | os.PathLike, **build_args: Any) -> tuple[Path, float | None]:

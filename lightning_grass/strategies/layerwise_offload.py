@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.byte_size import format_bytes, parse_byte_size
-from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
 from lightning_grass.offload import (
     DiskTier,
@@ -32,6 +32,7 @@ from lightning_grass.offload import (
     needs_master,
 )
 from lightning_grass.offload.disk_tier import check_offload_dir
+from lightning_grass.setting_checks import check_choice, check_flag
 
 #: Accepted values of ``offload``.
 OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
@@ -76,16 +77,14 @@ class LayerwiseOffloadMixin:
         master_weights: bool,
         overlap: bool,
     ) -> None:
-        if offload not in OFFLOAD_TIERS:
-            raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+        check_choice("offload", offload, OFFLOAD_TIERS)
         check_offload_dir(offload_dir)
         for name, value in (
             ("offload_always_on", offload_always_on),
             ("master_weights", master_weights),
             ("overlap", overlap),
         ):
-            if not isinstance(value, bool):
-                raise SettingTypeError(f"{name}={value!r} must be True or False")
+            check_flag(name, value)
         budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
         if budget is not None and offload == "none":
             raise SettingValueError(

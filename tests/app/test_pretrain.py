@@ -21,7 +21,7 @@ MODEL = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 16, "inte
         (
             {"lettered_share": math.nan},
             SettingValueError,
-            "base model build: lettered_share=nan must be a number in [0, 1]",
+            "base model build: lettered_share=nan must be a finite number in [0, 1]",
         ),
         ({"lr": math.inf}, SettingValueError, "lr=inf must be a finite number > 0, such as 2e-5"),
     ],

@@ -29,6 +29,7 @@ from lightning_grass.app.data.prompt import (
 )
 from lightning_grass.app.data.synthetic import TASKS
 from lightning_grass.errors import DataFormatError, SettingTypeError, SettingValueError
+from lightning_grass.setting_checks import check_int
 
 
 def _check_settings(counts: dict[str, tuple[object, int | None]], texts: dict[str, object]) -> None:
@@ -44,11 +45,7 @@ def _check_settings(counts: dict[str, tuple[object, int | None]], texts: dict[st
         SettingValueError: For a count below its minimum.
     """
     for name, (value, minimum) in counts.items():
-        allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SettingTypeError(f"{name}={value!r} must be {allowed}, not {type(value).__name__}")
-        if minimum is not None and value < minimum:
-            raise SettingValueError(f"{name}={value!r} must be >= {minimum}")
+        check_int(name, value, minimum)
     for name, value in texts.items():
         if not isinstance(value, str):
             raise SettingTypeError(f"{name}={value!r} must be a string, not {type(value).__name__}")

@@ -179,12 +179,12 @@ def test_unknown_task(tok):
     ("overrides", "message"),
     [
         ({"truncation": "left"}, "truncation='left' is not supported; use one of ('truncate', 'skip')"),
-        ({"num_train": 0}, "num_train=0 must be >= 1"),
-        ({"num_val": 0}, "num_val=0 must be >= 1"),
-        ({"num_test": -1}, "num_test=-1 must be >= 0"),
-        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
-        ({"max_length": 0}, "max_length=0 must be >= 1"),
-        ({"num_workers": -1}, "num_workers=-1 must be >= 0"),
+        ({"num_train": 0}, "num_train=0 must be an integer >= 1"),
+        ({"num_val": 0}, "num_val=0 must be an integer >= 1"),
+        ({"num_test": -1}, "num_test=-1 must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
+        ({"max_length": 0}, "max_length=0 must be an integer >= 1"),
+        ({"num_workers": -1}, "num_workers=-1 must be an integer >= 0"),
     ],
 )
 def test_invalid_arguments(tok, overrides, message):
@@ -314,19 +314,19 @@ def test_the_largest_splits_the_data_allows(tok, tmp_path, messages):
 
 
 @pytest.mark.parametrize("name", ["num_train", "num_val", "num_test", "max_length", "batch_size", "num_workers"])
-@pytest.mark.parametrize(("value", "kind"), [("abc", "str"), (True, "bool"), (float("nan"), "float"), (16.0, "float")])
-def test_counts_that_are_not_integers(tok, name, value, kind):
+@pytest.mark.parametrize("value", ["abc", True, float("nan"), 16.0])
+def test_counts_that_are_not_integers(tok, name, value):
     minimum = 0 if name in ("num_test", "num_workers") else 1
     with pytest.raises(SettingTypeError) as info:
         _module(tok, **{name: value})
-    assert str(info.value) == f"{name}={value!r} must be an integer >= {minimum}, not {kind}"
+    assert str(info.value) == f"{name}={value!r} must be an integer >= {minimum}"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"seed": "0"}, "seed='0' must be an integer, not str"),
-        ({"seed": 1.5}, "seed=1.5 must be an integer, not float"),
+        ({"seed": "0"}, "seed='0' must be an integer"),
+        ({"seed": 1.5}, "seed=1.5 must be an integer"),
         ({"truncation": 1}, "truncation=1 must be a string, not int"),
         ({"answer_pattern": None}, "answer_pattern=None must be a string, not NoneType"),
         ({"split": 0}, "split=0 must be a string, not int"),

@@ -1,0 +1,76 @@
+"""The checks every setting goes through: an integer, a finite number, one of a few choices, a flag.
+
+Each raises :class:`~lightning_grass.errors.SettingTypeError` for a value of the wrong type (a bool is not a
+number here, and a string never is) and :class:`~lightning_grass.errors.SettingValueError` for one out of range,
+with a message that names the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from lightning_grass.errors import SettingTypeError, SettingValueError
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an int or a float; a bool is neither here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> None:
+    """Refuse ``value`` unless it is an int (not a bool, a float, NaN or a string) of at least ``minimum``.
+
+    Args:
+        name: The setting, as the user writes it.
+        value: Its value.
+        minimum: The smallest value allowed; ``None`` allows any integer.
+
+    Raises:
+        SettingTypeError: If ``value`` is not an int.
+        SettingValueError: If it is below ``minimum``.
+    """
+    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingTypeError(f"{name}={value!r} must be {allowed}")
+    if minimum is not None and value < minimum:
+        raise SettingValueError(f"{name}={value!r} must be {allowed}")
+
+
+def check_number(name: str, value: object, allowed: str, accepts: Callable[[float], bool] = lambda _: True) -> None:
+    """Refuse ``value`` unless it is a finite number that ``accepts``.
+
+    Args:
+        name: The setting, as the user writes it.
+        value: Its value.
+        allowed: The range in words, e.g. ``"> 0"`` or ``"in (0, 1]"``.
+        accepts: Whether a finite number is in the range.
+
+    Raises:
+        SettingTypeError: If ``value`` is not an int or a float.
+        SettingValueError: If it is NaN, infinite, or outside the range.
+    """
+    if not is_number(value):
+        raise SettingTypeError(f"{name}={value!r} must be a finite number {allowed}")
+    if not (math.isfinite(value) and accepts(value)):
+        raise SettingValueError(f"{name}={value!r} must be a finite number {allowed}")
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``.
+
+    Raises:
+        SettingValueError: If it is not.
+    """
+    if value not in allowed:
+        raise SettingValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Refuse ``value`` unless it is ``True`` or ``False``.
+
+    Raises:
+        SettingTypeError: If it is anything else (``1`` and ``"yes"`` included).
+    """
+    if not isinstance(value, bool):
+        raise SettingTypeError(f"{name}={value!r} must be True or False")
