@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_grass.app.data import build_char_tokenizer, pretraining_corpus, vocabulary_config
 from lightning_grass.app.lm import CausalLMModule
+from lightning_grass.atomic_files import replace_directory_atomically
 from lightning_grass.setting_checks import check_int, check_number
 
 
@@ -117,12 +116,7 @@ def build_base_model(
         limit_val_batches=0,
     )
     trainer.fit(module, loader)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    module.save_pretrained(staging)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.rename(output_dir)
+    replace_directory_atomically(output_dir, module.save_pretrained)
     return output_dir
 
 
