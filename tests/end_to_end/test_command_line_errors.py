@@ -100,7 +100,7 @@ def test_the_traceback_when_asked_for(tmp_path, variable):
 def test_grass_cli_reports_bad_input_in_one_line(tmp_path, tiny_pretrained_dir):
     result = grass_cli(tmp_path, f"--model.pretrained_path={tiny_pretrained_dir}", "--data.max_length=0")
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == "error: max_length=0 must be >= 1"
+    assert result.stderr.splitlines()[-1] == "error: max_length=0 must be an integer >= 1"
     assert "Traceback" not in result.stderr
 
 

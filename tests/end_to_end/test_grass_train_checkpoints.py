@@ -72,6 +72,7 @@ def reference(tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.slow  # 25 s: the SIGINT and full-disk tests resume mid-epoch with ckpt_path=last in the default run
 def test_a_run_killed_mid_epoch_resumes_with_ckpt_path_last_bit_exactly(tmp_path, reference):
     # The same command starts the job and continues it, as a scheduler that restarts jobs would run it.
     killed = grass_train(tmp_path, "ckpt_path=last", *signal_at(7, "SIGKILL"), check=False)
@@ -222,15 +223,15 @@ def test_a_checkpoint_of_another_model_shape_is_refused_naming_a_tensor(tmp_path
 
 
 def test_a_run_that_diverges_writes_its_outputs_and_exits_3(tmp_path):
-    result = grass_train(tmp_path, "model.lr=1e30", "ckpt_every_n_steps=0", "trainer.max_steps=6", check=False)
+    result = grass_train(tmp_path, "model.lr=1e30", "ckpt_every_n_steps=0", "trainer.max_steps=10", check=False)
     assert result.returncode == 3, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 6
+    assert metrics["optimizer_steps"] == 10
     skipped = metrics["skipped_non_finite_steps"]
-    assert len(skipped) > 3 and skipped == sorted(skipped)
-    assert f"skipped steps     {len(skipped)} of 6 for non-finite gradients" in result.stdout
+    assert len(skipped) > 5 and skipped == sorted(skipped), "more than half: from step 4 or 5 on"
+    assert f"skipped steps     {len(skipped)} of 10 for non-finite gradients" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: training diverged: {len(skipped)} of 6 optimizer steps were skipped for non-finite gradients; "
+        f"error: training diverged: {len(skipped)} of 10 optimizer steps were skipped for non-finite gradients; "
         f"outputs written to {tmp_path}"
     )
     assert (tmp_path / "model" / "model.safetensors").is_file()
@@ -277,11 +278,7 @@ def test_bad_checkpoint_settings_stop_before_any_work(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: ckpt_path='/nowhere/x.ckpt' is not a file; give 'last' or the path of a .ckpt file"
     )
-    result = grass_train(tmp_path, "ckpt_every_n_steps=-1", check=False)
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: ckpt_every_n_steps=-1 must be >= 0 (0 turns checkpoints off)"
-    )
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model").exists()  # every other checkpoint setting: tests/app/test_checkpoints.py
 
 
 def test_ckpt_every_n_steps_0_writes_no_checkpoint(tmp_path):

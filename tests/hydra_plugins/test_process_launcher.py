@@ -32,8 +32,8 @@ def test_a_failing_job_fails_the_sweep_and_points_at_its_log(tmp_path):
     assert "job #0 (model=scratch_llama data.num_train=0 logger=none" in result.stderr
     # Bad input ends a job with status 2 and one line in its log.
     assert f"exited with status 2; the end of {sweep / '0' / 'job.log'}:" in result.stderr
-    assert "error: num_train=0 must be >= 1" in (sweep / "0" / "job.log").read_text()
-    assert "error: num_train=0 must be >= 1" in result.stderr, "the end of the job's log is shown"
+    assert "error: num_train=0 must be an integer >= 1" in (sweep / "0" / "job.log").read_text()
+    assert "error: num_train=0 must be an integer >= 1" in result.stderr, "the end of the job's log is shown"
 
 
 def test_return_value_is_the_optimized_metric_of_the_job(tmp_path):

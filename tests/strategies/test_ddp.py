@@ -53,6 +53,7 @@ def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_glo
     assert rank0["stats"]["peak_resident_bytes"] <= 48 * 2**10 + always_on and rank0["stats"]["bytes_to_device"] > 0
 
 
+@pytest.mark.slow  # 20 s: test_master_weights checks the masters in one process; this adds two replicas
 def test_bf16_replicas_step_on_equal_fp32_masters(tmp_path):
     offload = ["--offload=disk", "--max-resident-bytes=64KiB", "--precision=bf16-true"]
     rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", *offload)

@@ -112,6 +112,7 @@ def test_checkpoint_holds_offloaded_states_and_resumes_bit_exactly(fsdp_run, tmp
                 assert torch.equal(part["final_state"][name][key], value), (name, key)
 
 
+@pytest.mark.slow  # 34 s: the sharded-checkpoint resume test loads the same checkpoints in the default run
 def test_validate_from_a_sharded_checkpoint_loads_its_weights(tmp_path):
     trained = run(tmp_path / "fit", "--devices=2", "--steps=4", "--save-every=4", "--offload=cpu")
     checkpoint = tmp_path / "fit" / "ckpt" / "epoch=0-step=4.ckpt"
