@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 80 s: run it with -m slow after changing bench_gpu.py or offload_runs.py
 def test_the_smoke_run_writes_the_gpu_table(tmp_path):
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
     command = ["bash", str(REPO / "experiments" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)]
