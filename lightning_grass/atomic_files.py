@@ -61,22 +61,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
         StorageError: When the directory is full, gone or not writable; ``path`` is then unchanged.
     """
     path = Path(path)
+    temporary = _new_temporary(path, directory=False, size=size)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
-    except OSError as error:
-        raise _storage_error(path, error, size) from error
-    try:
-        os.chmod(temporary, _permissions(0o666))
-        with os.fdopen(descriptor, "wb") as file:
+        with open(temporary, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
             raise _storage_error(path, error, size) from error
         raise
@@ -98,29 +92,22 @@ def replace_directory_atomically(path: str | os.PathLike, build: Callable[[Path]
         StorageError: When the parent is full, gone or not writable; ``path`` is then unchanged.
     """
     path = Path(path)
+    staging = _new_temporary(path, directory=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
-    except OSError as error:
-        raise _storage_error(path, error, None) from error
-    try:
-        os.chmod(staging, _permissions(0o777))
         build(staging)
         for file in sorted(p for p in staging.rglob("*") if p.is_file()):
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        if path.exists() and _exchange(staging, path):
+        if not path.exists():
+            os.replace(staging, path)
+        elif _exchange(staging, path):
             shutil.rmtree(staging)
         else:
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(staging, path)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
         _fsync_directory(path.parent)
     except BaseException as error:
         written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else None
@@ -152,6 +139,27 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
+
+
+def _new_temporary(path: Path, directory: bool, size: int | None = None) -> Path:
+    """An empty temporary file or directory beside ``path``, with ordinary permissions; stale ones removed first.
+
+    Raises:
+        StorageError: When the parent cannot be created or written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        if directory:
+            temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
+        else:
+            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
+            os.close(descriptor)
+            temporary = Path(name)
+        os.chmod(temporary, _permissions(0o777 if directory else 0o666))
+    except OSError as error:
+        raise _storage_error(path, error, size) from error
+    return temporary
 
 
 def _permissions(mode: int) -> int:
