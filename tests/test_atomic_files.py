@@ -138,3 +138,14 @@ def test_files_and_directories_get_the_permissions_of_an_ordinary_write(tmp_path
         os.umask(umask)
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_directory_is_replaced_whole_where_names_cannot_be_exchanged(tmp_path, monkeypatch):
+    from lightning_grass import atomic_files
+
+    monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)
+    model = tmp_path / "model"
+    replace_directory_atomically(model, lambda d: (d / "a.bin").write_bytes(b"1"))
+    replace_directory_atomically(model, lambda d: (d / "b.bin").write_bytes(b"2"))
+    assert sorted(p.name for p in model.iterdir()) == ["b.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
