@@ -72,6 +72,8 @@ class CausalLMModule(pl.LightningModule):
         max_new_tokens: Longest generation for exact match, an integer >= 1.
         eval_examples: How many validation examples are generated for exact match at each validation, an
             integer >= 0.
+        validation_exact_match: Whether each validation also generates for ``val/exact_match``; ``False``
+            logs loss, token accuracy and perplexity only, for frequent validations of a learning curve.
         lora: ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``, ...) to train LoRA
             adapters instead of the model's own weights; ``None`` trains the weights.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the weights are loaded or built in.
@@ -93,6 +95,7 @@ class CausalLMModule(pl.LightningModule):
         answer_pattern: str = DEFAULT_ANSWER_PATTERN,
         max_new_tokens: int = 48,
         eval_examples: int = 64,
+        validation_exact_match: bool = True,
         lora: dict[str, Any] | None = None,
         dtype: str | None = None,
     ) -> None:
@@ -100,6 +103,7 @@ class CausalLMModule(pl.LightningModule):
         _check_optimizer_settings(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
         _check_evaluation_settings(answer_pattern, max_new_tokens, eval_examples)
         check_flag("gradient_checkpointing", gradient_checkpointing)
+        check_flag("validation_exact_match", validation_exact_match)
         if dtype is not None and dtype not in DTYPES:
             raise SettingValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)} or null")
         if lora is not None:
@@ -153,13 +157,14 @@ class CausalLMModule(pl.LightningModule):
         self.log("val/loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        """Log token accuracy, perplexity and, when there are answers, exact match."""
+        """Log token accuracy, perplexity and, when there are answers and it is wanted, exact match."""
         self.log("val/token_accuracy", self.val_token_accuracy.compute())
         self.log("val/perplexity", torch.exp(self.val_nll.compute()))
         self.val_token_accuracy.reset()
         self.val_nll.reset()
         examples = getattr(self.trainer.datamodule, "val_examples", None) if self.trainer.datamodule else None
-        if examples and self.tokenizer is not None and not self.trainer.sanity_checking:
+        wanted = self.hparams.validation_exact_match and not self.trainer.sanity_checking
+        if examples and self.tokenizer is not None and wanted:
             score = exact_match(
                 self.model,
                 self.tokenizer,

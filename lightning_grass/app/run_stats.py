@@ -23,17 +23,21 @@ class RunStats(Callback):
     strategy's ``peak_resident_bytes`` (which also sees states that are resident only during the step) is
     taken when larger.
 
-    Its checkpoint state is the run's last logged metrics (``train/loss``, ``val/*``), so that a run resumed from
-    a checkpoint of its last step, which trains no further step, still reports them.
+    Each validation during training adds ``(optimizer step, val/loss)`` to ``validation_curve``.
+
+    Its checkpoint state is the run's last logged metrics (``train/loss``, ``val/*``) and the validation curve so
+    far, so that a run resumed from a checkpoint still reports them (one of its last step trains no further).
 
     Attributes:
         restored_metrics: The metrics of the checkpoint a run resumed from; empty for a fresh run.
+        validation_curve: ``[step, val/loss]`` pairs, one per validation during training, in order.
     """
 
     def __init__(self) -> None:
         self.step_seconds: list[float] = []
         self.peak_optimizer_state_bytes = 0
         self.restored_metrics: dict[str, float] = {}
+        self.validation_curve: list[list[float]] = []
         self._start: float | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -48,11 +52,21 @@ class RunStats(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics()}
+        return {"metrics": self.metrics(), "validation_curve": [list(point) for point in self.validation_curve]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restored_metrics = dict(state_dict.get("metrics", {}))
+        self.validation_curve = [list(point) for point in state_dict.get("validation_curve", [])]
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None:
+            return
+        step = trainer.global_step
+        self.validation_curve = [point for point in self.validation_curve if point[0] != step]
+        self.validation_curve.append([step, float(loss)])
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:

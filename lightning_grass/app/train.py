@@ -195,6 +195,7 @@ def _evaluate_and_write(
         "exact_match_test": exact_match_test,
         **stats.metrics(),
         **stats.summary(trainer.strategy.root_device),
+        "validation_curve": stats.validation_curve,
         "optimizer_steps": trainer.global_step,
         "skipped_non_finite_steps": skipped_steps,
         "non_finite_tensors": _non_finite_tensors(module),
