@@ -6,9 +6,15 @@
     python experiments/collect_results.py outputs/bench_deep/<time> --preset deep
     grass-train -m experiment=bench_deep_sensitivity
     python experiments/collect_results.py outputs/bench_deep_sensitivity/<time> --preset deep_sensitivity
+    grass-train -m experiment=bench_long_pilot
+    python experiments/collect_results.py outputs/bench_long_pilot/<time> --preset long_pilot
+    grass-train -m experiment=bench_long
+    python experiments/collect_results.py outputs/bench_long/<time> --preset long
 
 The `deep` preset chooses each method's learning rate on validation and reports test scores with paired
-intervals (``summary.json``); the sensitivity preset tabulates GRASS over T_s and its spread setting.
+intervals (``summary.json``); the sensitivity preset tabulates GRASS over T_s and its spread setting. The
+`long` preset reports each method at the rate its pilot chose, with learning curves and windows per run; the
+pilot (``--preset long_pilot``) writes ``pilot.md`` and ``pilot.json`` beside the long results.
 
 The sweep's command is read back from the sweep's ``multirun.yaml`` and written into ``results.md`` with
 this script's own command line.
@@ -24,9 +30,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from reporting import write_results
 from reporting.deep_report import write_deep_results
+from reporting.long_report import write_long_results
+from reporting.pilot import write_pilot_results
 from reporting.sensitivity import write_sensitivity_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
+#: Presets whose results go into another preset's directory.
+RESULTS_OF = {"long_pilot": "long"}
 
 
 def sweep_command(sweep_dir: Path) -> str:
@@ -44,11 +54,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--preset", required=True, help="the preset's name: results go to experiments/results/<preset>")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of experiments/results/<preset>")
     args = parser.parse_args(argv)
-    out_dir = args.out or RESULTS_DIR / args.preset
+    out_dir = args.out or RESULTS_DIR / RESULTS_OF.get(args.preset, args.preset)
     collector = " ".join(
         ["python", "experiments/collect_results.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]
     )
-    writer = {"deep": write_deep_results, "deep_sensitivity": write_sensitivity_results}.get(args.preset, write_results)
+    writers = {
+        "deep": write_deep_results,
+        "deep_sensitivity": write_sensitivity_results,
+        "long": write_long_results,
+        "long_pilot": write_pilot_results,
+    }
+    writer = writers.get(args.preset, write_results)
     path = writer(
         args.sweep_dir, out_dir, f"Benchmark: the `{args.preset}` preset", [sweep_command(args.sweep_dir), collector]
     )

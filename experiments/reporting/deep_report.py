@@ -48,9 +48,9 @@ def write_deep_results(sweep_dir: str | Path, out_dir: str | Path, title: str, c
     summary = deep_summary(runs, table)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "runs.json").write_text(json.dumps([_run_record(run) for run in runs], indent=2) + "\n")
-    _scores_figure(table, out_dir / FIGURES["scores"])
-    _paired_figure(summary, out_dir / FIGURES["paired"])
+    (out_dir / "runs.json").write_text(json.dumps([run_record(run) for run in runs], indent=2) + "\n")
+    scores_figure(table, out_dir / FIGURES["scores"])
+    paired_figure(summary, out_dir / FIGURES["paired"])
     path = out_dir / "results.md"
     path.write_text(_markdown(title, commands, runs, table, summary, shared))
     return path
@@ -163,7 +163,8 @@ def _draw_share_table(runs: Sequence[Run], task: str, selections: Sequence[Selec
     ]
 
 
-def _scores_figure(table: Mapping[str, Sequence[Selection]], path: Path) -> Path:
+def scores_figure(table: Mapping[str, Sequence[Selection]], path: Path) -> Path:
+    """A bar per method of its mean test score, with its standard deviation over seeds; a panel per task."""
     fig = Figure(figsize=(5.0 * len(table), 3.6))
     axes = fig.subplots(1, len(table), squeeze=False)[0]
     for ax, (task, selections) in zip(axes, table.items(), strict=True):
@@ -176,7 +177,8 @@ def _scores_figure(table: Mapping[str, Sequence[Selection]], path: Path) -> Path
     return save_figure(fig, path)
 
 
-def _paired_figure(summary: Mapping[str, Any], path: Path) -> Path:
+def paired_figure(summary: Mapping[str, Any], path: Path) -> Path:
+    """Each paired gap of ``summary`` with its 95% interval; a panel per task."""
     tasks = summary["tasks"]
     fig = Figure(figsize=(5.0 * len(tasks), 3.0))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
@@ -195,7 +197,8 @@ def _paired_figure(summary: Mapping[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _run_record(run: Run) -> dict[str, Any]:
+def run_record(run: Run) -> dict[str, Any]:
+    """A run's entry of ``runs.json``: its method, rate, gamma, scores, time and draw shares."""
     keys = ("method", "task", "seed", "exact_match_before", "exact_match_after", "exact_match_test", "run_seconds")
     sampler = run.config.get("sampler") or {}
     return {

@@ -24,12 +24,21 @@ T_975 = (
 )  # fmt: skip
 
 #: The paired comparisons reported: (name, the method that should win, the one it is measured against).
-COMPARISONS = (("GRASS-LISA", "grass", "lisa"), ("GRASS-GRASS*", "grass", "grass_static"))
+COMPARISONS = (
+    ("GRASS-LISA", "grass", "lisa"),
+    ("GRASS-GRASS*", "grass", "grass_static"),
+    ("GRASS calibrated-LISA", "grass_calibrated", "lisa"),
+    ("GRASS calibrated-GRASS* calibrated", "grass_calibrated", "grass_static_calibrated"),
+)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A method as the benchmark counts it: a sampler at one gamma, or full fine-tuning, or LoRA."""
+    """A method as the benchmark counts it: a sampler at one gamma, or full fine-tuning, or LoRA.
+
+    A sampler whose temperature is calibrated (``target_effective_layers`` set) is its own method,
+    ``grass_calibrated`` or ``grass_static_calibrated``, so that it can run beside the paper's defaults.
+    """
 
     method: str
     n_active: int | None
@@ -70,9 +79,12 @@ class Selection:
 
 
 def variant_of(run: Run) -> Variant:
-    """The run's method, with its gamma when it samples layers."""
+    """The run's method (``_calibrated`` when its temperature is calibrated), with its gamma when it samples."""
     sampler = run.config.get("sampler") or {}
-    return Variant(run.method, sampler.get("n_active") if run.method in ("lisa", "grass_static", "grass") else None)
+    if run.method not in ("lisa", "grass_static", "grass"):
+        return Variant(run.method, None)
+    calibrated = sampler.get("target_effective_layers") is not None
+    return Variant(f"{run.method}_calibrated" if calibrated else run.method, sampler.get("n_active"))
 
 
 def learning_rate_of(run: Run) -> float:

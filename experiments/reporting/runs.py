@@ -9,13 +9,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-#: Methods in the order the tables list them, with the names the tables use.
+#: Methods in the order the tables list them, with the names the tables use. A sampler run with
+#: ``target_effective_layers`` set counts as its ``_calibrated`` variant in the paired statistics.
 METHOD_LABELS: dict[str, str] = {
     "full": "Full fine-tuning",
     "lora": "LoRA",
     "lisa": "LISA",
     "grass_static": "GRASS*",
+    "grass_static_calibrated": "GRASS* calibrated",
     "grass": "GRASS",
+    "grass_calibrated": "GRASS calibrated",
 }
 
 

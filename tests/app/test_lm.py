@@ -147,6 +147,7 @@ def test_a_learning_rate_that_is_not_a_finite_positive_number_is_refused_at_cons
         ({"max_new_tokens": 0}, SettingValueError, "max_new_tokens=0 must be an integer >= 1"),
         ({"eval_examples": math.nan}, SettingTypeError, "eval_examples=nan must be an integer >= 0"),
         ({"gradient_checkpointing": "yes"}, SettingTypeError, "gradient_checkpointing='yes' must be True or False"),
+        ({"validation_exact_match": 1}, SettingTypeError, "validation_exact_match=1 must be True or False"),
         (
             {"answer_pattern": "####"},
             SettingValueError,

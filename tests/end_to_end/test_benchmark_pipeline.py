@@ -118,10 +118,10 @@ def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps
     methods = summary["tasks"][task]["methods"]
     assert set(methods) == {
         "LISA (gamma=2)",
-        "GRASS* (gamma=2)",
-        "GRASS (gamma=2)",
+        "GRASS* calibrated (gamma=2)",
+        "GRASS calibrated (gamma=2)",
         "LISA (gamma=4)",
-        "GRASS (gamma=4)",
+        "GRASS calibrated (gamma=4)",
     }
     for entry in methods.values():
         validation = entry["validation_by_learning_rate"]
@@ -130,19 +130,21 @@ def test_the_deep_sweep_chooses_rates_on_validation_and_reports_paired_test_gaps
         assert set(entry["test_by_seed"]) == {"0", "1"}
     paired = summary["tasks"][task]["paired"]
     assert set(paired) == {
-        "GRASS-LISA (gamma=2)",
-        "GRASS-LISA (gamma=4)",
-        "GRASS-LISA",
-        "GRASS-GRASS* (gamma=2)",
-        "GRASS-GRASS*",
+        "GRASS calibrated-LISA (gamma=2)",
+        "GRASS calibrated-LISA (gamma=4)",
+        "GRASS calibrated-LISA",
+        "GRASS calibrated-GRASS* calibrated (gamma=2)",
+        "GRASS calibrated-GRASS* calibrated",
     }
-    assert paired["GRASS-LISA"]["n"] == 4 and paired["GRASS-LISA (gamma=2)"]["n"] == 2
-    grass, lisa = methods["GRASS (gamma=2)"]["test_by_seed"], methods["LISA (gamma=2)"]["test_by_seed"]
+    pooled, at_2 = paired["GRASS calibrated-LISA"], paired["GRASS calibrated-LISA (gamma=2)"]
+    assert pooled["n"] == 4 and at_2["n"] == 2
+    grass = methods["GRASS calibrated (gamma=2)"]["test_by_seed"]
+    lisa = methods["LISA (gamma=2)"]["test_by_seed"]
     expected = (grass["0"] - lisa["0"] + grass["1"] - lisa["1"]) / 2
-    assert paired["GRASS-LISA (gamma=2)"]["mean"] == pytest.approx(expected, abs=1e-9)
-    low, high = paired["GRASS-LISA (gamma=2)"]["ci95"]
+    assert at_2["mean"] == pytest.approx(expected, abs=1e-9)
+    low, high = at_2["ci95"]
     assert low <= expected <= high
-    assert "| GRASS (gamma=2) |" in text and "| GRASS-LISA |" in text
+    assert "| GRASS calibrated (gamma=2) |" in text and "| GRASS calibrated-LISA |" in text
     for figure in ("test_scores.png", "paired_differences.png"):
         assert (tmp_path / "results" / figure).stat().st_size > 10_000
 
