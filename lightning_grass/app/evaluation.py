@@ -48,6 +48,7 @@ def generate_answers(
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            num_beams=1,  # greedy, whatever the checkpoint's generation_config says
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )

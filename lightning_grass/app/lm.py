@@ -309,9 +309,13 @@ def _unreadable_safetensors(path: Path) -> Path:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    """``AutoTokenizer.from_pretrained`` of a local directory; a corrupt JSON file in it is named."""
+    """``AutoTokenizer.from_pretrained`` of a local directory; a corrupt JSON file in it is named.
+
+    A tokenizer without a pad token (Llama-2's, for one) pads with its eos token: padding is masked out of
+    attention and labels, so the choice changes no loss and no completion.
+    """
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         for file in sorted(path.glob("*.json")):
             try:
@@ -319,6 +323,9 @@ def _load_tokenizer(path: Path) -> Any:
             except DataFormatError as corrupt:
                 raise corrupt from error
         raise
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int | float, min_ratio: float = 0.1) -> Any:

@@ -47,6 +47,7 @@ from lightning_grass.app.pretrain import build_base_model, ensure_base_model
 from lightning_grass.app.run_directory import claim_output_dir
 from lightning_grass.app.run_stats import RunStats
 from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
+from lightning_grass.app.suite_evaluation import SuiteEvaluation
 from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.callback import GRASSCallback
@@ -102,6 +103,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, Any]:
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
+    suite = SuiteEvaluation.from_config(cfg.get("evaluate_suite"))  # its test sets are read and checked now
     base_seconds = None
     pretrained_path = cfg.model.get("pretrained_path")
     if pretrained_path is not None and cfg.base.build_if_missing and Path(pretrained_path) == Path(cfg.base.path):
@@ -147,7 +149,7 @@ def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, 
     try:
         with stop_signals_raise():
             metrics = _evaluate_and_write(
-                cfg, output_dir, trainer, module, datamodule, sampler, stats, eval_examples, pattern
+                cfg, output_dir, trainer, module, datamodule, sampler, stats, eval_examples, pattern, suite
             )
     except StopRequested as stop:
         if trainer.is_global_zero:
@@ -176,8 +178,12 @@ def _evaluate_and_write(
     stats: RunStats,
     eval_examples: list[Any],
     pattern: str | None,
+    suite: SuiteEvaluation | None,
 ) -> dict[str, Any]:
-    """Score the fine-tuned model, save it and its plots, and return the metrics (``metrics.json`` comes later)."""
+    """Score the fine-tuned model, save it and its plots, and return the metrics (``metrics.json`` comes later).
+
+    With ``suite``, the saved model is scored on it too, into ``<output_dir>/suite/``.
+    """
     module.to(trainer.strategy.root_device)
     exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
     test_examples = datamodule.test_examples[: cfg.model.get("eval_examples", 64)]
@@ -212,6 +218,8 @@ def _evaluate_and_write(
     if not trainer.is_global_zero:
         return metrics
     replace_directory_atomically(model_dir, module.save_pretrained)
+    if suite is not None:
+        metrics.update(suite.run(module.model, module.tokenizer, output_dir / "suite", str(model_dir)).metrics())
     _write_config(cfg, output_dir)
     if sampler is not None and cfg.get("save_plots", True):
         if any(record["importance"] is not None for record in sampler.history):

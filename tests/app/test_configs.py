@@ -22,6 +22,7 @@ GROUPS = [
     "logger",
     "experiment",
     "hparams_search",
+    "long_method",
 ]
 CONFIGS = files(CONFIG_PACKAGE)
 OPTIONS = [
@@ -50,7 +51,9 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
     overrides = [f"{group}={option}", f"base.path={tiny_pretrained_dir}"]
     if (group, option) == ("model", "local"):
         overrides.append(f"model.pretrained_path={tiny_pretrained_dir}")
-    if (group, option) == ("data", "alpaca_json"):
+    if group == "long_method":  # a group of the long benchmark's preset
+        overrides.insert(0, "experiment=bench_long")
+    if (group, option) in (("data", "alpaca_json"), ("data", "math_10k"), ("data", "commonsense_170k")):
         data = tmp_path / "data.jsonl"
         data.write_text('{"instruction": "1 + 1?", "output": "#### 2"}\n')
         overrides.append(f"data.task={data}")
@@ -70,13 +73,30 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         params = cfg.hydra.sweeper.params
         assert params.sampler == "grass_calibrated" and params["sampler.sample_every"].split(",") == ["5", "25", "50"]
         return
+    if group == "experiment" and option.startswith("paper_"):  # one run and its suite: test_paper_presets.py
+        assert cfg.evaluate_suite.name == option.removeprefix("paper_")
+        return
+    if (group, option) == ("experiment", "bench_long_pilot"):  # the long benchmark's rates, on unreported seeds
+        params = cfg.hydra.sweeper.params
+        assert params["model.lr"].split(",") == ["1e-3", "3e-3", "1e-2"] and params.seed == "100"
+        assert params.long_method == compose_train(tmp_path, ["experiment=bench_long"]).hydra.sweeper.params.long_method
+        return
     if group == "experiment":  # the benchmark presets: a sweep of every method over both tasks, one process each
         params = cfg.hydra.sweeper.params
-        methods = [m.removesuffix("_gamma4").removesuffix("_calibrated") for m in params.sampler.split(",")]
+        listed = params.sampler if "sampler" in params else params.long_method
+        methods = [m.removesuffix("_gamma4").removesuffix("_calibrated") for m in listed.split(",")]
         assert list(dict.fromkeys(methods)) == ["full", "lora", "lisa", "grass_static", "grass"]
         tasks = {compose_train(tmp_path, [f"data={name}"]).data.task for name in params.data.split(",")}
         assert tasks == {"arithmetic", "multiple_choice"} and len(params.seed.split(",")) >= 3
         assert cfg.hydra.launcher._target_.endswith("ProcessLauncher")
+        return
+    if group == "long_method":  # a method of the long benchmark: its sampler, at the rate its pilot chose
+        assert cfg.model.lr > 0
+        if option in ("full", "lora"):
+            assert cfg.sampler is None and (cfg.model.lora is not None) == (option == "lora")
+        else:
+            assert cfg.sampler.mode == option.removesuffix("_gamma4").removesuffix("_calibrated")
+            assert cfg.sampler.n_active == (4 if option.endswith("_gamma4") else 2)
         return
     if group == "hparams_search":
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")

@@ -105,6 +105,18 @@ def test_save_pretrained_reloads_model_and_tokenizer(module, tmp_path):
     )
 
 
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_token(module, tmp_path):
+    from lightning_grass.app.data import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    eos = tokenizer.eos_token_id
+    tokenizer.pad_token = None  # as Llama-2's tokenizer is saved
+    module.tokenizer = tokenizer
+    module.save_pretrained(tmp_path / "model")
+    reloaded = CausalLMModule(pretrained_path=tmp_path / "model")
+    assert reloaded.tokenizer.pad_token_id == eos
+
+
 @pytest.mark.parametrize(
     ("value", "error", "message"),
     [

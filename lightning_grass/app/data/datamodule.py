@@ -22,6 +22,7 @@ from lightning_grass.app.data.collate import collate_batch
 from lightning_grass.app.data.example import Example
 from lightning_grass.app.data.hf_dataset import check_columns, load_hf_dataset
 from lightning_grass.app.data.prompt import (
+    PROMPT_FORMATS,
     TRUNCATION_POLICIES,
     TokenizedExample,
     check_special_tokens,
@@ -77,6 +78,9 @@ class InstructionDataModule(pl.LightningDataModule):
     the tokens of every assistant turn (see :func:`~lightning_grass.app.data.tokenize_example`). Conversations
     need a template, like ``apply_chat_template``: without one, ``setup`` raises a ``DataFormatError``.
     ``setup`` stores the template in each example's ``chat_template``, so that evaluation prompts with it too.
+    Without a template, ``prompt_format`` chooses the Alpaca prompt: ``"compact"`` (the ``### Instruction:``,
+    ``### Input:`` and ``### Response:`` headers) or ``"alpaca"`` (the same after Stanford Alpaca's preamble, the
+    template LLM-Adapters trains with); ``setup`` stores it in each example's ``prompt_format``.
 
     The test split is never trained on nor validated on: it is there to report a score after choosing
     settings (a learning rate, say) on validation. :attr:`test_examples` holds it.
@@ -108,6 +112,7 @@ class InstructionDataModule(pl.LightningDataModule):
             local datasets only. ``None`` reads ``.json`` / ``.jsonl`` with ``load_alpaca``.
         split: The split of a ``DatasetDict`` folder.
         chat_template: ``"auto"``, ``"none"`` or a Jinja chat template, as described above.
+        prompt_format: ``"compact"`` or ``"alpaca"``: the Alpaca prompt used without a chat template.
 
     Raises:
         SettingTypeError: For a count or ``seed`` that is not an integer (a string, a bool, a float such as
@@ -116,8 +121,8 @@ class InstructionDataModule(pl.LightningDataModule):
         SettingValueError: For an unknown task that is not an existing file or folder, ``task_options`` or
             ``columns`` with a generated task, a ``split`` other than ``"train"`` for a task that is not a
             folder, ``columns`` that :func:`~lightning_grass.app.data.hf_dataset.check_columns` refuses, a
-            ``chat_template`` that is neither a mode nor a Jinja template, an unknown ``truncation``, or a count
-            outside the ranges above.
+            ``chat_template`` that is neither a mode nor a Jinja template, an unknown ``truncation`` or
+            ``prompt_format``, or a count outside the ranges above.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class InstructionDataModule(pl.LightningDataModule):
         columns: dict[str, str | None] | None = None,
         split: str = "train",
         chat_template: str = "auto",
+        prompt_format: str = "compact",
     ) -> None:
         super().__init__()
         _check_settings(
@@ -154,6 +160,7 @@ class InstructionDataModule(pl.LightningDataModule):
                 "answer_pattern": answer_pattern,
                 "split": split,
                 "chat_template": chat_template,
+                "prompt_format": prompt_format,
             },
         )
         if not isinstance(task, (str, os.PathLike)):
@@ -185,6 +192,8 @@ class InstructionDataModule(pl.LightningDataModule):
             )
         if truncation not in TRUNCATION_POLICIES:
             raise SettingValueError(f"truncation={truncation!r} is not supported; use one of {TRUNCATION_POLICIES}")
+        if prompt_format not in PROMPT_FORMATS:
+            raise SettingValueError(f"prompt_format={prompt_format!r} is not supported; use one of {PROMPT_FORMATS}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.task = task
         self.tokenizer = tokenizer
@@ -201,6 +210,7 @@ class InstructionDataModule(pl.LightningDataModule):
         self.columns = dict(columns) if columns is not None else None
         self.split = split
         self.chat_template = chat_template
+        self.prompt_format = prompt_format
         self.num_truncated = 0
         self.num_skipped = 0
         self._train: list[TokenizedExample] | None = None
@@ -323,7 +333,8 @@ class InstructionDataModule(pl.LightningDataModule):
             return
         self.num_truncated = self.num_skipped = 0
         template = resolve_chat_template(self.tokenizer, self.chat_template)
-        train, val, test = ([replace(e, chat_template=template) for e in split] for split in self._splits())
+        rendering = {"chat_template": template, "prompt_format": self.prompt_format}
+        train, val, test = ([replace(e, **rendering) for e in split] for split in self._splits())
         self._train, _ = self._tokenize(train, "training")
         self._val, self._val_examples = self._tokenize(val, "validation")
         self._test_examples = self._tokenize(test, "test")[1] if test else []

@@ -22,6 +22,10 @@ class Example:
             of :func:`~lightning_grass.app.data.format_prompt`. :class:`~lightning_grass.app.data.InstructionDataModule`
             sets it at ``setup`` from its ``chat_template`` setting, so that evaluation renders the prompt the
             model was trained on.
+        prompt_format: Which Alpaca prompt :func:`~lightning_grass.app.data.format_prompt` writes when there is
+            no chat template: ``"compact"`` (the headers only) or ``"alpaca"`` (Stanford Alpaca's, the headers after
+            its one-sentence preamble, as LLM-Adapters trains and evaluates). The datamodule sets it at ``setup``
+            from its ``prompt_format`` setting.
     """
 
     instruction: str
@@ -30,3 +34,4 @@ class Example:
     answer: str | None = None
     messages: tuple[tuple[str, str], ...] = ()
     chat_template: str | None = field(default=None, repr=False)
+    prompt_format: str = "compact"

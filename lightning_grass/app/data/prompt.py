@@ -17,22 +17,49 @@ IGNORE_INDEX = -100
 #: Accepted values of ``truncation``.
 TRUNCATION_POLICIES = ("truncate", "skip")
 
+#: What each ``prompt_format`` writes before the ``### Instruction:`` header: without and with an input.
+_PREAMBLES = {
+    "compact": ("", ""),
+    "alpaca": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n",
+    ),
+}
+
+#: Accepted values of ``prompt_format``: the Alpaca prompt's headers alone, or after Stanford Alpaca's preamble.
+PROMPT_FORMATS = tuple(_PREAMBLES)
+
 #: The longest vocabulary entry of each tokenizer :func:`tokenize_example` has met, with the vocabulary size it
 #: was measured at (a tokenizer given more tokens since is measured again).
 _LONGEST_TOKEN: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def format_prompt(example: Example) -> str:
-    r"""The compact Alpaca-style prompt the model answers after.
+    r"""The Alpaca-style prompt the model answers after, in the example's ``prompt_format``.
 
     Args:
         example: The example whose ``instruction`` (and ``input``, when non-empty) fill the prompt.
 
     Returns:
-        ``"### Instruction:\n{instruction}\n\n### Response:\n"``, with ``"### Input:\n{input}\n\n"``
-        inserted before the response header when ``input`` is non-empty.
+        For ``prompt_format="compact"``, ``"### Instruction:\n{instruction}\n\n### Response:\n"``, with
+        ``"### Input:\n{input}\n\n"`` inserted before the response header when ``input`` is non-empty. For
+        ``"alpaca"``, the same after Stanford Alpaca's preamble and a blank line: ``"Below is an instruction
+        that describes a task. Write a response that appropriately completes the request."``, or, with an
+        input, ``"Below is an instruction that describes a task, paired with an input that provides further
+        context. Write a response that appropriately completes the request."``. That is the template
+        LLM-Adapters trains on ``math_10k.json`` and ``commonsense_170k.json`` with and evaluates with, without
+        the indentation and trailing spaces its source code leaves inside the strings.
+
+    Raises:
+        SettingValueError: For a ``prompt_format`` not in :data:`PROMPT_FORMATS`.
     """
-    prompt = f"### Instruction:\n{example.instruction}\n\n"
+    preambles = _PREAMBLES.get(example.prompt_format)
+    if preambles is None:
+        raise SettingValueError(
+            f"prompt_format={example.prompt_format!r} is not supported; use one of {PROMPT_FORMATS}"
+        )
+    prompt = preambles[bool(example.input)] + f"### Instruction:\n{example.instruction}\n\n"
     if example.input:
         prompt += f"### Input:\n{example.input}\n\n"
     return prompt + "### Response:\n"

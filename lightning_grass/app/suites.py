@@ -1,0 +1,183 @@
+"""The paper's two test suites, arithmetic and commonsense, read from local files in LLM-Adapters' layout.
+
+LLM-Adapters keeps each test set in ``dataset/<name>/test.json``: a JSON array of records with
+``instruction`` (the question, answer options included), ``input`` (usually empty), ``output`` (a
+reference solution, unused here) and ``answer`` (the label). :func:`load_suite` reads one suite's sets from
+there, under the root you give: the repository's checkout (``<root>/dataset/<name>/test.json``) or its
+``dataset`` folder itself (``<root>/<name>/test.json``). Nothing is downloaded. A non-empty ``input`` goes into
+the prompt under ``### Input:`` (ours: LLM-Adapters' scripts pass the instruction alone).
+
+The directory names are LLM-Adapters' own; :attr:`Benchmark.title` is the column the paper's tables give the
+set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_grass.app.data import Example
+from lightning_grass.app.data.utf8 import read_utf8
+from lightning_grass.app.suite_answers import AnswerRule, FirstChoice, LastNumber
+from lightning_grass.errors import DataFormatError, MissingPathError, SettingValueError
+
+#: The folder of a checkout of LLM-Adapters that holds the test sets.
+DATASET_DIR = "dataset"
+
+#: The file each test set's folder holds.
+TEST_FILE = "test.json"
+
+#: The prompt every set is asked in: LLM-Adapters' template, Stanford Alpaca's
+#: (:func:`~lightning_grass.app.data.format_prompt`).
+PROMPT_FORMAT = "alpaca"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One test set of a suite.
+
+    Attributes:
+        name: LLM-Adapters' folder name, e.g. ``"gsm8k"`` or ``"social_i_qa"``.
+        title: The set's column in the paper's tables, e.g. ``"GSM8K"`` or ``"SIQA"``.
+        rule: How its answers are read and scored (:mod:`lightning_grass.app.suite_answers`).
+    """
+
+    name: str
+    title: str
+    rule: AnswerRule
+
+
+def _numbered(stem: str, count: int) -> FirstChoice:
+    """The rule over the answer words ``stem1`` to ``stem<count>``, e.g. ``answer1`` to ``answer5``."""
+    return FirstChoice(tuple(f"{stem}{index}" for index in range(1, count + 1)))
+
+
+#: Each suite's sets, in the column order of the paper's tables. Every arithmetic set but AQuA is scored by its
+#: last number, AQuA by its first option letter; the commonsense sets by their first answer word, with
+#: LLM-Adapters' word lists (``answer1`` to ``answer5`` for each of SIQA, ARC and OBQA).
+SUITES: dict[str, tuple[Benchmark, ...]] = {
+    "arithmetic": (
+        Benchmark("AddSub", "AddSub", LastNumber()),
+        Benchmark("MultiArith", "MultiArith", LastNumber()),
+        Benchmark("SingleEq", "SingleEq", LastNumber()),
+        Benchmark("gsm8k", "GSM8K", LastNumber()),
+        Benchmark("AQuA", "AQuA", FirstChoice(("A", "B", "C", "D", "E"))),
+        Benchmark("SVAMP", "SVAMP", LastNumber()),
+    ),
+    "commonsense": (
+        Benchmark("boolq", "BoolQ", FirstChoice(("true", "false"))),
+        Benchmark("piqa", "PIQA", _numbered("solution", 2)),
+        Benchmark("social_i_qa", "SIQA", _numbered("answer", 5)),
+        Benchmark("hellaswag", "HellaSwag", _numbered("ending", 4)),
+        Benchmark("winogrande", "WinoGrande", _numbered("option", 2)),
+        Benchmark("ARC-Easy", "ARC-e", _numbered("answer", 5)),
+        Benchmark("ARC-Challenge", "ARC-c", _numbered("answer", 5)),
+        Benchmark("openbookqa", "OBQA", _numbered("answer", 5)),
+    ),
+}
+
+
+def sets_dir(data_root: str | os.PathLike) -> Path:
+    """The folder that holds the test sets' folders: ``<data_root>/dataset`` when there is one, else ``data_root``.
+
+    Args:
+        data_root: A checkout of LLM-Adapters, or its ``dataset`` folder.
+
+    Returns:
+        The folder.
+    """
+    root = Path(data_root)
+    nested = root / DATASET_DIR
+    return nested if nested.is_dir() else root
+
+
+def load_suite(name: str, data_root: str | os.PathLike, limit: int | None = None) -> dict[Benchmark, list[Example]]:
+    """Read and check every test set of suite ``name``.
+
+    Args:
+        name: ``"arithmetic"`` or ``"commonsense"`` (a key of :data:`SUITES`).
+        data_root: A checkout of LLM-Adapters (``<data_root>/dataset/<set>/test.json``) or its ``dataset``
+            folder (``<data_root>/<set>/test.json``).
+        limit: Read only the first ``limit`` records of each set (all are checked); ``None`` for all.
+
+    Returns:
+        Each set's examples, in the order of :data:`SUITES`: ``answer`` holds the label as a string, ``output``
+        is empty, and ``prompt_format`` is :data:`PROMPT_FORMAT`.
+
+    Raises:
+        SettingValueError: For an unknown suite.
+        MissingPathError: When ``data_root`` is not a directory, or a set's ``test.json`` is missing; the
+            message names every missing set and where it was looked for.
+        DataFormatError: For a file that is not UTF-8 or not JSON, not an array, empty, or with a record that
+            is not an object, lacks a string ``instruction``, has an ``input`` that is neither a string nor
+            ``null``, or an ``answer`` the set's rule cannot score. The message names the file, the record
+            index (from 0), the field, the value and what is allowed.
+    """
+    if name not in SUITES:
+        raise SettingValueError(f"unknown suite {name!r}; the suites are {list(SUITES)}")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise MissingPathError(
+            f"test data root {str(root)!r} is not a directory: give a checkout of LLM-Adapters or its "
+            f"{DATASET_DIR!r} folder, holding <set>/{TEST_FILE} for the {name} sets {[b.name for b in SUITES[name]]}"
+        )
+    folder = sets_dir(root)
+    files = {benchmark: folder / benchmark.name / TEST_FILE for benchmark in SUITES[name]}
+    missing = [benchmark.name for benchmark, file in files.items() if not file.is_file()]
+    if missing:
+        raise MissingPathError(
+            f"the {name} suite's sets {missing} are missing from {folder}: expected <set>/{TEST_FILE} for each of "
+            f"{[b.name for b in SUITES[name]]} (LLM-Adapters' layout: <root>/{DATASET_DIR}/<set>/{TEST_FILE} or "
+            f"<root>/<set>/{TEST_FILE}; the names are case-sensitive)"
+        )
+    return {benchmark: _read_set(file, benchmark.rule)[:limit] for benchmark, file in files.items()}
+
+
+def _read_set(path: Path, rule: AnswerRule) -> list[Example]:
+    """The examples of one ``test.json``, every record checked.
+
+    Args:
+        path: The file.
+        rule: The set's answer rule, which checks the labels.
+
+    Returns:
+        One example per record, in file order.
+
+    Raises:
+        DataFormatError: As :func:`load_suite`.
+    """
+    try:
+        records = json.loads(read_utf8(path))
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{path}: invalid JSON: {error}") from error
+    if not isinstance(records, list) or not records:
+        got = f"{len(records)} records" if isinstance(records, list) else type(records).__name__
+        raise DataFormatError(f"{path}: expected a non-empty JSON array of records at the top level, got {got}")
+    return [_to_example(record, f"{path}, record index {index}", rule) for index, record in enumerate(records)]
+
+
+def _to_example(record: Any, where: str, rule: AnswerRule) -> Example:
+    """One checked record as an ``Example``; ``where`` names the file and record in messages."""
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str):
+        raise DataFormatError(f"{where}: field 'instruction' must be a string, got {instruction!r}")
+    context = record.get("input")
+    if context is not None and not isinstance(context, str):
+        raise DataFormatError(f"{where}: field 'input' must be a string or null, got {context!r}")
+    if "answer" not in record:
+        raise DataFormatError(f"{where}: missing field 'answer' (the label)")
+    problem = rule.label_error(record["answer"])
+    if problem is not None:
+        raise DataFormatError(f"{where}: field 'answer' {problem}")
+    return Example(
+        instruction=instruction,
+        input=context or "",
+        output="",
+        answer=str(record["answer"]),
+        prompt_format=PROMPT_FORMAT,
+    )

@@ -1,0 +1,77 @@
+"""``grass-evaluate`` in process: a saved model scored on a suite, and one ``error:`` line for bad input."""
+
+import json
+import shutil
+
+import pytest
+from suite_files import write_suite
+
+from lightning_grass.app import evaluate_cli
+
+
+def test_a_saved_model_is_scored_and_the_table_printed(tmp_path, tiny_pretrained_dir, capsys):
+    root = write_suite(tmp_path / "LLM-Adapters", "arithmetic")
+    out = tmp_path / "out"
+    arguments = ["--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", str(root / "dataset")]
+    evaluate_cli.main([*arguments, "--out", str(out), "--batch-size", "3", "--max-new-tokens", "4", "--limit", "2"])
+    printed = capsys.readouterr().out
+    assert "| Model | AddSub | MultiArith | SingleEq | GSM8K | AQuA | SVAMP | Avg. |\n" in printed
+    assert f"written to {out}: arithmetic.md, arithmetic.json, arithmetic_predictions.jsonl" in printed
+    summary = json.loads((out / "arithmetic.json").read_text())
+    assert [s["total"] for s in summary["sets"].values()] == [2] * 6
+    assert (summary["model"], summary["max_new_tokens"], summary["limit"]) == (str(tiny_pretrained_dir), 4, 2)
+    assert len((out / "arithmetic_predictions.jsonl").read_text().splitlines()) == 12
+
+
+def _error(tmp_path, capsys, *arguments):
+    with pytest.raises(SystemExit) as stop:
+        evaluate_cli.main([*arguments, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+def test_an_unknown_suite(tmp_path, capsys, tiny_pretrained_dir):
+    line = _error(tmp_path, capsys, "--model", str(tiny_pretrained_dir), "--suite", "maths", "--data-root", ".")
+    assert line.startswith("error: argument --suite: invalid choice: 'maths'") and "arithmetic" in line
+
+
+def test_a_missing_argument_and_a_bad_count(tmp_path, capsys):
+    line = _error(tmp_path, capsys, "--suite", "arithmetic", "--data-root", ".")
+    assert line == "error: the following arguments are required: --model (see grass-evaluate --help)"
+    line = _error(tmp_path, capsys, "--model", ".", "--suite", "arithmetic", "--data-root", ".", "--batch-size", "0")
+    assert line == "error: argument --batch-size: must be an integer >= 1, got '0' (see grass-evaluate --help)"
+
+
+def test_a_missing_set(tmp_path, capsys, tiny_pretrained_dir):
+    root = write_suite(tmp_path / "data", "commonsense", nested=False)
+    shutil.rmtree(root / "winogrande")
+    line = _error(
+        tmp_path, capsys, "--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root)
+    )
+    assert line.startswith(f"error: the commonsense suite's sets ['winogrande'] are missing from {root}: ")
+
+
+def test_a_malformed_record(tmp_path, capsys, tiny_pretrained_dir):
+    root = write_suite(tmp_path / "data", "arithmetic", {"AQuA": [{"instruction": "Pick.", "answer": "F"}]})
+    line = _error(
+        tmp_path, capsys, "--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", str(root)
+    )
+    assert line == (
+        f"error: {root / 'dataset' / 'AQuA' / 'test.json'}, record index 0: field 'answer' must be one of "
+        "['A', 'B', 'C', 'D', 'E'], got 'F'"
+    )
+
+
+def test_a_missing_model_directory_or_tokenizer(tmp_path, capsys, tiny_pretrained_dir):
+    root = str(write_suite(tmp_path / "data", "arithmetic"))
+    line = _error(tmp_path, capsys, "--model", str(tmp_path / "nothing"), "--suite", "arithmetic", "--data-root", root)
+    assert line == (
+        f"error: --model '{tmp_path / 'nothing'}' is not a directory: give a directory written by save_pretrained"
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_pretrained_dir / name, bare / name)
+    line = _error(tmp_path, capsys, "--model", str(bare), "--suite", "arithmetic", "--data-root", root)
+    assert line.startswith(f"error: --model '{bare}' holds no tokenizer (none of ['tokenizer.json', ")
