@@ -40,12 +40,16 @@ RESULTS_OF = {"long_pilot": "long"}
 
 
 def sweep_command(sweep_dir: Path) -> str:
-    """The ``grass-train -m ...`` command line that produced ``sweep_dir``, from its ``multirun.yaml``."""
+    """The ``grass-train -m ...`` command line that produced ``sweep_dir``, from its ``multirun.yaml``.
+
+    Hydra's own overrides (``hydra/launcher=basic``) come first, then the job's, as Hydra records them.
+    """
     multirun = sweep_dir / "multirun.yaml"
     if not multirun.is_file():
         raise FileNotFoundError(f"{multirun} is missing: is {sweep_dir} a grass-train -m sweep directory?")
-    overrides = OmegaConf.load(multirun).hydra.overrides.task
-    return " ".join(["grass-train", "-m", *(shlex.quote(o) for o in overrides)])
+    overrides = OmegaConf.load(multirun).hydra.overrides
+    hydra = [o for o in overrides.hydra if not o.startswith("hydra.mode=")]  # the launcher, if one was chosen
+    return " ".join(["grass-train", "-m", *(shlex.quote(o) for o in [*hydra, *overrides.task])])
 
 
 def main(argv: list[str] | None = None) -> Path:

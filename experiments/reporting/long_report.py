@@ -74,11 +74,16 @@ def write_long_results(sweep_dir: str | Path, out_dir: str | Path, title: str, c
 
 
 def windows_of(run: Run) -> int | None:
-    """How many sampling windows a run had (its resamples); ``None`` for a run without a sampler."""
+    """How many sampling windows a run trained in: its resamples before its last step.
+
+    Returns:
+        The count; ``None`` for a run without a sampler. A resample at the last step starts no window.
+    """
     history = run.metrics.get("history")
     if history is None:
         return None
-    return sum(1 for record in history if record["resampled"])
+    steps = int(run.metrics["optimizer_steps"])
+    return sum(1 for record in history if record["resampled"] and record["step"] < steps)
 
 
 def validation_curve(runs: Sequence[Run]) -> dict[str, list[float]]:

@@ -23,14 +23,17 @@ def long_run(method, seed, curve=(), test=0.5, validation=0.5, lr=0.003, task="a
         "optimizer_steps": 100,
     }
     if resamples is not None:
-        metrics["history"] = [{"resampled": resampled} for resampled in resamples]
+        metrics["history"] = [{"step": 10 * i, "resampled": r} for i, r in enumerate(resamples)]
         metrics["layer_selection_counts"] = [1, 1, 0, 0]
         metrics["draw_share"] = [0.5, 0.5, 0.0, 0.0]
     return Run(Path(f"/sweep/{task}-{method}-{lr}-{seed}"), metrics, config)
 
 
-def test_windows_are_the_resamples_of_a_run_and_none_without_a_sampler():
+def test_windows_are_the_resamples_before_the_last_step_and_none_without_a_sampler():
     assert windows_of(long_run("grass", 0, resamples=[False, True, False, True, True])) == 3
+    run = long_run("grass", 0, resamples=[False, True, True])
+    run.metrics["optimizer_steps"] = 20  # the resample at step 20 starts no window
+    assert windows_of(run) == 1
     assert windows_of(long_run("full", 0)) is None
 
 
