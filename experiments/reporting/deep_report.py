@@ -111,7 +111,7 @@ def _markdown(
             low, high = gap["ci95"]
             interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
             parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
-        parts += _draw_share_table(runs, task, selections)
+        parts += draw_share_table(runs, task, selections)
     common, per_task = split_common(shared)
     parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
     parts += yaml_block(common)
@@ -147,7 +147,13 @@ def mean_draw_shares(runs: Sequence[Run], task: str, selection: Selection) -> li
     return [math.fsum(column) / len(shares) for column in zip(*shares, strict=True)]
 
 
-def _draw_share_table(runs: Sequence[Run], task: str, selections: Sequence[Selection]) -> list[str]:
+def draw_share_table(
+    runs: Sequence[Run],
+    task: str,
+    selections: Sequence[Selection],
+    caption: str = "Layers drawn: each layer's share of the draws (%), at the chosen learning rate, mean over seeds.",
+) -> list[str]:
+    """The Markdown lines of a table of each sampler's mean share of draws per layer, under ``caption``."""
     rows = [(s.variant.label, mean_draw_shares(runs, task, s)) for s in selections]
     rows = [(label, shares) for label, shares in rows if shares is not None]
     if not rows:
@@ -155,7 +161,7 @@ def _draw_share_table(runs: Sequence[Run], task: str, selections: Sequence[Selec
     layers = len(rows[0][1])
     return [
         "",
-        "Layers drawn: each layer's share of the draws (%), at the chosen learning rate, mean over seeds.",
+        caption,
         "",
         "| method | " + " | ".join(str(layer) for layer in range(layers)) + " |",
         "|---|" + "---|" * layers,

@@ -18,7 +18,14 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lightning_grass.plots import save_figure
-from reporting.deep_report import deep_summary, mean_draw_shares, paired_figure, run_record, scores_figure
+from reporting.deep_report import (
+    deep_summary,
+    draw_share_table,
+    mean_draw_shares,
+    paired_figure,
+    run_record,
+    scores_figure,
+)
 from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
 from reporting.paired import Selection, select, variant_of
 from reporting.runs import Run, load_runs
@@ -189,7 +196,9 @@ def _markdown(
             interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
             parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
         parts += _curve_table(methods)
-        parts += _draw_share_table(runs, task, selections)
+        parts += draw_share_table(
+            runs, task, selections, "Layers drawn: each layer's share of the draws (%), mean over seeds."
+        )
     common, per_task = split_common(shared)
     parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
     parts += yaml_block(common)
@@ -227,22 +236,6 @@ def _curve_table(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"| {label} | " + " | ".join(f"{curve['mean'][index[label][step]]:.3f}" for step in shown) + " |"
             for label, curve in curves.items()
         ),
-    ]
-
-
-def _draw_share_table(runs: Sequence[Run], task: str, selections: Sequence[Selection]) -> list[str]:
-    rows = [(s.variant.label, mean_draw_shares(runs, task, s)) for s in selections]
-    rows = [(label, shares) for label, shares in rows if shares is not None]
-    if not rows:
-        return []
-    layers = len(rows[0][1])
-    return [
-        "",
-        "Layers drawn: each layer's share of the draws (%), mean over seeds.",
-        "",
-        "| method | " + " | ".join(str(layer) for layer in range(layers)) + " |",
-        "|---|" + "---|" * layers,
-        *(f"| {label} | " + " | ".join(f"{100 * share:.0f}" for share in shares) + " |" for label, shares in rows),
     ]
 
 
