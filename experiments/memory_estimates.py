@@ -14,6 +14,7 @@ import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_grass import estimate_memory
+from lightning_grass.offload import device_bytes_while_stepped
 
 RESULTS = Path(__file__).parent / "results" / "memory_estimates.md"
 GIB = 2**30
@@ -62,9 +63,14 @@ MODELS = {
 
 
 def streaming_budget(model: torch.nn.Module) -> int:
-    """Two of the largest block tensors' states (fp32 master and two fp32 moments): the next fetch overlaps."""
-    largest = max(p.numel() for name, p in model.named_parameters() if ".layers." in name)
-    return 2 * 12 * largest
+    """Room for two of the largest block tensors while stepped, so the next fetch overlaps the update.
+
+    Each holds its fp32 master and moments, step counter, fp32 master gradient and the denominator of
+    foreach AdamW (torch's default for CUDA tensors), counted by the strategy's own arithmetic.
+    """
+    largest = max((p for name, p in model.named_parameters() if ".layers." in name), key=lambda p: p.numel())
+    probe = torch.optim.AdamW([largest], foreach=True)
+    return 2 * device_bytes_while_stepped(probe, largest, master=True)
 
 
 def rows() -> list[str]:

@@ -4,7 +4,12 @@ from lightning_grass.offload.disk_tier import DiskTier
 from lightning_grass.offload.host_tier import HostTier
 from lightning_grass.offload.master_weights import MASTER_KEY, needs_master
 from lightning_grass.offload.offloaded_optimizer import OffloadedOptimizer
-from lightning_grass.offload.state_bytes import expected_state_bytes, optimizer_state_bytes
+from lightning_grass.offload.state_bytes import (
+    device_bytes_while_stepped,
+    expected_state_bytes,
+    optimizer_state_bytes,
+    step_workspace_bytes,
+)
 from lightning_grass.offload.tensor_state_store import TensorStateStore
 
 __all__ = [
@@ -13,7 +18,9 @@ __all__ = [
     "HostTier",
     "OffloadedOptimizer",
     "TensorStateStore",
+    "device_bytes_while_stepped",
     "expected_state_bytes",
     "needs_master",
     "optimizer_state_bytes",
+    "step_workspace_bytes",
 ]

@@ -79,14 +79,19 @@ class DiskTier:
         self._layouts: dict[int, list[TensorSpec]] = {}
 
     def write(self, unit: int, tensors: list[torch.Tensor]) -> Transfer:
-        """Start writing ``tensors`` to the file of ``unit``; keep them alive until the transfer is done.
+        """Start writing ``tensors`` to the file of ``unit``.
+
+        Device tensors are copied to the host before this returns, so their memory is released at once; CPU
+        tensors are written from where they are and stay referenced until the transfer is done.
 
         The transfer's ``wait()`` raises :class:`~lightning_grass.errors.StorageError` if the write failed; the
         file then still holds its previous state.
         """
         self._layouts[unit] = [TensorSpec.of(t) for t in tensors]
         on_host = [t if t.device.type == "cpu" else t.to("cpu") for t in tensors]
-        return Transfer.from_future(self._executor.submit(self._write_file, self._path(unit), on_host))
+        future = self._executor.submit(self._write_file, self._path(unit), on_host)
+        staged = any(t.device.type != "cpu" for t in tensors)
+        return Transfer.from_future(future, released=(lambda: True) if staged else None)
 
     def read(self, unit: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
         """Allocate resident tensors for ``specs`` and start filling them from the file of ``unit``.

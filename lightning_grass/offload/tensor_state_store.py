@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_grass.offload.master_weights import MASTER_KEY
-from lightning_grass.offload.state_bytes import expected_state_bytes
+from lightning_grass.offload.state_bytes import expected_state_bytes, step_workspace_bytes
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,26 @@ class _Layout:
 
 @dataclass
 class _Entry:
-    """A parameter whose state occupies device memory: being fetched, resident, or being written back."""
+    """A parameter whose state occupies device memory: being fetched, resident, or being written back.
+
+    A write-back's entry holds no tensors (the tier keeps what its copy still reads), only its bytes until the
+    tier releases them and its transfer, to be waited for before the unit is fetched again. ``workspace`` is
+    what the optimizer's step over the unit allocates, reserved from :meth:`TensorStateStore.acquire` to
+    :meth:`TensorStateStore.release`.
+    """
 
     tensors: list[Tensor]
     transfer: Transfer
     nbytes: int
     status: str  # "fetching", "resident" or "writing"
     dirty: bool = False
+    workspace: int = 0
+
+    def held_bytes(self) -> int:
+        """Device bytes the entry holds now."""
+        if self.status == "writing" and self.transfer.released():
+            return 0
+        return self.nbytes + self.workspace
 
 
 class TensorStateStore:
@@ -67,9 +80,13 @@ class TensorStateStore:
 
     The unit of residency is one parameter tensor. Its state is *resident* while it sits in
     ``optimizer.state`` on the device; otherwise it lives in the backing tier. An entry takes its bytes from
-    the moment its fetch starts until its write-back has finished, and ``max_resident_bytes`` bounds the sum
-    at every instant, transfers in flight included. A parameter that has no state yet reserves the bytes its
-    state will take (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`).
+    the moment its fetch starts until the tier has released the memory its write-back reads (the copy has
+    read it, or the disk tier has staged it on the host), and ``max_resident_bytes`` bounds the sum at every
+    instant, transfers in flight included. A parameter that has no state yet reserves the bytes its state will
+    take (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`). While the optimizer steps a
+    unit, the step's own allocations are reserved too: the fp32 gradient of a master and the update's
+    temporaries (:func:`~lightning_grass.offload.state_bytes.step_workspace_bytes`). The store drops its
+    references to a write-back's tensors as soon as the copy is queued.
 
     Two regimes, chosen at every step from the *active* parameters (those the next steps update):
 
@@ -115,6 +132,8 @@ class TensorStateStore:
         self._writes: deque[int] = deque()
         self._protected: set[int] = set()
         self._always_resident_bytes = 0
+        self._expected: dict[int, int] = {}
+        self._workspace: dict[int, int] = {}
         self._closed = False
         self._failed = False
         self.stats = {
@@ -125,7 +144,7 @@ class TensorStateStore:
             "backing_bytes": 0,
             "bytes_to_device": 0,
             "bytes_to_backing": 0,
-            "wait_seconds": 0.0,
+            "host_wait_seconds": 0.0,
         }
 
     @property
@@ -138,14 +157,23 @@ class TensorStateStore:
         layout = self._layouts.get(unit)
         if layout is not None:
             return layout.nbytes
-        param = self.params[unit]
-        return expected_state_bytes(self.optimizer, param, id(param) in self._mastered)
+        if unit not in self._expected:
+            param = self.params[unit]
+            self._expected[unit] = expected_state_bytes(self.optimizer, param, id(param) in self._mastered)
+        return self._expected[unit]
+
+    def workspace_bytes(self, unit: int) -> int:
+        """Bytes the optimizer's step over ``unit`` allocates on the device beside its state."""
+        if unit not in self._workspace:
+            param = self.params[unit]
+            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, id(param) in self._mastered)
+        return self._workspace[unit]
 
     def keeps_resident(self) -> bool:
-        """Whether the active units' states fit in the budget together (the keep regime)."""
+        """Whether the active units' states and step workspaces fit in the budget together (the keep regime)."""
         if self.max_resident_bytes is None:
             return True
-        return sum(self.unit_bytes(u) for u in self.active) <= self.max_resident_bytes
+        return sum(self.unit_bytes(u) + self.workspace_bytes(u) for u in self.active) <= self.max_resident_bytes
 
     def set_active(self, units: Sequence[int]) -> None:
         """The units the next steps update, in update order; resident units outside it are written back."""
@@ -189,6 +217,8 @@ class TensorStateStore:
     def acquire(self, unit: int) -> None:
         """Make ``unit``'s state resident in ``optimizer.state``, fetching it now if no prefetch did.
 
+        Its step workspace is reserved until :meth:`release`.
+
         Raises:
             RuntimeError: If the budget cannot hold it next to the states this step still needs.
         """
@@ -197,18 +227,21 @@ class TensorStateStore:
             self._wait(entry.transfer)
             self._drop(unit)
             entry = None
+        needed = self.workspace_bytes(unit) + (self.unit_bytes(unit) if entry is None else 0)
+        if not self._make_room(needed, exclude=unit):
+            raise RuntimeError(
+                f"max_resident_bytes={self.max_resident_bytes} cannot hold the state and step workspace of "
+                f"offloaded tensor {unit} ({self.unit_bytes(unit) + self.workspace_bytes(unit)} bytes) next to the "
+                f"{len(self._entries)} this step still needs"
+            )
         if entry is None:
             layout = self._layouts.get(unit)
-            if not self._make_room(self.unit_bytes(unit), exclude=unit):
-                raise RuntimeError(
-                    f"max_resident_bytes={self.max_resident_bytes} cannot hold the state of offloaded tensor {unit} "
-                    f"({self.unit_bytes(unit)} bytes) next to the {len(self._entries)} this step still needs"
-                )
             if layout is not None and layout.tensors:
                 self._start_fetch(unit, layout)
             else:
                 self._entries[unit] = _Entry([], Transfer(), self.unit_bytes(unit), "fetching")
             entry = self._entries[unit]
+        entry.workspace = self.workspace_bytes(unit)
         if entry.status == "fetching":
             self._wait(entry.transfer)
             layout = self._layouts.get(unit)
@@ -228,6 +261,7 @@ class TensorStateStore:
         """
         entry = self._entries[unit]
         entry.dirty = entry.dirty or written
+        entry.workspace = 0
         entry.nbytes = sum(t.numel() * t.element_size() for t in self._state_tensors(unit))
         self._protected.discard(unit)
         within_budget = self.max_resident_bytes is None or self._entry_bytes() <= self.max_resident_bytes
@@ -238,7 +272,7 @@ class TensorStateStore:
 
     def flush(self) -> None:
         """Wait for every write-back in flight."""
-        while self._finish_oldest_write():
+        while self._finish_oldest_write(holding_only=False):
             pass
 
     def set_always_resident_bytes(self, nbytes: int) -> None:
@@ -344,13 +378,16 @@ class TensorStateStore:
             return
         self._layouts[unit] = layout
         self._entries.pop(unit)
-        self._entries[unit] = _Entry(tensors, self.tier.write(unit, tensors), layout.nbytes, "writing")
+        transfer = self.tier.write(unit, tensors)
+        del tensors  # the tier keeps what its copy still reads; the device memory goes back when it is done
+        self._entries[unit] = _Entry([], transfer, layout.nbytes, "writing")
         self._writes.append(unit)
         self.stats["bytes_to_backing"] += layout.nbytes
         self.stats["backing_bytes"] = self.tier.backing_bytes()
-        self._note_residency()
         if not self.overlap:
-            self._finish_oldest_write()
+            self._wait(transfer)
+            self._drop(unit)
+        self._note_residency()
 
     def _collect(self, unit: int) -> tuple[list[Tensor], _Layout | None]:
         """Pop ``unit``'s state out of ``optimizer.state``."""
@@ -372,7 +409,7 @@ class TensorStateStore:
         if self.max_resident_bytes is None:
             return True
         while self._entry_bytes() + nbytes > self.max_resident_bytes:
-            if self._finish_oldest_write():
+            if self._finish_oldest_write(holding_only=True):
                 continue
             idle = [
                 u
@@ -384,14 +421,18 @@ class TensorStateStore:
             self._evict(idle[0])
         return True
 
-    def _finish_oldest_write(self) -> bool:
-        while self._writes:
-            unit = self._writes.popleft()
+    def _finish_oldest_write(self, holding_only: bool) -> bool:
+        """Wait for the oldest write-back (the oldest still holding device memory, if ``holding_only``)."""
+        for unit in list(self._writes):
             entry = self._entries.get(unit)
-            if entry is not None and entry.status == "writing":
-                self._wait(entry.transfer)
-                self._drop(unit)
-                return True
+            if entry is None or entry.status != "writing":
+                self._writes.remove(unit)
+                continue
+            if holding_only and not entry.held_bytes():
+                continue
+            self._wait(entry.transfer)
+            self._drop(unit)
+            return True
         return False
 
     def _reap(self) -> None:
@@ -415,18 +456,19 @@ class TensorStateStore:
             self._failed = True
             raise
         if start is not None:
-            self.stats["wait_seconds"] += time.perf_counter() - start
+            self.stats["host_wait_seconds"] += time.perf_counter() - start
 
     def _entry_bytes(self) -> int:
-        return sum(entry.nbytes for entry in self._entries.values())
+        return sum(entry.held_bytes() for entry in self._entries.values())
 
     def _note_residency(self) -> None:
         nbytes = self._always_resident_bytes + self._entry_bytes()
+        tensors = sum(1 for entry in self._entries.values() if entry.held_bytes())
         stats = self.stats
         stats["resident_bytes"] = nbytes
-        stats["resident_tensors"] = len(self._entries)
+        stats["resident_tensors"] = tensors
         stats["peak_resident_bytes"] = max(stats["peak_resident_bytes"], nbytes)
-        stats["peak_resident_tensors"] = max(stats["peak_resident_tensors"], len(self._entries))
+        stats["peak_resident_tensors"] = max(stats["peak_resident_tensors"], tensors)
 
     def _resident_spec(self, param: nn.Parameter, key: str, value: Tensor) -> TensorSpec:
         """Dtype and device a checkpointed state tensor takes when resident, following torch's loading policy.

@@ -20,7 +20,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Size in bytes."""
-        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return _numel(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorSpec:
@@ -29,15 +29,25 @@ class TensorSpec:
 
 
 class Transfer:
-    """A copy in flight. ``wait()`` blocks until it is done; ``done()`` asks without blocking."""
+    """A copy in flight. ``wait()`` blocks until it is done; ``done()`` asks without blocking.
 
-    def __init__(self, wait: Callable[[], None] | None = None, done: Callable[[], bool] | None = None) -> None:
-        self._wait, self._done = wait, done
+    ``released()`` says whether the memory the copy reads from may be reused, which can come before the copy is
+    done: a disk write that staged device tensors on the host no longer needs them. It is ``done()`` unless the
+    tier says otherwise.
+    """
+
+    def __init__(
+        self,
+        wait: Callable[[], None] | None = None,
+        done: Callable[[], bool] | None = None,
+        released: Callable[[], bool] | None = None,
+    ) -> None:
+        self._wait, self._done, self._released = wait, done, released
 
     @classmethod
-    def from_future(cls, future: Future) -> Transfer:
+    def from_future(cls, future: Future, released: Callable[[], bool] | None = None) -> Transfer:
         """A transfer run by a background thread; its exceptions surface in ``wait()``."""
-        return cls(wait=future.result, done=future.done)
+        return cls(wait=future.result, done=future.done, released=released)
 
     def wait(self) -> None:
         """Block until the copy is complete."""
@@ -47,6 +57,10 @@ class Transfer:
     def done(self) -> bool:
         """Whether the copy is complete."""
         return True if self._done is None else self._done()
+
+    def released(self) -> bool:
+        """Whether the source tensors' memory may be reused."""
+        return self.done() if self._released is None else self._released()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -28,6 +28,7 @@ from lightning_grass.offload import (
     HostTier,
     OffloadedOptimizer,
     TensorStateStore,
+    device_bytes_while_stepped,
     expected_state_bytes,
     needs_master,
 )
@@ -116,10 +117,12 @@ class LayerwiseOffloadMixin:
         """Residency and transfer counters of the offload tier (kept after fit); empty when nothing is offloaded.
 
         Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state and masters on the device:
-        offloaded tensors being fetched, resident or written back, plus the always-resident ones),
+        offloaded tensors being fetched, resident, stepped (with the step's master gradient and temporaries)
+        or written back, plus the always-resident ones' states),
         ``resident_tensors`` and ``peak_resident_tensors`` (offloaded tensors holding device memory),
-        ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing``, and ``wait_seconds`` (time the step
-        blocked on transfers).
+        ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing``, and ``host_wait_seconds`` (time the host
+        blocked on transfers: write-backs, and fetches on the CPU and from disk; on CUDA a fetch makes the
+        compute stream wait on the device, which is not in it).
         """
         return dict(self._stats)
 
@@ -234,12 +237,12 @@ class LayerwiseOffloadMixin:
                         units.append(p)
         mastered = {id(p) for p in masters}
         sizes = [expected_state_bytes(optimizer, p, id(p) in mastered) for p in units]
-        self._check_budget(units, sizes)
+        self._check_budget(units, [device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in units])
         if self.offload_tier == "disk":
             tier = DiskTier(self.offload_dir)
             _check_free_space(tier.directory, sum(sizes))
         else:
-            tier = HostTier(self.root_device)
+            tier = HostTier(self.root_device, sizes)
         budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
         rank_zero_info(
             f"{type(self).__name__}: optimizer states of {len(units)} tensors offloaded to {self.offload_tier!r} "
@@ -249,16 +252,17 @@ class LayerwiseOffloadMixin:
         return TensorStateStore(optimizer, units, tier, self.max_resident_bytes, masters, self.overlap)
 
     def _check_budget(self, units: list[nn.Parameter], sizes: list[int]) -> None:
-        """Refuse a budget that cannot hold the largest offloaded tensor's state, before any step."""
+        """Refuse a budget that cannot hold the largest offloaded tensor while it is stepped, before any step."""
         if self.max_resident_bytes is None or not units or max(sizes) <= self.max_resident_bytes:
             return
         largest = max(range(len(units)), key=sizes.__getitem__)
         names = {id(p): name for name, p in self.lightning_module.named_parameters()}
         raise SettingValueError(
-            f"max_resident_bytes={format_bytes(self.max_resident_bytes)} cannot hold the optimizer state of "
-            f"{names.get(id(units[largest]), 'an offloaded tensor')} ({format_bytes(sizes[largest])}, fp32 master "
-            f"included if it has one); raise it to at least {format_bytes(sizes[largest])}, or to twice that so "
-            "that the next tensor's fetch overlaps the update"
+            f"max_resident_bytes={format_bytes(self.max_resident_bytes)} cannot hold "
+            f"{names.get(id(units[largest]), 'an offloaded tensor')} while it is stepped "
+            f"({format_bytes(sizes[largest])}: its optimizer state and step counter, its fp32 master and master "
+            "gradient if it has one, and the optimizer's temporaries); raise it to at least "
+            f"{format_bytes(sizes[largest])}, or to twice that so that the next tensor's fetch overlaps the update"
         )
 
     def _close_store(self) -> None:

@@ -7,7 +7,14 @@ import torch
 from conftest import VOCAB, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from lightning_grass.offload import MASTER_KEY, DiskTier, HostTier, OffloadedOptimizer, TensorStateStore
+from lightning_grass.offload import (
+    MASTER_KEY,
+    DiskTier,
+    HostTier,
+    OffloadedOptimizer,
+    TensorStateStore,
+    device_bytes_while_stepped,
+)
 
 # Active layers per step: several resamples, layers leaving and coming back.
 SCHEDULE = [[0, 1], [1, 3], [2], [0, 3], [3, 2], [1, 0], [0, 1], [2, 3]]
@@ -47,8 +54,10 @@ def wrap(model, optimizer, kind, tmp_path, max_resident_bytes=None, masters=(), 
     return OffloadedOptimizer(optimizer, store, masters)
 
 
-def largest_state_bytes(model, per_element=8):
-    return max(p.numel() for p in layer_params(model)) * per_element + 4
+def largest_stepped_bytes(model, optimizer, masters=()):
+    """What the budget must hold for the largest layer tensor while it is stepped (state and step workspace)."""
+    mastered = {id(p) for p in masters}
+    return max(device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in layer_params(model))
 
 
 def train(model, optimizer, schedule, scheduler=None, seed=1):
@@ -87,8 +96,9 @@ def assert_same_weights(expected, actual):
 def test_offloaded_step_is_bit_identical(base_model, tmp_path, name, tier, budget):
     reference, model = copy.deepcopy(base_model), copy.deepcopy(base_model)
     plain = OPTIMIZERS[name](reference.parameters())
-    max_resident = None if budget == "none" else 2 * largest_state_bytes(model)
-    offloaded = wrap(model, OPTIMIZERS[name](model.parameters()), tier, tmp_path, max_resident)
+    inner = OPTIMIZERS[name](model.parameters())
+    max_resident = None if budget == "none" else 2 * largest_stepped_bytes(model, inner)
+    offloaded = wrap(model, inner, tier, tmp_path, max_resident)
     train(reference, plain, SCHEDULE)
     train(model, offloaded, SCHEDULE)
 
@@ -121,8 +131,9 @@ def watch_entry_bytes(store):
 @pytest.mark.parametrize("tensors", [1, 2, 3])
 def test_the_budget_holds_at_every_moment_transfers_included(base_model, tmp_path, tensors):
     model = copy.deepcopy(base_model)
-    budget = tensors * largest_state_bytes(model)
-    offloaded = wrap(model, torch.optim.AdamW(model.parameters()), "disk", tmp_path, budget)
+    inner = torch.optim.AdamW(model.parameters())
+    budget = tensors * largest_stepped_bytes(model, inner)
+    offloaded = wrap(model, inner, "disk", tmp_path, budget)
     seen = watch_entry_bytes(offloaded.store)
     train(model, offloaded, [[0, 1, 2, 3]] * 3)
 
@@ -134,22 +145,25 @@ def test_the_budget_holds_at_every_moment_transfers_included(base_model, tmp_pat
 
 def test_a_budget_that_holds_the_active_set_moves_states_only_when_it_changes(base_model, tmp_path):
     model = copy.deepcopy(base_model)
+    inner = torch.optim.AdamW(model.parameters())
     per_layer = sum(8 * p.numel() + 4 for p in model.model.layers[0].parameters())
-    offloaded = wrap(model, torch.optim.AdamW(model.parameters()), "cpu", tmp_path, 2 * per_layer)
+    # The budget holds two layers while they are stepped: states, and the for-loop AdamW's two temporaries.
+    stepped = sum(device_bytes_while_stepped(inner, p, False) for p in model.model.layers[0].parameters())
+    offloaded = wrap(model, inner, "cpu", tmp_path, 2 * stepped)
     train(model, offloaded, [[0, 1]] * 3 + [[2, 3]] * 3 + [[0, 1]] * 3 + [[1, 2]] * 2)
     stats = offloaded.store.stats
     # Fetched: layers 0 and 1 when they come back in the third window, layer 2 in the fourth; layer 1 stays
     # resident from the third window into the fourth. Written back: 0 and 1, then 2 and 3, then 0.
     assert stats["bytes_to_device"] == 3 * per_layer
     assert stats["bytes_to_backing"] == 5 * per_layer
-    assert stats["peak_resident_bytes"] <= 2 * per_layer
+    assert stats["peak_resident_bytes"] <= 2 * stepped
 
 
 def test_without_overlap_nothing_is_prefetched_and_every_write_finishes_at_once(base_model, tmp_path):
     reference, model = copy.deepcopy(base_model), copy.deepcopy(base_model)
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    budget = 3 * largest_state_bytes(model)
-    offloaded = wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2), "disk", tmp_path, budget, overlap=False)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    offloaded = wrap(model, inner, "disk", tmp_path, 3 * largest_stepped_bytes(model, inner), overlap=False)
     train(reference, plain, SCHEDULE)
     seen = []
     store = offloaded.store

@@ -22,7 +22,9 @@ def test_round_trip_is_bit_exact_for_every_dtype(tmp_path, make_tier):
     transfer.wait()
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(read, TENSORS, strict=True))
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(read, TENSORS, strict=True))
-    assert tier.backing_bytes() == 15 * 4 + 7 * 2 + 4 + 6 * 8
+    # The host tier aligns each tensor to its element size: 2 bytes of padding after the 7 bf16 values.
+    padding = 2 if isinstance(tier, HostTier) else 0
+    assert tier.backing_bytes() == 15 * 4 + 7 * 2 + padding + 4 + 6 * 8
     assert all(torch.equal(a, b) for a, b in zip(tier.read_to_cpu(3), TENSORS, strict=True))
     tier.close()
 
@@ -43,3 +45,32 @@ def test_unwritable_offload_dir_is_refused_with_the_path(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match=rf"offload_dir='{blocker / 'sub'}' is not a writable directory"):
         DiskTier(blocker / "sub")
+
+
+def test_the_host_tier_holds_every_state_in_one_buffer_sized_up_front(monkeypatch):
+    states = {
+        0: [torch.randn(3, 5), torch.randn(3, 5), torch.tensor(1.0)],
+        1: [torch.randn(4), torch.randn(4), torch.tensor(2.0)],
+    }
+    sizes = [sum(t.numel() * t.element_size() for t in tensors) for tensors in states.values()]
+    tier = HostTier(torch.device("cpu"), sizes)
+    assert tier.backing_bytes() == sum(sizes) == 124 + 36
+
+    def no_allocation(nbytes):
+        raise AssertionError(f"a write-back allocated {nbytes} bytes")
+
+    monkeypatch.setattr(tier, "_allocate", no_allocation)
+    for _ in range(2):
+        for unit, tensors in states.items():
+            tier.write(unit, tensors).wait()
+    assert tier.backing_bytes() == sum(sizes)
+    for unit, tensors in states.items():
+        assert all(torch.equal(a, b) for a, b in zip(tier.read_to_cpu(unit), tensors, strict=True))
+    monkeypatch.undo()
+    # A unit outside the known sizes, or a state larger than its region, gets a buffer of its own.
+    tier.write(2, [torch.randn(3)]).wait()
+    tier.write(1, [torch.randn(8), torch.randn(8), torch.tensor(3.0)]).wait()
+    assert tier.backing_bytes() == sum(sizes) + 12 + 68
+    assert all(torch.equal(a, b) for a, b in zip(tier.read_to_cpu(0), states[0], strict=True))
+    tier.close()
+    assert tier.backing_bytes() == 0

@@ -127,8 +127,9 @@ def test_a_budget_smaller_than_one_tensor_is_refused_before_training():
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(
         ValueError,
-        match=r"max_resident_bytes=1000 B cannot hold the optimizer state of model\.model\.layers\.0\.mlp\.gate_proj"
-        r"\.weight \(16\.00 KiB, .*raise it to at least 16\.00 KiB, or to twice that",
+        match=r"max_resident_bytes=1000 B cannot hold model\.model\.layers\.0\.mlp\.gate_proj\.weight while it is "
+        r"stepped \(32\.00 KiB: its optimizer state and step counter, .* and the optimizer's temporaries\); raise it "
+        r"to at least 32\.00 KiB, or to twice that",
     ):
         fit(GRASSStrategy(offload="cpu", max_resident_bytes=1000), module=module)
     assert all(torch.equal(before[name], p) for name, p in module.state_dict().items())
@@ -145,6 +146,7 @@ def test_active_layers_stay_resident_for_their_window_and_move_only_at_resamples
     stats = trainer.strategy.offload_stats
     assert len(windows) == 6 and fetched > 0, "some layers came back after a window away"
     assert stats["bytes_to_device"] == fetched * LAYER_STATE_BYTES
+    assert stats["backing_bytes"] == 4 * LAYER_STATE_BYTES, "one host buffer, sized up front for every layer"
 
 
 def test_offload_always_on_moves_embedding_and_head_states_off_the_device(tmp_path):
