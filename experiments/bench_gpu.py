@@ -1,10 +1,13 @@
-"""GRASSStrategy on one GPU: peak memory, step time, and what overlapping the transfers buys.
+"""GRASSStrategy and GRASSFSDPStrategy on one GPU: peak memory, step time, and what overlapping the transfers buys.
 
 A TinyLlama-shaped Llama (1.1B parameters, random weights) trains a few steps per configuration, each in a
-fresh process: full fine-tuning, LISA, and GRASS with optimizer states resident (offload none), in pinned host
-memory for the active layers' window (offload cpu), and streamed per tensor under a byte budget with the
-transfers overlapped or synchronous; in fp32 and in bf16 on fp32 master weights. It writes
-``experiments/results/gpu/results.md`` (or ``--out``).
+fresh process with a timeout: full fine-tuning, LISA, and GRASS with optimizer states resident (offload none),
+in pinned host memory for the active layers' window (offload cpu), and streamed per tensor under a byte budget
+with the transfers overlapped or synchronous; in fp32 and in bf16 on fp32 master weights. Then LISA under
+``grass_fsdp`` on one rank (NCCL), with its state shards resident and in host memory, through a sharded
+checkpoint and a resume. It writes ``experiments/results/gpu/results.md`` (or ``--out``), created before the
+first run and replaced (atomically) after each: a run that fails, or passes its timeout, is a ``failed: ...``
+row and the others still run. The exit status is 0 only if every configuration passed.
 
     python experiments/bench_gpu.py                    # on a GPU machine (experiments/gpu_check.sh runs it)
     python experiments/bench_gpu.py --smoke --out DIR  # the same code path on the CPU, at tiny size
@@ -14,9 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from offload_runs import ModelShape, Run, measure
+from offload_runs import DEFAULT_TIMEOUT_S, ModelShape, Run, measure
+
+from lightning_grass.atomic_files import write_text_atomically
+from lightning_grass.byte_size import format_bytes
 
 RESULTS = Path(__file__).parent / "results" / "gpu"
 
@@ -26,10 +35,14 @@ GPU_SHAPE = ModelShape(
 )
 SMOKE_SHAPE = ModelShape(layers=4, hidden=64, intermediate=176, heads=4, vocab=256, seq_len=32, batch_size=2, steps=8)
 
+#: The two runs whose step times give the overlap ratio: (overlapped, synchronous).
+OVERLAP_PAIR = ("grass_stream_bf16", "grass_stream_sync_bf16")
 
-def runs(shape: ModelShape) -> list[Run]:
-    """The configurations; the budget holds two of the largest block tensors' states and masters."""
-    budget = 2 * 12 * shape.hidden * shape.intermediate
+
+def runs() -> list[Run]:
+    """The configurations; a streamed run's budget holds two of the largest block tensors while stepped."""
+    stream = dict(sampler="grass", offload="cpu", budget_tensors=2, precision="bf16-true")
+    fsdp = dict(sampler="lisa", sample_every=2, strategy="grass_fsdp")
     return [
         Run("full_fp32", "full"),
         Run("full_bf16", "full", precision="bf16-true"),
@@ -37,54 +50,69 @@ def runs(shape: ModelShape) -> list[Run]:
         Run("grass_none_bf16", "grass", offload="none", precision="bf16-true"),
         Run("grass_cpu_bf16", "grass", offload="cpu", precision="bf16-true"),
         Run("grass_cpu_fp32", "grass", offload="cpu"),
-        Run("grass_stream_bf16", "grass", offload="cpu", max_resident_bytes=budget, precision="bf16-true"),
-        Run("grass_stream_sync_bf16", "grass", "cpu", budget, overlap=False, precision="bf16-true"),
+        Run(OVERLAP_PAIR[0], **stream),
+        Run(OVERLAP_PAIR[1], overlap=False, **stream),
+        Run("fsdp_none_fp32", offload="none", **fsdp),
+        Run("fsdp_cpu_fp32", offload="cpu", **fsdp),
     ]
 
 
-def report(shape: ModelShape, configurations: list[Run], results: dict[str, list[dict]], command: str) -> str:
-    """The markdown report of one benchmark."""
+def report(
+    shape: ModelShape,
+    configurations: list[Run],
+    results: dict[str, list[dict[str, Any]]],
+    command: str,
+    cuda_tests: str,
+) -> str:
+    """The markdown report of one benchmark, from whichever runs have finished (failed ones included).
+
+    Args:
+        shape: The model and batch the runs train.
+        configurations: Every configuration, in table order.
+        results: The records so far, by run name (see ``offload_runs.measure``); a run without one is pending.
+        command: The command line, for the report.
+        cuda_tests: The CUDA tests' outcome, for the report.
+
+    Returns:
+        The report.
+    """
     warmup = max(run.probe_steps for run in configurations) + 2
-    gib = 2**30
-    rows = []
-    step = {}
-    for run in configurations:
-        result = results[run.name][-1]
-        step[run.name] = statistics.median(result["step_seconds"][warmup:])
-        stats = result["stats"]
-        if stats:
-            offloaded = (
-                f"{stats['peak_resident_bytes'] / gib:.3f} | {stats['bytes_to_device'] / shape.steps / 2**20:.0f} "
-                f"| {stats['wait_seconds'] / shape.steps * 1e3:.1f}"
-            )
-        else:
-            offloaded = "- | - | -"
-        tokens = shape.batch_size * shape.seq_len / step[run.name]
-        rows.append(
-            f"| {run.name} | {run.describe()} | {result['peak_memory_bytes'] / gib:.2f} | {step[run.name] * 1e3:.0f} "
-            f"| {tokens:,.0f} | {offloaded} |"
-        )
-    overlap = step["grass_stream_sync_bf16"] / step["grass_stream_bf16"]
-    result = results[configurations[0].name][-1]
+    records = {run.name: results[run.name][-1] for run in configurations if results.get(run.name)}
+    step = {
+        name: statistics.median(record["step_seconds"][warmup:])
+        for name, record in records.items()
+        if record["failed"] is None
+    }
+    rows = [_row(shape, run, records.get(run.name), step.get(run.name)) for run in configurations]
+    devices = [record["device"] for record in records.values() if record["failed"] is None]
     return "\n".join(
         [
-            "# GRASSStrategy on one GPU",
+            "# GRASSStrategy and GRASSFSDPStrategy on one GPU",
             "",
-            f"Device: {result['device']}. Model: Llama, {shape.layers} layers, hidden {shape.hidden}, "
-            f"intermediate {shape.intermediate}, vocab {shape.vocab}, {result['params'] / 1e9:.2f}B parameters, "
-            f"random weights; AdamW; batch {shape.batch_size} x {shape.seq_len} tokens; {shape.steps} steps, "
-            f"step time the median after the first {warmup}. Each configuration is a fresh process.",
+            f"Device: {devices[0] if devices else 'not known yet (no run has passed)'}. Model: Llama, "
+            f"{shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, vocab {shape.vocab}, "
+            f"{shape.parameters() / 1e9:.2f}B parameters, random weights; AdamW; batch {shape.batch_size} x "
+            f"{shape.seq_len} tokens; {shape.steps} steps, step time the median after the first {warmup}. Each "
+            "configuration is a fresh process with a timeout.",
             "",
-            "| run | settings | peak memory (GiB) | median step (ms) | tokens/s | offloaded state on the device at "
-            "peak (GiB) | MiB fetched per step | ms waited per step |",
-            "|---|---|---|---|---|---|---|---|",
+            f"CUDA tests (`pytest -m cuda tests/strategies tests/offload`): {cuda_tests}.",
+            "",
+            "| run | settings | status | budget | peak memory (GiB) | median step (ms) | tokens/s | offloaded state "
+            "on the device at peak (GiB) | MiB fetched per step | ms the host waited per step | run time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's peak RSS on the CPU. The "
-            "last three columns exist where GRASSStrategy offloads (offload cpu).",
+            "Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's peak RSS on the CPU. A "
+            "budget of N tensors is N times what the largest block tensor needs on the device while it is stepped "
+            "(moments, step counter, fp32 master, master gradient, the optimizer's temporaries), computed in the "
+            "run's process with `device_bytes_while_stepped`. The offload columns exist where the strategy "
+            "offloads; the host's wait leaves out, on CUDA, a fetch's stall on the device. The `fsdp_` runs train "
+            f"under `grass_fsdp` on one rank, save a sharded checkpoint at step {shape.steps} and resume from it in "
+            "a second Trainer: their peak memory spans the fit, the save and the resume (offload none against cpu "
+            "shows whether the state shards stay off the device), their step figures are the first fit's, and "
+            "grass_fsdp counts the bytes it moves but not its peak state or its wait.",
             "",
-            f"Overlapped against synchronous transfers, per-tensor streaming in bf16: {overlap:.3f}x the throughput "
-            "(the paper reports 1.08x).",
+            _overlap_line(configurations, records, step),
             "",
             f"Command: `{command}`",
             "",
@@ -92,23 +120,94 @@ def report(shape: ModelShape, configurations: list[Run], results: dict[str, list
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Run every configuration and write the report; return its path."""
+def _row(shape: ModelShape, run: Run, record: dict[str, Any] | None, step: float | None) -> str:
+    if record is None:
+        return f"| {run.name} | {run.describe()} | not run yet |" + " - |" * 8
+    wall = f"{record['wall_seconds']:.0f}"
+    if record["failed"] is not None:
+        failed = record["failed"].replace("|", "\\|")
+        return f"| {run.name} | {run.describe()} | failed: {failed} |" + " - |" * 7 + f" {wall} |"
+    status = "passed"
+    if run.strategy == "grass_fsdp":
+        status += (
+            f"; checkpoint saved at step {record['saved_at_step']}, resumed at step {record['resumed_at_step']}, "
+            f"trained to step {record['final_step']}"
+        )
+    budget = "-" if record["max_resident_bytes"] is None else format_bytes(record["max_resident_bytes"])
+    stats = record["stats"]
+    offloaded = [
+        _stat(stats, "peak_resident_bytes", 2**30, ".3f"),
+        _stat(stats, "bytes_to_device", shape.steps * 2**20, ".0f"),
+        _stat(stats, "host_wait_seconds", shape.steps / 1e3, ".1f"),
+    ]
+    tokens = shape.batch_size * shape.seq_len / step
+    figures = [f"{record['peak_memory_bytes'] / 2**30:.2f}", f"{step * 1e3:.0f}", f"{tokens:,.0f}", *offloaded]
+    return f"| {run.name} | {run.describe()} | {status} | {budget} | {' | '.join(figures)} | {wall} |"
+
+
+def _stat(stats: dict[str, float], key: str, divisor: float, spec: str) -> str:
+    return format(stats[key] / divisor, spec) if key in stats else "-"
+
+
+def _overlap_line(configurations: list[Run], records: dict[str, dict[str, Any]], step: dict[str, float]) -> str:
+    head = "Overlapped against synchronous transfers, per-tensor streaming in bf16:"
+    overlapped, synchronous = OVERLAP_PAIR
+    if overlapped in step and synchronous in step:
+        return f"{head} {step[synchronous] / step[overlapped]:.3f}x the throughput (the paper reports 1.08x)."
+    configured = {run.name for run in configurations}
+    reasons = []
+    for name in OVERLAP_PAIR:
+        if name not in configured:
+            reasons.append(f"{name} is not configured")
+        elif name not in records:
+            reasons.append(f"{name} has not run yet")
+        elif name not in step:
+            reasons.append(f"{name} failed")
+    return f"{head} not measured: {' and '.join(reasons)}."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration, rewriting the report after each; return 0 if every one passed, else 1."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the code path, not a measurement")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for results.md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for results.md (created first)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds one configuration may run (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="seconds for every configuration together; none by default"
+    )
+    parser.add_argument("--cuda-tests", default="not run by this command", help="the CUDA tests' outcome, reported")
     args = parser.parse_args(argv)
-    shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
-    configurations = runs(shape)
-    results = measure(shape, configurations, accelerator="cpu" if args.smoke else "gpu")
-    command = "python experiments/bench_gpu.py" + (" --smoke" if args.smoke else "")
-    text = report(shape, configurations, results, command)
+    start = time.monotonic()
+    deadline = None if args.time_limit is None else start + args.time_limit
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.md"
-    path.write_text(text)
-    print(text)
-    return path
+    shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
+    configurations = runs()
+    command = "python experiments/bench_gpu.py" + (" --smoke" if args.smoke else "")
+
+    def write(results: dict[str, list[dict[str, Any]]]) -> None:
+        write_text_atomically(path, report(shape, configurations, results, command, args.cuda_tests))
+
+    def on_result(run: Run, results: dict[str, list[dict[str, Any]]]) -> None:
+        record = results[run.name][-1]
+        outcome = "passed" if record["failed"] is None else f"failed: {record['failed']}"
+        print(f"time: {run.name} {record['wall_seconds']:.0f} s, {outcome}", flush=True)
+        write(results)
+
+    write({})
+    accelerator = "cpu" if args.smoke else "gpu"
+    results = measure(
+        shape, configurations, accelerator, timeout_s=args.timeout, deadline=deadline, on_result=on_result
+    )
+    print(path.read_text())
+    print(f"time: benchmark {time.monotonic() - start:.0f} s", flush=True)
+    return 0 if all(records[-1]["failed"] is None for records in results.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

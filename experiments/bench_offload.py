@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=4, help="steps dropped from the step-time median")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -51,35 +52,44 @@ def main() -> None:
         batch_size=1,
         steps=args.steps,
     )
-    budget = 2 * 12 * shape.hidden * shape.intermediate  # two of the largest tensors' moments and masters
+    # The budget holds two of the largest block tensors while stepped: states, masters and the step's workspace.
     lisa = dict(sampler="lisa", sample_every=1)
     runs = [
         Run("none", offload="none", **lisa),
         Run("disk", offload="disk", **lisa),
-        Run("disk_budget", offload="disk", max_resident_bytes=budget, **lisa),
+        Run("disk_budget", offload="disk", budget_tensors=2, **lisa),
         Run("none_bf16", offload="none", precision="bf16-true", **lisa),
-        Run("disk_budget_bf16", offload="disk", max_resident_bytes=budget, precision="bf16-true", **lisa),
+        Run("disk_budget_bf16", offload="disk", budget_tensors=2, precision="bf16-true", **lisa),
     ]
-    results = measure(shape, runs, accelerator="cpu", repeats=args.repeats)
+    results = measure(shape, runs, accelerator="cpu", repeats=args.repeats, timeout_s=args.timeout)
 
     gib = 2**30
-    peak = {r.name: statistics.median(x["peak_memory_bytes"] for x in results[r.name]) for r in runs}
+    passed = {r.name: [x for x in results[r.name] if x["failed"] is None] for r in runs}
+    peak = {name: statistics.median(x["peak_memory_bytes"] for x in xs) for name, xs in passed.items() if xs}
     step = {
-        r.name: statistics.median(s for x in results[r.name] for s in x["step_seconds"][args.warmup :]) for r in runs
+        name: statistics.median(s for x in xs for s in x["step_seconds"][args.warmup :])
+        for name, xs in passed.items()
+        if xs
     }
     params = shape.parameters()
     rows = []
     for run in runs:
+        if run.name not in peak:
+            failed = results[run.name][-1]["failed"].replace("|", "\\|")
+            rows.append(f"| {run.name} | {run.describe()} | failed: {failed} | - | - | - | - | - |")
+            continue
         reference = "none_bf16" if run.precision == "bf16-true" else "none"
-        stats = results[run.name][-1]["stats"]
+        peak_ratio = f"{peak[run.name] / peak[reference]:.3f}" if reference in peak else "-"
+        step_ratio = f"{step[run.name] / step[reference]:.3f}" if reference in step else "-"
+        stats = passed[run.name][-1]["stats"]
         mib = args.steps * 2**20
         moved = "- | -"
         if stats:
             read, written = stats["bytes_to_device"] / mib, stats["bytes_to_backing"] / mib
-            moved = f"{read:.0f} / {written:.0f} | {stats['wait_seconds'] / args.steps * 1e3:.0f}"
+            moved = f"{read:.0f} / {written:.0f} | {stats['host_wait_seconds'] / args.steps * 1e3:.0f}"
         rows.append(
-            f"| {run.name} | {run.describe()} | {peak[run.name] / gib:.2f} | {peak[run.name] / peak[reference]:.3f} "
-            f"| {step[run.name]:.3f} | {step[run.name] / step[reference]:.3f} | {moved} |"
+            f"| {run.name} | {run.describe()} | {peak[run.name] / gib:.2f} | {peak_ratio} "
+            f"| {step[run.name]:.3f} | {step_ratio} | {moved} |"
         )
     flags = " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "output")
     lines = [
@@ -92,10 +102,11 @@ def main() -> None:
         "embeddings, head and final norm stay resident.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU. {args.repeats} runs per configuration, each a "
         f"fresh process, ABBA order; step time is the median over steps {args.warmup + 1} to {args.steps} of all "
-        "runs. Ratios are to `none` in the same precision, measured in the same invocation.",
+        "runs. Ratios are to `none` in the same precision, measured in the same invocation. A run that failed "
+        "every time is a `failed: ...` row (its last error line).",
         "",
         "| run | settings | peak RSS (GiB) | RSS ratio | median step (s) | step-time ratio | MiB read / written "
-        "per step | ms waited per step |",
+        "per step | ms the host waited per step |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",

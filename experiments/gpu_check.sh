@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# The one-call GPU check: the CUDA tests, then the GPU benchmark, which writes experiments/results/gpu/results.md.
+# The one-call GPU check, within 8 minutes: the CUDA tests, then the GPU benchmark, which writes
+# experiments/results/gpu/results.md (or DIR/results.md), rewritten after each configuration.
 #   bash experiments/gpu_check.sh                      # on a machine with a GPU, from anywhere in the repository
+#   bash experiments/gpu_check.sh --out DIR            # the same, results to DIR
 #   bash experiments/gpu_check.sh --smoke --out DIR    # the benchmark's code path on the CPU at tiny size, no tests
+# A failing or hanging part does not stop the others: the tests' outcome goes to DIR/cuda_tests.txt and into
+# results.md, a failed configuration is a row of its own. The exit status is 0 only if the tests and every
+# configuration passed, 1 otherwise, 2 for bad arguments. It prints how long each part took.
 # It uses .venv/bin/python when there is one, else python3 with the checkout on PYTHONPATH (a machine whose
 # image already has torch, lightning and transformers). PYTHON=... picks another interpreter.
 set -euo pipefail
+limit_s=480        # the whole check
+tests_limit_s=240  # the CUDA tests
+run_limit_s=150    # one benchmark configuration
+margin_s=20        # the benchmark's start-up (imports) and its last report
+start=$SECONDS
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 if [ -z "${PYTHON:-}" ]; then
@@ -20,8 +30,27 @@ while [ $# -gt 0 ]; do
         *) echo "error: unknown argument $1; use --smoke and --out DIR" >&2; exit 2 ;;
     esac
 done
+mkdir -p "$out"
+tests_status=0
 if [ ${#smoke[@]} -eq 0 ]; then
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-    "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/strategies tests/offload
+    tests_start=$SECONDS
+    timeout -k 10 "$tests_limit_s" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/strategies tests/offload \
+        2>&1 | tee "$out/cuda_tests.txt" || tests_status=$?
+    if [ "$tests_status" -eq 124 ] || [ "$tests_status" -eq 137 ]; then
+        summary="timed out after $tests_limit_s s"
+    else
+        last="$(grep -v '^[[:space:]]*$' "$out/cuda_tests.txt" | tail -n 1 || true)"
+        summary="$(echo "$last" | sed 's/=//g; s/^ *//; s/ *$//')"
+    fi
+    cuda_tests="exit status $tests_status, $summary"
+    echo "exit status: $tests_status" >> "$out/cuda_tests.txt"
+    echo "time: CUDA tests $((SECONDS - tests_start)) s, $cuda_tests"
+else
+    cuda_tests="not run (--smoke)"
 fi
-"$PYTHON" experiments/bench_gpu.py "${smoke[@]}" --out "$out"
+bench_status=0
+"$PYTHON" experiments/bench_gpu.py "${smoke[@]}" --out "$out" --timeout "$run_limit_s" \
+    --time-limit "$((limit_s - (SECONDS - start) - margin_s))" --cuda-tests "$cuda_tests" || bench_status=$?
+echo "time: total $((SECONDS - start)) s; CUDA tests exit status $tests_status, benchmark exit status $bench_status"
+if [ "$tests_status" -ne 0 ] || [ "$bench_status" -ne 0 ]; then exit 1; fi

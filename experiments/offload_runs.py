@@ -1,26 +1,50 @@
 """One training configuration per fresh process, measured: what bench_offload.py and bench_gpu.py share.
 
 A run builds a Llama from a config (random weights: memory and speed do not depend on them), trains it for a
-few steps under ``GRASSStrategy`` with the run's sampler, offload tier, budget, overlap and precision, and
-prints its measurements as JSON on its last line of output. Each run is its own process, so its peak memory
-(``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU) is its own.
+few steps with the run's sampler, offload tier, budget, overlap and precision, and prints its measurements as
+JSON on its last line of output. It trains under ``GRASSStrategy`` on one device, or under ``GRASSFSDPStrategy``
+on one rank, where it also saves a sharded checkpoint at its last step and resumes from it. Each run is its own
+process, so its peak memory (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU)
+is its own, and a run that fails or hangs costs only its own row.
 
     python experiments/offload_runs.py '{"shape": {...}, "run": {...}, "accelerator": "cpu"}'
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy
 from lightning_grass.byte_size import format_bytes
+from lightning_grass.offload import device_bytes_while_stepped, needs_master
+
+#: Seconds one run may take before it is killed: a TinyLlama-sized run takes well under a minute on an H200.
+DEFAULT_TIMEOUT_S = 150.0
+#: A run is not started with less time than this left before the deadline: importing torch, Lightning and
+#: transformers and building the model take about half of it.
+MIN_START_S = 30.0
+#: The strategies a run can train under.
+STRATEGIES = ("grass", "grass_fsdp")
+#: AdamW's settings, in the module's optimizer and in the budget's arithmetic alike.
+LR, WEIGHT_DECAY = 1e-5, 0.01
 
 
 @dataclass(frozen=True)
@@ -44,134 +68,341 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Run:
-    """One configuration: what trains, where its optimizer state lives, and in which precision."""
+    """One configuration: what trains, under which strategy, where its optimizer state lives, in which precision.
+
+    Attributes:
+        name: The run's row in a table.
+        sampler: ``"full"`` (every layer), ``"lisa"`` or ``"grass"``.
+        offload: The strategy's ``offload`` tier.
+        max_resident_bytes: An explicit budget for the offloaded states on the device.
+        budget_tensors: A budget that holds this many of the largest block tensors while they are stepped
+            (state, step counter, fp32 master, master gradient and the optimizer's temporaries), computed in the
+            training process with ``device_bytes_while_stepped`` from the model and optimizer it built. At most
+            one of the two budgets; neither means no budget.
+        overlap: The strategy's ``overlap`` (transfers on a second stream).
+        precision: The Trainer's precision.
+        n_active: Layers the sampler trains at a time.
+        sample_every: Steps between draws.
+        probe_steps: GRASS's probing steps before its first draw.
+        strategy: ``"grass"`` (``GRASSStrategy`` on one device) or ``"grass_fsdp"`` (``GRASSFSDPStrategy`` on one
+            rank: NCCL on a GPU, gloo on the CPU), which fits, saves a sharded checkpoint at its last step and
+            resumes from it in a second Trainer.
+        resume_steps: ``"grass_fsdp"`` only: the steps trained after resuming.
+    """
 
     name: str
-    sampler: str  # "full" (every layer), "lisa" or "grass"
+    sampler: str
     offload: str = "none"
     max_resident_bytes: int | None = None
+    budget_tensors: int | None = None
     overlap: bool = True
     precision: str = "32-true"
     n_active: int = 2
     sample_every: int = 5
     probe_steps: int = 3
+    strategy: str = "grass"
+    resume_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Run {self.name!r}: strategy={self.strategy!r} is not one of {STRATEGIES}")
+        if self.max_resident_bytes is not None and self.budget_tensors is not None:
+            raise ValueError(
+                f"Run {self.name!r}: max_resident_bytes={self.max_resident_bytes} and budget_tensors="
+                f"{self.budget_tensors} are two budgets; give one"
+            )
+        if self.strategy == "grass_fsdp" and (self.max_resident_bytes, self.budget_tensors) != (None, None):
+            raise ValueError(
+                f"Run {self.name!r}: grass_fsdp offers no budget; drop max_resident_bytes and budget_tensors"
+            )
 
     def describe(self) -> str:
         """The settings that differ between runs, for a table."""
-        budget = "none" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
+        if self.budget_tensors is not None:
+            budget = f"{self.budget_tensors} largest block tensors while stepped"
+        else:
+            budget = "none" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
         sampler = "every layer" if self.sampler == "full" else f"{self.sampler}, n_active={self.n_active}"
+        if self.strategy == "grass_fsdp":
+            return f"grass_fsdp on 1 rank, save and resume; {sampler}; offload={self.offload}; {self.precision}"
         return f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}"
 
 
-def measure(shape: ModelShape, runs: list[Run], accelerator: str, repeats: int = 1) -> dict[str, list[dict]]:
-    """Every run ``repeats`` times, each in a fresh process, in ABBA order so that drift hits all alike."""
-    results: dict[str, list[dict]] = {run.name: [] for run in runs}
+def measure(
+    shape: ModelShape,
+    runs: list[Run],
+    accelerator: str,
+    repeats: int = 1,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    deadline: float | None = None,
+    on_result: Callable[[Run, dict[str, list[dict[str, Any]]]], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every run ``repeats`` times, each in a fresh process, in ABBA order so that drift hits all alike.
+
+    No run raises here. Every record has ``failed`` and ``wall_seconds``: ``failed`` is ``None`` for a run that
+    measured (the record then holds its measurements, see :func:`train`), and otherwise says why it did not:
+    the last line of its error output, ``timed out after N s``, or that it printed no measurements; the next
+    run starts all the same.
+
+    Args:
+        shape: The model and batch every run trains.
+        runs: The configurations.
+        accelerator: ``"cpu"`` or ``"gpu"``.
+        repeats: Times each configuration runs.
+        timeout_s: Seconds one run may take; it is killed then, with every process it started.
+        deadline: A ``time.monotonic()`` time by which every run must have ended: a run's timeout is cut to it,
+            and a run that would have under ``MIN_START_S`` is not started (its record says so).
+        on_result: Called after each run, before the next starts, with the run and every record so far (to
+            write a report as the results arrive).
+
+    Returns:
+        Each run's name and its records, in the order they ran.
+    """
+    results: dict[str, list[dict[str, Any]]] = {run.name: [] for run in runs}
     for repeat in range(repeats):
         for run in runs if repeat % 2 == 0 else runs[::-1]:
-            job = json.dumps({"shape": asdict(shape), "run": asdict(run), "accelerator": accelerator})
-            done = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"run {run.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            results[run.name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < MIN_START_S:
+                record = {
+                    "failed": f"not started, the check's time limit leaves {max(left, 0):.0f} s, under the "
+                    f"{MIN_START_S:.0f} s a run needs",
+                    "wall_seconds": 0.0,
+                }
+            else:
+                job = json.dumps({"shape": asdict(shape), "run": asdict(run), "accelerator": accelerator})
+                record = _run_job(job, timeout_s if left is None else min(timeout_s, left))
+            results[run.name].append(record)
+            if on_result is not None:
+                on_result(run, results)
     return results
 
 
-def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
-    """Train ``run`` for ``shape.steps`` steps and return its measurements."""
-    import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import Callback
-    from torch.utils.data import DataLoader, TensorDataset
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lightning_grass import GRASSCallback, GRASSStrategy
-
-    cuda = accelerator == "gpu"
-    config = LlamaConfig(
-        num_hidden_layers=shape.layers,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        vocab_size=shape.vocab,
-        max_position_embeddings=shape.seq_len,
+def _run_job(job: str, timeout_s: float) -> dict[str, Any]:
+    """Run one job in a fresh process (its own session, so that a timeout kills all it started); its record."""
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, __file__, job],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    dtype = torch.bfloat16 if run.precision == "bf16-true" else torch.float32
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"failed": f"timed out after {timeout_s:.0f} s", "wall_seconds": time.monotonic() - start}
+    wall = time.monotonic() - start
+    errors = [line.strip() for line in stderr.splitlines() if line.strip()]
+    last_error = errors[-1] if errors else ""
+    if process.returncode < 0:
+        killed = f"killed by {signal.Signals(-process.returncode).name}"
+        return {"failed": f"{killed}; last error line: {last_error}" if last_error else killed, "wall_seconds": wall}
+    if process.returncode > 0:
+        failed = last_error or f"exit status {process.returncode} and no error output"
+        return {"failed": failed, "wall_seconds": wall}
+    lines = stdout.strip().splitlines()
+    try:
+        measured = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        last = lines[-1] if lines else "nothing"
+        return {"failed": f"printed no measurements; its last line of output: {last}", "wall_seconds": wall}
+    return {**measured, "failed": None, "wall_seconds": wall}
 
-    class CausalLM(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            with torch.device("cuda" if cuda else "cpu"):
-                self.model = LlamaForCausalLM(config).to(dtype)
 
-        def training_step(self, batch: list, batch_idx: int) -> Any:
-            (input_ids,) = batch
-            return self.model(input_ids=input_ids, labels=input_ids).loss
+class CausalLM(pl.LightningModule):
+    """A Llama of ``shape`` with random weights (seed 0), in ``dtype`` on ``device``, trained with AdamW."""
 
-        def configure_optimizers(self) -> Any:
-            return torch.optim.AdamW(self.parameters(), lr=1e-5, weight_decay=0.01)
-
-    class StepTimer(Callback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self._start)
-
-    sampler = []
-    if run.sampler == "lisa":
-        sampler = [GRASSCallback(mode="lisa", n_active=run.n_active, sample_every=run.sample_every, seed=0)]
-    elif run.sampler == "grass":
-        settings = dict(n_active=run.n_active, probe_steps=run.probe_steps, sample_every=run.sample_every, seed=0)
-        sampler = [GRASSCallback(mode="grass", **settings)]
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, shape.vocab, (shape.steps * shape.batch_size, shape.seq_len), generator=generator)
-    timer = StepTimer()
-    module = CausalLM()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as offload_dir:
-        strategy = GRASSStrategy(
-            offload=run.offload,
-            offload_dir=offload_dir,
-            max_resident_bytes=run.max_resident_bytes,
-            overlap=run.overlap,
+    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        config = LlamaConfig(
+            num_hidden_layers=shape.layers,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.heads,
+            vocab_size=shape.vocab,
+            max_position_embeddings=shape.seq_len,
         )
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=run.precision,
-            max_steps=shape.steps,
-            strategy=strategy,
-            callbacks=[*sampler, timer],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, DataLoader(TensorDataset(tokens), batch_size=shape.batch_size))
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.model = LlamaForCausalLM(config).to(dtype)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The causal language-modelling loss of the batch."""
+        (input_ids,) = batch
+        return self.model(input_ids=input_ids, labels=input_ids).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over every parameter."""
+        return _adamw(self.parameters())
+
+
+class Meter(Callback):
+    """Each step's wall time (synchronised on CUDA), the step training started at, the offload counters at its end."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.seconds: list[float] = []
+        self.first_step = 0
+        self.stats: dict[str, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note the step training starts at (not 0 after a resume)."""
+        self.first_step = trainer.global_step
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        """Start the step's clock."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """Stop the step's clock."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the offload counters before teardown frees the tier (``grass_fsdp`` forgets them then)."""
+        self.stats = dict(trainer.strategy.offload_stats)
+
+
+class SaveAtStep(Callback):
+    """Save a checkpoint to ``path`` once ``step`` optimizer steps are done, during fit (while the tiers exist)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step = step
+        self.path = path
+        self.saved_at: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Save at the chosen step."""
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
+
+
+def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
+    """Train ``run`` for ``shape.steps`` steps and return its measurements.
+
+    Returns:
+        ``peak_memory_bytes``, ``step_seconds`` (each step of the first fit), ``stats`` (the strategy's offload
+        counters at the end of the first fit), ``max_resident_bytes`` (the budget used, or ``None``),
+        and ``device``; a ``grass_fsdp`` run adds ``saved_at_step``, ``resumed_at_step`` and
+        ``final_step``.
+    """
+    cuda = accelerator == "gpu"
+    fit = _fit_fsdp if run.strategy == "grass_fsdp" else _fit_single_device
+    measured = fit(shape, run, accelerator)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {
-        "params": sum(p.numel() for p in module.parameters()),
+        **measured,
         "peak_memory_bytes": peak,
-        "step_seconds": timer.seconds,
-        "stats": trainer.strategy.offload_stats,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
+def _fit_single_device(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
+    cuda = accelerator == "gpu"
+    module = CausalLM(shape, _dtype(run), "cuda" if cuda else "cpu")
+    budget = _budget(module, run)
+    meter = Meter(cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as offload_dir:
+        strategy = GRASSStrategy(
+            offload=run.offload, offload_dir=offload_dir, max_resident_bytes=budget, overlap=run.overlap
+        )
+        trainer = _trainer(accelerator, strategy, run, shape.steps, [*_sampler(run), meter])
+        trainer.fit(module, _batches(shape))
+    return {"step_seconds": meter.seconds, "stats": meter.stats, "max_resident_bytes": budget}
+
+
+def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
+    """Fit, save a sharded checkpoint at the last step, free everything, then resume from it for a few steps.
+
+    The process's peak memory spans all three: the model is built in float32, so building it has no transient
+    copy to leave out of the peak.
+    """
+    cuda = accelerator == "gpu"
+    device = "cuda" if cuda else "cpu"
+    backend = None if cuda else "gloo"
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "last.ckpt"
+        meter, saver = Meter(cuda), SaveAtStep(shape.steps, checkpoint)
+        settings = dict(offload=run.offload, offload_dir=Path(folder) / "offload", process_group_backend=backend)
+        trainer = _trainer(accelerator, GRASSFSDPStrategy(**settings), run, shape.steps, [*_sampler(run), meter, saver])
+        trainer.fit(CausalLM(shape, _dtype(run), device), _batches(shape))
+        del trainer
+        gc.collect()  # the first fit's sharded weights and states, before the second one builds its own
+
+        resumed = Meter(cuda)
+        steps = shape.steps + run.resume_steps
+        trainer = _trainer(accelerator, GRASSFSDPStrategy(**settings), run, steps, [*_sampler(run), resumed])
+        trainer.fit(CausalLM(shape, _dtype(run), device), _batches(shape), ckpt_path=checkpoint)
+    return {
+        "step_seconds": meter.seconds,
+        "stats": meter.stats,
+        "max_resident_bytes": None,
+        "saved_at_step": saver.saved_at,
+        "resumed_at_step": resumed.first_step,
+        "final_step": trainer.global_step,
+    }
+
+
+def _adamw(params: Any) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def _budget(module: CausalLM, run: Run) -> int | None:
+    """The run's ``max_resident_bytes``: given, or ``budget_tensors`` of the largest block tensor while stepped."""
+    if run.budget_tensors is None:
+        return run.max_resident_bytes
+    largest = max(module.model.model.layers.parameters(), key=torch.Tensor.numel)
+    probe = _adamw([largest])  # the module's optimizer settings; it allocates nothing until stepped
+    return run.budget_tensors * device_bytes_while_stepped(probe, largest, needs_master(largest))
+
+
+def _dtype(run: Run) -> torch.dtype:
+    return torch.bfloat16 if run.precision == "bf16-true" else torch.float32
+
+
+def _sampler(run: Run) -> list[Callback]:
+    if run.sampler == "full":
+        return []
+    settings = dict(n_active=run.n_active, sample_every=run.sample_every, seed=0)
+    if run.sampler == "grass":
+        settings["probe_steps"] = run.probe_steps
+    return [GRASSCallback(mode=run.sampler, **settings)]
+
+
+def _batches(shape: ModelShape) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, shape.vocab, (shape.steps * shape.batch_size, shape.seq_len), generator=generator)
+    return DataLoader(TensorDataset(tokens), batch_size=shape.batch_size)
+
+
+def _trainer(accelerator: str, strategy: Any, run: Run, max_steps: int, callbacks: list[Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=run.precision,
+        max_steps=max_steps,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+
+
 if __name__ == "__main__":
     job = json.loads(sys.argv[1])
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(json.dumps(train(ModelShape(**job["shape"]), Run(**job["run"]), job["accelerator"])))

@@ -52,6 +52,7 @@ def grass_cli(tmp_path, *arguments):
     )
 
 
+@pytest.mark.slow  # 10 s: test_lm refuses a missing pretrained_path in process, with the same message
 def test_a_missing_model_directory(tmp_path):
     result = grass_train(tmp_path, "model=local", f"model.pretrained_path={tmp_path / 'nothing'}")
     assert result.returncode == 2

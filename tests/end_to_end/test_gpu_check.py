@@ -10,14 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # 80 s: run it with -m slow after changing bench_gpu.py or offload_runs.py
+@pytest.mark.slow  # 160 s: run it with -m slow after changing gpu_check.sh, bench_gpu.py or offload_runs.py
 def test_the_smoke_run_writes_the_gpu_table(tmp_path):
+    out = tmp_path / "results" / "gpu"
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
-    command = ["bash", str(REPO / "experiments" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)]
+    command = ["bash", str(REPO / "experiments" / "gpu_check.sh"), "--smoke", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    text = (tmp_path / "results.md").read_text()
-    rows = [line for line in text.splitlines() if re.match(r"\| (full|lisa|grass)_", line)]
+    text = (out / "results.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| (full|lisa|grass|fsdp)_", line)]
     assert [row.split(" | ")[0][2:] for row in rows] == [
         "full_fp32",
         "full_bf16",
@@ -27,11 +28,20 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
         "grass_cpu_fp32",
         "grass_stream_bf16",
         "grass_stream_sync_bf16",
+        "fsdp_none_fp32",
+        "fsdp_cpu_fp32",
     ]
+    assert all(row.split(" | ")[2].startswith("passed") for row in rows)
     assert all("nan" not in row for row in rows)
     streamed = next(row for row in rows if row.startswith("| grass_stream_bf16"))
-    assert int(streamed.split(" | ")[-2]) > 0, "per-tensor streaming fetched states at every step"
+    assert streamed.split(" | ")[3].endswith("KiB"), "the budget computed in the run's process is shown"
+    assert float(streamed.split(" | ")[-3]) > 0, "per-tensor streaming fetched states at every step"
+    for row in rows[-2:]:
+        assert "checkpoint saved at step 8, resumed at step 8, trained to step 12" in row
     assert re.search(r"Overlapped against synchronous transfers, .*: \d+\.\d{3}x the throughput", text)
+    assert "CUDA tests (`pytest -m cuda tests/strategies tests/offload`): not run (--smoke)." in text
+    for part in ("full_fp32", "fsdp_cpu_fp32", "benchmark", "total"):
+        assert re.search(rf"^time: {part} \d+ s", result.stdout, re.MULTILINE), part
 
 
 def test_unknown_arguments_are_refused():

@@ -133,6 +133,7 @@ def test_default_job_improves_exact_match_over_the_base(tmp_path):
     assert metrics["exact_match_after"] > metrics["exact_match_before"] + 0.1
 
 
+@pytest.mark.slow  # 16 s: Optuna trials end to end; multirun and the launchers are in the default run
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     out = tmp_path / "search"
     command = [

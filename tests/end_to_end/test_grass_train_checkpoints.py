@@ -99,6 +99,7 @@ def test_sigterm_saves_a_checkpoint_exits_with_143_and_the_run_resumes_bit_exact
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # 23 s: the SIGTERM tests run the same handler; the exit status is 128 + the signal's number
 def test_sigint_does_what_sigterm_does_and_exits_with_130(tmp_path, reference):
     stopped = grass_train(tmp_path, *signal_at(5, "SIGINT"), check=False)
     assert stopped.returncode == 130, stopped.stderr[-3000:]

@@ -1,0 +1,100 @@
+"""bench_gpu.py keeps what it gets: a failed configuration is a row beside the others' figures, written as runs end."""
+
+import re
+
+import bench_gpu
+from bench_gpu import SMOKE_SHAPE, report
+from offload_runs import Run
+
+
+def cells(text, name):
+    row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in row.strip("|").split(" | ")]
+
+
+def test_a_failed_configuration_is_a_row_beside_the_figures_of_the_others(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "gpu"
+    good = Run("full_fp32", "full")
+    # The strategy refuses a budget that cannot hold a tensor, at setup in the run's process.
+    bad = Run("lisa_budget_1", "lisa", offload="cpu", max_resident_bytes=1)
+    monkeypatch.setattr(bench_gpu, "runs", lambda: [good, bad])
+    written = []
+    measure = bench_gpu.measure
+
+    def watched(*args, on_result, **kwargs):
+        assert out.is_dir(), "--out is created before any run"
+        written.append(("before", (out / "results.md").read_text()))
+
+        def record_the_file(run, results):
+            on_result(run, results)
+            written.append((run.name, (out / "results.md").read_text()))
+
+        return measure(*args, on_result=record_the_file, **kwargs)
+
+    monkeypatch.setattr(bench_gpu, "measure", watched)
+    assert bench_gpu.main(["--smoke", "--out", str(out)]) == 1, "a configuration failed"
+
+    assert [name for name, _ in written] == ["before", "full_fp32", "lisa_budget_1"]
+    before, after_first, final = (text for _, text in written)
+    assert cells(before, "full_fp32")[2] == cells(before, "lisa_budget_1")[2] == "not run yet"
+    assert cells(after_first, "full_fp32")[2] == "passed", "results.md held the first run before the second began"
+    assert cells(after_first, "lisa_budget_1")[2] == "not run yet"
+    assert final == (out / "results.md").read_text()
+
+    failed = cells(final, "lisa_budget_1")
+    assert failed[2].startswith("failed: lightning_grass.errors.SettingValueError: max_resident_bytes=1 B cannot hold")
+    assert failed[3:10] == ["-"] * 7
+    passed = cells(final, "full_fp32")
+    assert passed[2] == "passed"
+    peak, median_step, tokens = float(passed[4]), float(passed[5]), float(passed[6].replace(",", ""))
+    assert peak > 0 and median_step >= 0 and tokens > 0
+    assert "not measured: grass_stream_bf16 is not configured and grass_stream_sync_bf16 is not configured" in final
+
+
+def test_the_report_renders_with_any_run_failed_or_pending():
+    stream = dict(sampler="grass", offload="cpu", budget_tensors=2, precision="bf16-true")
+    configurations = [
+        Run("grass_stream_bf16", **stream),
+        Run("grass_stream_sync_bf16", overlap=False, **stream),
+        Run("fsdp_cpu_fp32", "lisa", offload="cpu", strategy="grass_fsdp"),
+    ]
+    steps = [0.5] * SMOKE_SHAPE.steps
+    stats = {"peak_resident_bytes": 2**30, "bytes_to_device": 8 * 2**20 * SMOKE_SHAPE.steps, "host_wait_seconds": 0.8}
+    passed = {
+        "failed": None,
+        "wall_seconds": 20.0,
+        "step_seconds": steps,
+        "stats": stats,
+        "max_resident_bytes": 3 * 2**20,
+        "peak_memory_bytes": 2 * 2**30,
+        "device": "NVIDIA H200",
+    }
+    failed = {"failed": "RuntimeError: CUDA out of memory | tried", "wall_seconds": 3.0}
+    results = {"grass_stream_bf16": [passed], "grass_stream_sync_bf16": [failed]}
+    text = report(SMOKE_SHAPE, configurations, results, "python experiments/bench_gpu.py", "exit status 0, 7 passed")
+    assert (
+        "Device: NVIDIA H200." in text and "CUDA tests (`pytest -m cuda tests/strategies tests/offload`): exit" in text
+    )
+    assert cells(text, "grass_stream_bf16")[2:] == [
+        "passed",
+        "3.00 MiB",
+        "2.00",
+        "500",
+        "128",
+        "1.000",
+        "8",
+        "100.0",
+        "20",
+    ]
+    assert cells(text, "grass_stream_sync_bf16")[2] == r"failed: RuntimeError: CUDA out of memory \| tried"
+    assert cells(text, "fsdp_cpu_fp32")[2] == "not run yet"
+    assert "per-tensor streaming in bf16: not measured: grass_stream_sync_bf16 failed." in text
+
+    results["grass_stream_sync_bf16"] = [{**passed, "step_seconds": [0.6] * SMOKE_SHAPE.steps}]
+    fsdp = {**passed, "stats": {"bytes_to_device": 0}, "max_resident_bytes": None}
+    results["fsdp_cpu_fp32"] = [{**fsdp, "saved_at_step": 8, "resumed_at_step": 8, "final_step": 12}]
+    text = report(SMOKE_SHAPE, configurations, results, "python experiments/bench_gpu.py", "not run")
+    assert re.search(r"per-tensor streaming in bf16: 1\.200x the throughput", text)
+    fsdp_row = cells(text, "fsdp_cpu_fp32")
+    assert fsdp_row[2] == "passed; checkpoint saved at step 8, resumed at step 8, trained to step 12"
+    assert fsdp_row[7:10] == ["-", "0", "-"], "grass_fsdp counts the bytes it moves, not its peak or its wait"
