@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_grass.config import GRASSConfig
 from lightning_grass.errors import NothingToTrainError, SettingValueError
-from lightning_grass.gradient_measurement import LayerGradientMeter
+from lightning_grass.gradient_measurement import LayerGradientMeter, non_finite_message
 from lightning_grass.importance import MeanGradNorm
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
@@ -73,7 +73,9 @@ class GRASSCallback(Callback):
     tensor ops and no host synchronisation; the host reads the accumulators only when it refreshes or
     resamples, or when a window ends. A step with a non-finite layer gradient, or one the grad scaler skips,
     adds nothing to MGN. With ``skip_non_finite``, such a step is skipped and its number kept in
-    :attr:`skipped_steps` (one boolean read on the host per step).
+    :attr:`skipped_steps`. Under an enabled grad scaler (``16-mixed``) the scaler skips it by its own check,
+    and the callback reads that check with the window's (the warning comes at the window's end); otherwise
+    (fp32, bf16) deciding to skip reads one boolean on the host per step.
 
     Resuming from a checkpoint with another ``mode`` is refused. Any other setting that differs from the
     checkpoint's gets one warning line that says when its new value applies.
@@ -171,11 +173,11 @@ class GRASSCallback(Callback):
         self.active_layers: list[int] = []
         self.importance: Tensor | None = None
         self.probabilities: Tensor | None = None
-        self.phase = "probe" if self.config.probes else "train"
         self.history: list[dict[str, Any]] = []
         self.skipped_steps: list[int] = []
         self._optimizer_steps = 0
-        self._train_start = 0
+        self._train_start: int | None = None if self.config.probes else 0
+        self._draw_counts: list[int] = []
         self._window_start = 0
         self._step_pending = False
         self._generator = torch.Generator()
@@ -187,6 +189,11 @@ class GRASSCallback(Callback):
         self._layer_params: list[list[nn.Parameter]] = []
         self._always_on_params: list[nn.Parameter] = []
         self._frozen_always_on_params: list[nn.Parameter] = []
+
+    @property
+    def phase(self) -> str:
+        """``"probe"`` until probing ends (never in ``lisa`` and ``fixed`` modes), then ``"train"``."""
+        return "probe" if self._train_start is None else "train"
 
     @property
     def _measures_steps(self) -> bool:
@@ -288,8 +295,11 @@ class GRASSCallback(Callback):
         scaler = _grad_scaler(trainer)
         layer_sq = self._meter.read_step(optimizer, scaler, probing=self.phase == "probe")
         step = self._optimizer_steps + 1
-        if self.config.skip_non_finite and self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=step):
-            self.skipped_steps.append(step)
+        if self.config.skip_non_finite:
+            if scaler is not None and scaler.is_enabled():
+                self._meter.note_scaled_step(layer_sq, optimizer, scaler, step=step)
+            elif self._meter.skip_if_non_finite(layer_sq, optimizer, scaler, step=step):
+                self.skipped_steps.append(step)
         step_is_finite = self._meter.step_is_finite(layer_sq, optimizer, scaler)
         self._meter.add_to_window(layer_sq, step_is_finite)
         if self._measures_steps:
@@ -312,6 +322,7 @@ class GRASSCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.layer_map is None:
             return
+        self._report_scaled_skips()
         self._meter.stop_probe_hooks()
         for params in (*self._layer_params, self._always_on_params, self._frozen_always_on_params):
             for p in params:
@@ -319,13 +330,17 @@ class GRASSCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """What cannot be derived: the MGN accumulators, the generator, the draws so far and the step counters.
+
+        The phase follows from ``train_start_step`` (``None`` while probing); importance is the MGN tracker's;
+        the probabilities are computed from it and the config at resume, as they were during the run.
+        """
+        self._report_scaled_skips()
         return {
+            "format": _STATE_FORMAT,
             "config": dataclasses.asdict(self.config),
-            "phase": self.phase,
             "optimizer_steps": self._optimizer_steps,
             "active_layers": list(self.active_layers),
-            "importance": self.importance,
-            "probabilities": self.probabilities,
             "history": self.history,
             "generator": self._generator.get_state(),
             "mgn": self._mgn.state_dict() if self._mgn is not None else None,
@@ -337,8 +352,10 @@ class GRASSCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the checkpoint's state for fit start; refuse one written with another ``mode``.
 
-        Checkpoints written before ``skipped_steps`` and ``train_start_step`` were saved load too: no step was
-        counted as skipped, and training started at the end of probing by their own ``probe_steps``.
+        Checkpoints written before the state held only what cannot be derived load too (they also stored the
+        phase, importance and probabilities: the phase is read from them, the rest is derived again), and so do
+        those written before ``skipped_steps`` and ``train_start_step`` were saved: no step was counted as
+        skipped, and training started at the end of probing by their own ``probe_steps``.
         """
         saved_mode = state_dict["config"]["mode"]
         if saved_mode != self.config.mode:
@@ -367,23 +384,21 @@ class GRASSCallback(Callback):
         if state["mgn"] is not None:
             self._mgn.load_state_dict(state["mgn"])
         saved = state["config"]
-        self.phase = state["phase"]
         self._optimizer_steps = state["optimizer_steps"]
-        self._train_start = state.get(
-            "train_start_step", saved["probe_steps"] if saved["mode"] in ("grass", "grass_static") else 0
-        )
-        self.importance = state["importance"]
-        self.probabilities = state["probabilities"]
+        self._train_start = _train_start_of(state)
         self.history = list(state["history"])
+        self._draw_counts = selection_counts(self.history, self.layer_map.num_layers)
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._generator.set_state(state["generator"])
         self.active_layers = list(state["active_layers"])
         self._activate(list(self.config.fixed_layers) if self.config.mode == "fixed" else self.active_layers)
         if self.phase == "probe":
             self._meter.start_probe_hooks()
+        elif self.config.probes:
+            self._set_importance(self._mgn.importance)
+        elif self.config.mode == "lisa":
+            self.probabilities = uniform_probabilities(self.layer_map.num_layers, self._eligible)
         changed = _changed_settings(saved, self.config)
-        if self.importance is not None and changed & set(_DISTRIBUTION_SETTINGS):
-            self._set_importance(self.importance)
         for name in sorted(changed, key=_SETTING_ORDER.index):
             rank_zero_warn(
                 f"GRASS: resuming with {name}={getattr(self.config, name)!r}, the checkpoint was written with "
@@ -398,7 +413,6 @@ class GRASSCallback(Callback):
                 return
             self._check_gradients_reached_layers("probing")
             self._meter.stop_probe_hooks()
-            self.phase = "train"
             self._train_start = self._optimizer_steps
             self._set_importance(self._mgn.initialize())
             self._resample(trainer)
@@ -443,6 +457,7 @@ class GRASSCallback(Callback):
             NothingToTrainError: If no active layer received a non-zero gradient in the window's finite steps.
         """
         assert self._meter is not None
+        self._report_scaled_skips()
         first, last = self._window_start + 1, self._optimizer_steps
         self._window_start = last
         finite_steps, reached = self._meter.close_window()
@@ -457,6 +472,14 @@ class GRASSCallback(Callback):
             'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}), or call '
             "model.enable_input_require_grads() before fit. Otherwise check that the loss depends on the layers"
         )
+
+    def _report_scaled_skips(self) -> None:
+        """Warn about, and count, the steps the grad scaler skipped since the last read (one host read)."""
+        if self._meter is None:
+            return
+        for step, layers in self._meter.read_scaled_skips():
+            rank_zero_warn(non_finite_message(step, layers))
+            self.skipped_steps.append(step)
 
     def _warn_if_too_short(self, max_steps: int) -> None:
         """Warn at fit start when ``max_steps`` ends the run before probing plus one sampling window.
@@ -626,7 +649,13 @@ class GRASSCallback(Callback):
             "effective_layers": None if self.probabilities is None else effective_layers(self.probabilities),
         }
         self.history.append(record)
-        record["draw_share"] = _draw_shares(self.history, self.layer_map.num_layers)
+        if resampled:
+            if not self._draw_counts:
+                self._draw_counts = [0] * self.layer_map.num_layers
+            for layer in self.active_layers:
+                self._draw_counts[layer] += 1
+        total = sum(self._draw_counts)
+        record["draw_share"] = [count / total if total else 0.0 for count in self._draw_counts]
         metrics = {}
         if record["effective_layers"] is not None:
             metrics["grass/effective_layers"] = record["effective_layers"]
@@ -640,6 +669,10 @@ class GRASSCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._optimizer_steps)
 
+
+#: The layout of :meth:`GRASSCallback.state_dict`: 2 holds only what cannot be derived (1 also held the phase,
+#: importance and probabilities).
+_STATE_FORMAT = 2
 
 #: The settings that only decide how the distribution is computed from importance.
 _DISTRIBUTION_SETTINGS = ("temperature", "normalize", "target_effective_layers", "max_probability")
@@ -670,11 +703,18 @@ def _changed_settings(saved: dict[str, Any], config: GRASSConfig) -> set[str]:
     }
 
 
-def _draw_shares(history: list[dict[str, Any]], num_layers: int) -> list[float]:
-    """Each layer's share of all the layer draws made so far (resamples and the first activation)."""
-    counts = selection_counts(history, num_layers)
-    total = sum(counts)
-    return [count / total if total else 0.0 for count in counts]
+def _train_start_of(state: dict[str, Any]) -> int | None:
+    """The step training started at in a checkpoint's state, ``None`` while probing, for every format written.
+
+    Checkpoints from before :data:`_STATE_FORMAT` 2 stored the phase; the oldest did not store the start, which
+    was the end of probing by their own ``probe_steps`` (0 in the modes that do not probe).
+    """
+    saved = state["config"]
+    if state.get("format", 1) < 2 and state["phase"] == "probe":
+        return None
+    if "train_start_step" in state:
+        return state["train_start_step"]
+    return saved["probe_steps"] if saved["mode"] in ("grass", "grass_static") else 0
 
 
 def _check_strategy(strategy: Strategy) -> None:

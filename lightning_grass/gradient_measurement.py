@@ -57,6 +57,7 @@ class LayerGradientMeter:
         self._free_probe_grads = free_probe_grads
         self._probe_sq = torch.zeros(self.num_layers, device=device)
         self._window = torch.zeros(2, device=device)
+        self._scaled_steps: list[tuple[int, Tensor]] = []
         self._probe_hooks: list[RemovableHandle] = []
         self._measured_params: list[nn.Parameter] = []
         self._measured_groups: list[int] = []
@@ -157,16 +158,40 @@ class LayerGradientMeter:
         bad = ~torch.isfinite(layer_sq)
         if not bool(bad.any()):
             return False
-        layers = bad.nonzero().flatten().tolist()
-        rank_zero_warn(
-            f"GRASS: optimizer step {step} has non-finite gradients in layers {layers}; the step is skipped "
-            "(no parameter or optimizer state changes) and left out of the importance estimate"
-        )
+        rank_zero_warn(non_finite_message(step, bad.nonzero().flatten().tolist()))
         if scaler is None:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
         return True
+
+    def note_scaled_step(self, layer_sq: Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler, step: int) -> None:
+        """Under an enabled grad scaler, keep this step's non-finite check on the device for a later read.
+
+        The scaler skips a step whose gradients are not finite by itself, from its own check (``found_inf``),
+        so nothing needs deciding on the host now: :meth:`read_scaled_skips` reports the steps it skipped, in
+        the read that closes a window. No host synchronisation here.
+        """
+        found_inf = _scaler_found_inf(scaler, optimizer, layer_sq.device)
+        bad = ~torch.isfinite(layer_sq)
+        skipped = bad.any() if found_inf is None else found_inf != 0
+        self._scaled_steps.append((step, torch.cat([skipped.reshape(1), bad])))
+
+    def read_scaled_skips(self) -> list[tuple[int, list[int]]]:
+        """The noted steps that the grad scaler skipped, each with its non-finite layers; one host read.
+
+        The notes are then forgotten.
+        """
+        if not self._scaled_steps:
+            return []
+        steps = [step for step, _ in self._scaled_steps]
+        rows = torch.stack([flags for _, flags in self._scaled_steps]).tolist()
+        self._scaled_steps.clear()
+        return [
+            (step, [layer for layer, bad in enumerate(row[1:]) if bad])
+            for step, row in zip(steps, rows, strict=True)
+            if row[0]
+        ]
 
     def weight_sq_norms(self, layers: Sequence[int]) -> Tensor:
         """``||w^(l)||^2`` of each of ``layers``' managed parameters, zero for the other layers.
@@ -234,3 +259,12 @@ def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor:
     if scaler is None or not scaler.is_enabled():
         return torch.ones(())
     return scaler._get_scale_async()
+
+
+def non_finite_message(step: int, layers: list[int]) -> str:
+    """The warning for an optimizer step skipped for non-finite gradients (``layers`` may be empty)."""
+    where = f" in layers {layers}" if layers else " (outside the sampled layers)"
+    return (
+        f"GRASS: optimizer step {step} has non-finite gradients{where}; the step is skipped (no parameter or "
+        "optimizer state changes) and left out of the importance estimate"
+    )

@@ -16,6 +16,7 @@ from tolerances import fp32_sum_rtol
 
 from lightning_grass import GRASSCallback
 from lightning_grass.errors import SettingValueError
+from lightning_grass.gradient_measurement import LayerGradientMeter
 
 NUM_LAYERS = 4
 LAYER_NUMEL = sum(p.numel() for p in TinyCausalLM().model.model.layers[0].parameters())
@@ -508,3 +509,33 @@ def test_a_target_effective_number_of_layers_spreads_the_probabilities():
     callback = GRASSCallback(probe_steps=2, sample_every=2, target_effective_layers=3.0, seed=0)
     fit(TinyCausalLM(), callback, max_steps=6)
     assert all(record["effective_layers"] == pytest.approx(3.0, rel=1e-5) for record in callback.history)
+
+
+def test_under_a_grad_scaler_the_skip_is_the_scalers_own_and_read_with_the_window(monkeypatch):
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("skip_if_non_finite reads a boolean on the host; under a grad scaler it is not needed")
+
+    monkeypatch.setattr(LayerGradientMeter, "skip_if_non_finite", no_host_read)
+    reads = []
+    original = LayerGradientMeter.read_scaled_skips
+
+    def counted(self):
+        reads.append(len(self._scaled_steps))
+        return original(self)
+
+    monkeypatch.setattr(LayerGradientMeter, "read_scaled_skips", counted)
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots[trainer.global_step] = snapshot(pl_module)
+
+    module = TinyCausalLM()
+    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=3, seed=0)
+    inject = InjectInf(step=4, parameter=lambda m: layers_of(m)[callback.active_layers[0]].mlp.down_proj.weight)
+    with pytest.warns(UserWarning, match=r"optimizer step 5 has non-finite gradients in layers \[\d\]"):
+        fit(module, callback, max_steps=7, extra_callbacks=[inject, Snapshot()], **precision_settings("16-mixed"))
+    assert callback.skipped_steps == [5]
+    assert all(torch.equal(snapshots[4][name], snapshots[5][name]) for name in snapshots[4]), "the scaler skipped it"
+    # Read when the windows closed (after steps 3 and 6) and at teardown: three reads for seven steps.
+    assert reads == [3, 3, 1]
