@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
+from lightning_grass.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -159,7 +161,7 @@ class MeanGradNorm:
         for name in ("window_sum", "window_count", "importance"):
             value = state[name]
             if value.shape != (self.num_layers,):
-                raise ValueError(
+                raise CheckpointError(
                     f"MGN state {name!r} has shape {tuple(value.shape)}, expected ({self.num_layers},): "
                     "the checkpoint was written for a model with a different number of layers"
                 )

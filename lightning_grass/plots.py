@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lightning_grass._extras import require_app_extra
+from lightning_grass.errors import SettingValueError
 from lightning_grass.sampling import selection_counts
 
 try:
@@ -78,10 +79,12 @@ def draw_heatmap(fig: Figure, ax: Axes, history: Sequence[dict[str, Any]], value
 def _value_grid(history: Sequence[dict[str, Any]], value: str) -> tuple[list[int], np.ndarray]:
     """The steps that carry ``value`` and the (layer, step) array of it."""
     if value not in _VALUES:
-        raise ValueError(f"value={value!r} is not supported; use one of {_VALUES}")
+        raise SettingValueError(f"value={value!r} is not supported; use one of {_VALUES}")
     records = [record for record in history if record.get(value) is not None]
     if not records:
-        raise ValueError(f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)")
+        raise SettingValueError(
+            f"no history record has {value!r}: nothing to plot (lisa and fixed modes have no importance)"
+        )
     grid = np.array([record[value] for record in records], dtype=float).T
     return [record["step"] for record in records], grid
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_grass.errors import SettingValueError
+
 #: Accepted values of ``normalize``.
 NORMALIZATIONS = ("mean", "max", "none", "rank", "log")
 
@@ -44,10 +46,10 @@ def normalize_importance(importance: Tensor, normalize: str) -> Tensor:
         The values the softmax divides by the temperature, shape ``(L,)``.
 
     Raises:
-        ValueError: For an unknown ``normalize``.
+        SettingValueError: For an unknown ``normalize``.
     """
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}")
+        raise SettingValueError(f"normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}")
     values = importance.detach().to(device="cpu", dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     if normalize == "mean":
@@ -149,11 +151,11 @@ def sampling_probabilities(
         Float32 probabilities on the CPU, shape ``(L,)`` (all layers, eligible or not), summing to 1.
 
     Raises:
-        ValueError: For an unknown ``normalize``, a non-positive ``temperature``, or a target or cap outside
+        SettingValueError: For an unknown ``normalize``, a non-positive ``temperature``, or a target or cap outside
             its range.
     """
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0")
+        raise SettingValueError(f"temperature={temperature!r} must be > 0")
     if eligible is not None:
         index = torch.tensor(list(eligible), dtype=torch.long)
         full = torch.zeros(importance.numel(), dtype=torch.float32)
@@ -165,7 +167,7 @@ def sampling_probabilities(
     num_layers = values.numel()
     if target_effective_layers is not None:
         if not 1 <= target_effective_layers <= num_layers:
-            raise ValueError(
+            raise SettingValueError(
                 f"target_effective_layers={target_effective_layers!r} must be between 1 and the number of layers "
                 f"({num_layers})"
             )
@@ -173,7 +175,7 @@ def sampling_probabilities(
     probabilities = torch.softmax(values / temperature, dim=0)
     if max_probability is not None:
         if not 1 / num_layers <= max_probability <= 1:
-            raise ValueError(
+            raise SettingValueError(
                 f"max_probability={max_probability!r} must be between 1/{num_layers} (uniform) and 1 for "
                 f"{num_layers} layers"
             )
@@ -208,7 +210,7 @@ def sample_layers(
     """
     layers = list(range(probabilities.numel())) if eligible is None else list(eligible)
     if not 1 <= n_active <= len(layers):
-        raise ValueError(f"n_active={n_active} must be between 1 and the number of layers ({len(layers)})")
+        raise SettingValueError(f"n_active={n_active} must be between 1 and the number of layers ({len(layers)})")
     candidates = probabilities if eligible is None else probabilities[torch.tensor(layers, dtype=torch.long)]
     drawn = torch.multinomial(candidates, n_active, replacement=False, generator=generator)
     return sorted(layers[i] for i in drawn.tolist())
