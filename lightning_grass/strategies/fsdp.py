@@ -140,6 +140,7 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         self._layer_map: LayerMap | None = None
         self._active_layers: list[int] = []
         self._checkpoint_path: Path | None = None
+        self._sharded_path: str | None = None
         self.sharded_by_strategy = False
 
     @property
@@ -205,7 +206,18 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         self.setup_precision_plugin()
 
     def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Prepare the backing tier for the layers' optimizer-state shards."""
+        """Prepare the backing tier for the layers' optimizer-state shards.
+
+        Raises:
+            SettingValueError: If the callback samples another block container than the one sharded at setup.
+        """
+        if self._sharded_path is not None and layer_map.path != self._sharded_path:
+            raise SettingValueError(
+                f"GRASSFSDPStrategy sharded one group per block at '{self._sharded_path}', but GRASSCallback samples "
+                f"the blocks at '{layer_map.path}': freezing a block of one container would leave the other's shard "
+                f"groups running. Give both the same container: GRASSFSDPStrategy(layers='{layer_map.path}') and "
+                f"GRASSCallback(layers='{layer_map.path}'), or neither"
+            )
         self._layer_map = layer_map
         self._close_offload()
         if self.offload_tier == "none" or len(self.optimizers) != 1:
@@ -346,7 +358,8 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     def _shard(self, trainer: pl.Trainer) -> None:
         """``fully_shard`` each block, then each top-level submodule holding parameters; unless already done."""
         module = self.lightning_module
-        layer_map = discover_layers(module, self._layers_path(trainer))
+        layer_map = discover_layers(module, self.layers)
+        self._sharded_path = layer_map.path
         if any(isinstance(m, FSDPModule) for m in module.modules()):
             unsharded = [i for i, block in enumerate(layer_map.blocks) if not isinstance(block, FSDPModule)]
             if unsharded:
@@ -376,15 +389,6 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
             f"GRASSFSDPStrategy: {layer_map.num_layers} blocks at '{layer_map.path}' sharded one group each over "
             f"{mesh.size()} ranks"
         )
-
-    def _layers_path(self, trainer: pl.Trainer) -> str | None:
-        if self.layers is not None:
-            return self.layers
-        for callback in trainer.callbacks:
-            config = getattr(callback, "config", None)
-            if config is not None and getattr(config, "layers", None) is not None:
-                return config.layers
-        return None
 
     def _default_policy(self) -> MixedPrecisionPolicy:
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.precision == "bf16-mixed":

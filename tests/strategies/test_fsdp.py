@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSFSDPStrategy
 from lightning_grass.errors import SettingValueError
+from lightning_grass.layer_discovery import discover_layers
 
 RUNNER = Path(__file__).with_name("fsdp_run.py")
 STEPS, LR = 14, 1e-3
@@ -165,3 +166,22 @@ def test_registered_names():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(SettingValueError, match=message):
         GRASSFSDPStrategy(**kwargs)
+
+
+def test_a_callback_sampling_another_container_than_the_sharded_one_is_refused_naming_both():
+    class TwoStacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+            self.decoder = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    module = TwoStacks()
+    strategy = GRASSFSDPStrategy(layers="encoder", offload="none")
+    strategy._sharded_path = discover_layers(module, "encoder").path  # what _shard records at setup
+    with pytest.raises(SettingValueError) as refused:
+        strategy.on_layer_map(discover_layers(module, "decoder"))
+    assert str(refused.value).startswith(
+        "GRASSFSDPStrategy sharded one group per block at 'encoder', but GRASSCallback samples the blocks at 'decoder'"
+    )
+    strategy.on_layer_map(discover_layers(module, "encoder"))
+    assert strategy._layer_map.path == "encoder"
