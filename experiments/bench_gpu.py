@@ -37,6 +37,8 @@ SMOKE_SHAPE = ModelShape(layers=4, hidden=64, intermediate=176, heads=4, vocab=2
 
 #: The two runs whose step times give the overlap ratio: (overlapped, synchronous).
 OVERLAP_PAIR = ("grass_stream_bf16", "grass_stream_sync_bf16")
+#: The two runs whose step times give the cost of skip_non_finite's per-step read: (checked, unchecked).
+CHECK_PAIR = ("grass_cpu_bf16", "grass_cpu_bf16_unchecked")
 
 
 def runs() -> list[Run]:
@@ -48,7 +50,8 @@ def runs() -> list[Run]:
         Run("full_bf16", "full", precision="bf16-true"),
         Run("lisa_bf16", "lisa", offload="cpu", precision="bf16-true"),
         Run("grass_none_bf16", "grass", offload="none", precision="bf16-true"),
-        Run("grass_cpu_bf16", "grass", offload="cpu", precision="bf16-true"),
+        Run(CHECK_PAIR[0], "grass", offload="cpu", precision="bf16-true"),
+        Run(CHECK_PAIR[1], "grass", offload="cpu", precision="bf16-true", skip_non_finite=False),
         Run("grass_cpu_fp32", "grass", offload="cpu"),
         Run(OVERLAP_PAIR[0], **stream),
         Run(OVERLAP_PAIR[1], overlap=False, **stream),
@@ -112,7 +115,23 @@ def report(
             "shows whether the state shards stay off the device), their step figures are the first fit's, and "
             "grass_fsdp counts the bytes it moves but not its peak state or its wait.",
             "",
-            _overlap_line(configurations, records, step),
+            _ratio_line(
+                "Overlapped against synchronous transfers, per-tensor streaming in bf16:",
+                OVERLAP_PAIR,
+                "x the throughput (the paper reports 1.08x).",
+                configurations,
+                records,
+                step,
+            ),
+            "",
+            _ratio_line(
+                "Step time with skip_non_finite's per-step read against without it (bf16, offload cpu):",
+                CHECK_PAIR,
+                "x.",
+                configurations,
+                records,
+                step,
+            ),
             "",
             f"Command: `{command}`",
             "",
@@ -149,14 +168,21 @@ def _stat(stats: dict[str, float], key: str, divisor: float, spec: str) -> str:
     return format(stats[key] / divisor, spec) if key in stats else "-"
 
 
-def _overlap_line(configurations: list[Run], records: dict[str, dict[str, Any]], step: dict[str, float]) -> str:
-    head = "Overlapped against synchronous transfers, per-tensor streaming in bf16:"
-    overlapped, synchronous = OVERLAP_PAIR
-    if overlapped in step and synchronous in step:
-        return f"{head} {step[synchronous] / step[overlapped]:.3f}x the throughput (the paper reports 1.08x)."
+def _ratio_line(
+    head: str,
+    pair: tuple[str, str],
+    unit: str,
+    configurations: list[Run],
+    records: dict[str, dict[str, Any]],
+    step: dict[str, float],
+) -> str:
+    """``head``, then the median step time of ``pair[1]`` over that of ``pair[0]``, or why it was not measured."""
+    base, other = pair
+    if base in step and other in step:
+        return f"{head} {step[other] / step[base]:.3f}{unit}"
     configured = {run.name for run in configurations}
     reasons = []
-    for name in OVERLAP_PAIR:
+    for name in pair:
         if name not in configured:
             reasons.append(f"{name} is not configured")
         elif name not in records:

@@ -84,6 +84,7 @@ class Run:
         n_active: Layers the sampler trains at a time.
         sample_every: Steps between draws.
         probe_steps: GRASS's probing steps before its first draw.
+        skip_non_finite: The callback's ``skip_non_finite`` (its per-step read of the non-finite check).
         strategy: ``"grass"`` (``GRASSStrategy`` on one device) or ``"grass_fsdp"`` (``GRASSFSDPStrategy`` on one
             rank: NCCL on a GPU, gloo on the CPU), which fits, saves a sharded checkpoint at its last step and
             resumes from it in a second Trainer.
@@ -100,6 +101,7 @@ class Run:
     n_active: int = 2
     sample_every: int = 5
     probe_steps: int = 3
+    skip_non_finite: bool = True
     strategy: str = "grass"
     resume_steps: int = 4
 
@@ -125,7 +127,8 @@ class Run:
         sampler = "every layer" if self.sampler == "full" else f"{self.sampler}, n_active={self.n_active}"
         if self.strategy == "grass_fsdp":
             return f"grass_fsdp on 1 rank, save and resume; {sampler}; offload={self.offload}; {self.precision}"
-        return f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}"
+        checked = "" if self.skip_non_finite else "; skip_non_finite=False"
+        return f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}{checked}"
 
 
 def measure(
@@ -375,7 +378,7 @@ def _dtype(run: Run) -> torch.dtype:
 def _sampler(run: Run) -> list[Callback]:
     if run.sampler == "full":
         return []
-    settings = dict(n_active=run.n_active, sample_every=run.sample_every, seed=0)
+    settings = dict(n_active=run.n_active, sample_every=run.sample_every, seed=0, skip_non_finite=run.skip_non_finite)
     if run.sampler == "grass":
         settings["probe_steps"] = run.probe_steps
     return [GRASSCallback(mode=run.sampler, **settings)]

@@ -25,6 +25,7 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
         "lisa_bf16",
         "grass_none_bf16",
         "grass_cpu_bf16",
+        "grass_cpu_bf16_unchecked",
         "grass_cpu_fp32",
         "grass_stream_bf16",
         "grass_stream_sync_bf16",
@@ -39,6 +40,7 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
     for row in rows[-2:]:
         assert "checkpoint saved at step 8, resumed at step 8, trained to step 12" in row
     assert re.search(r"Overlapped against synchronous transfers, .*: \d+\.\d{3}x the throughput", text)
+    assert re.search(r"Step time with skip_non_finite's per-step read against without it .*: \d+\.\d{3}x\.", text)
     assert "CUDA tests (`pytest -m cuda tests/strategies tests/offload`): not run (--smoke)." in text
     for part in ("full_fp32", "fsdp_cpu_fp32", "benchmark", "total"):
         assert re.search(rf"^time: {part} \d+ s", result.stdout, re.MULTILINE), part
