@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -28,6 +27,7 @@ from lightning_grass.sampling import (
     selection_counts,
     uniform_probabilities,
 )
+from lightning_grass.strategy_support import check_strategy_supports_grass
 
 
 class GRASSCallback(Callback):
@@ -212,7 +212,7 @@ class GRASSCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(trainer.strategy)
+        check_strategy_supports_grass(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -715,36 +715,6 @@ def _train_start_of(state: dict[str, Any]) -> int | None:
     if "train_start_step" in state:
         return state["train_start_step"]
     return saved["probe_steps"] if saved["mode"] in ("grass", "grass_static") else 0
-
-
-def _check_strategy(strategy: Strategy) -> None:
-    """Refuse strategies under which freezing layers would half-work."""
-    if isinstance(strategy, FSDPStrategy):
-        raise SettingValueError(
-            "GRASSCallback does not run on FSDPStrategy (FSDP1): freezing blocks saves gradient memory there only "
-            "with use_orig_params=True and one FSDP wrapper per transformer block (blocks sharing a flat parameter "
-            "keep gradient memory while frozen), and the optimizer states of deactivated blocks would be dropped. "
-            "Use strategy='grass_fsdp' (FSDP2: one shard group per block, sharded for you, states kept and "
-            "offloaded), or 'grass_ddp'"
-        )
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy, ActiveLayerListener):
-        raise SettingValueError(
-            "GRASSCallback does not run on a plain ModelParallelStrategy: its gradient measurement and the "
-            "optimizer states of deactivated blocks need grass_fsdp's handling of sharded (DTensor) tensors. Use "
-            "strategy='grass_fsdp', which also shards each block for you"
-        )
-    if isinstance(strategy, DeepSpeedStrategy):
-        raise SettingValueError(
-            "GRASSCallback does not support DeepSpeed: DeepSpeed manages its own optimizer state, so GRASS could "
-            "neither freeze layers reliably nor keep their states. Use strategy='grass' or 'grass_ddp'"
-        )
-    if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("static_graph"):
-        raise SettingValueError(
-            "GRASSCallback cannot run with DDP static_graph=True: it assumes the same parameters get gradients at "
-            "every step, and GRASS changes the trained layers at every resample. Use strategy='grass_ddp'"
-        )
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

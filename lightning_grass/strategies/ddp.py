@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
+from lightning_grass.strategy_support import STATIC_GRAPH_REASON
 
 
 class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
@@ -53,10 +54,7 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         if ddp_kwargs.get("static_graph"):
-            raise SettingValueError(
-                "static_graph=True cannot be used with GRASS: DDP's static graph assumes the same parameters get "
-                "gradients at every step, and GRASS changes the trained layers at every resample"
-            )
+            raise SettingValueError(STATIC_GRAPH_REASON)
         if ddp_kwargs.get("find_unused_parameters") is False:
             raise SettingValueError(
                 "find_unused_parameters=False cannot be used with GRASS: frozen layers get no gradient, so DDP must "

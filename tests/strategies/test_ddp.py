@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from tolerances import fp32_sum_rtol
 
 from lightning_grass import GRASSDDPStrategy, GRASSFSDPStrategy
-from lightning_grass.callback import _check_strategy
+from lightning_grass.strategy_support import check_strategy_supports_grass
 
 RUNNER = Path(__file__).with_name("ddp_run.py")
 
@@ -88,10 +88,10 @@ def test_ddp_settings_that_break_grass_are_refused(kwargs, message):
 
 def test_sharded_strategies_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"does not run on FSDPStrategy \(FSDP1\).*Use strategy='grass_fsdp'"):
-        _check_strategy(FSDPStrategy())
-    _check_strategy(GRASSFSDPStrategy())  # FSDP2 through grass_fsdp is accepted
+        check_strategy_supports_grass(FSDPStrategy())
+    check_strategy_supports_grass(GRASSFSDPStrategy())  # FSDP2 through grass_fsdp is accepted
     with pytest.raises(ValueError, match=r"does not run on a plain ModelParallelStrategy.*Use strategy='grass_fsdp'"):
-        _check_strategy(ModelParallelStrategy())
+        check_strategy_supports_grass(ModelParallelStrategy())
     deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # DeepSpeed itself is not installed here
     with pytest.raises(ValueError, match="does not support DeepSpeed: DeepSpeed manages its own optimizer state"):
-        _check_strategy(deepspeed)
+        check_strategy_supports_grass(deepspeed)
