@@ -408,6 +408,7 @@ class TensorStateStore:
         """Finish write-backs, then write back idle resident states, until ``nbytes`` more fit in the budget."""
         if self.max_resident_bytes is None:
             return True
+        self._reap()  # write-backs that are done, failed ones included, are waited for in the order they began
         while self._entry_bytes() + nbytes > self.max_resident_bytes:
             if self._finish_oldest_write(holding_only=True):
                 continue

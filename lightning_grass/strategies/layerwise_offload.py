@@ -33,6 +33,7 @@ from lightning_grass.offload import (
     needs_master,
 )
 from lightning_grass.offload.disk_tier import check_offload_dir
+from lightning_grass.offload.offloaded_optimizer import check_offloadable
 from lightning_grass.setting_checks import check_choice, check_flag
 
 #: Accepted values of ``offload``.
@@ -118,7 +119,8 @@ class LayerwiseOffloadMixin:
 
         Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state and masters on the device:
         offloaded tensors being fetched, resident, stepped (with the step's master gradient and temporaries)
-        or written back, plus the always-resident ones' states),
+        or written back, plus the states of the parameters the store does not hold: the always-on modules' unless
+        ``offload_always_on``, and those an ``add_param_group()`` added after the store was built),
         ``resident_tensors`` and ``peak_resident_tensors`` (offloaded tensors holding device memory),
         ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing``, and ``host_wait_seconds`` (time the host
         blocked on transfers: write-backs, and fetches on the CPU and from disk; on CUDA a fetch makes the
@@ -180,8 +182,9 @@ class LayerwiseOffloadMixin:
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         # Strategy.load_optimizer_state_dict moves every state to the device after loading; the offloaded
-        # optimizer loads offloaded states straight into the backing tier instead.
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+        # optimizer loads offloaded states straight into the backing tier instead. As there, a checkpoint may hold
+        # fewer states than there are optimizers (the others keep their fresh state), or more (ignored).
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=False):
             optimizer.load_state_dict(state)
             if not isinstance(optimizer, OffloadedOptimizer):
                 _optimizer_to_device(optimizer, self.root_device)
@@ -208,6 +211,7 @@ class LayerwiseOffloadMixin:
         masters = [p for p in params if self.master_weights and needs_master(p)]
         store = None
         if layer_map is not None and self.offload_tier != "none":
+            check_offloadable(inner)
             store = self._build_store(inner, layer_map, masters)
         if store is None and not masters:
             self._offloaded = None
@@ -257,12 +261,13 @@ class LayerwiseOffloadMixin:
             return
         largest = max(range(len(units)), key=sizes.__getitem__)
         names = {id(p): name for name, p in self.lightning_module.named_parameters()}
+        budget, needed = self.max_resident_bytes, sizes[largest]
         raise SettingValueError(
-            f"max_resident_bytes={format_bytes(self.max_resident_bytes)} cannot hold "
-            f"{names.get(id(units[largest]), 'an offloaded tensor')} while it is stepped "
-            f"({format_bytes(sizes[largest])}: its optimizer state and step counter, its fp32 master and master "
-            "gradient if it has one, and the optimizer's temporaries); raise it to at least "
-            f"{format_bytes(sizes[largest])}, or to twice that so that the next tensor's fetch overlaps the update"
+            f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold "
+            f"{names.get(id(units[largest]), 'an offloaded tensor')} while it is stepped ({needed} bytes: its "
+            "optimizer state and step counter, its fp32 master and master gradient if it has one, and the "
+            f"optimizer's temporaries); raise it to at least {needed} bytes, or to {2 * needed} bytes so that the "
+            "next tensor's fetch overlaps the update"
         )
 
     def _close_store(self) -> None:

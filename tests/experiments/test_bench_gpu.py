@@ -42,7 +42,9 @@ def test_a_failed_configuration_is_a_row_beside_the_figures_of_the_others(tmp_pa
     assert final == (out / "results.md").read_text()
 
     failed = cells(final, "lisa_budget_1")
-    assert failed[2].startswith("failed: lightning_grass.errors.SettingValueError: max_resident_bytes=1 B cannot hold")
+    assert failed[2].startswith(
+        "failed: lightning_grass.errors.SettingValueError: max_resident_bytes=1 bytes (1 B) cannot hold"
+    )
     assert failed[3:10] == ["-"] * 7
     passed = cells(final, "full_fp32")
     assert passed[2] == "passed"
