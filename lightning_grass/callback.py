@@ -101,7 +101,8 @@ class GRASSCallback(Callback):
         layers: Dotted path of the block container, overriding discovery.
         fixed_layers: Layer indices for ``mode="fixed"``.
         train_embeddings: Keep embeddings (modules before the blocks) trainable.
-        train_head: Keep the LM head trainable.
+        train_head: Keep the LM head trainable. A head tied to the token embedding (Gemma, GPT-2) is one tensor
+            with it and follows ``train_embeddings``; a disagreement is warned about at fit start.
         train_final_norm: Keep the final norm trainable.
         seed: Seed of the sampling generator; ``None`` takes ``torch.initial_seed()`` at fit start.
         skip_non_finite: Warn and skip the optimizer step when a layer's gradient holds NaN or Inf.
@@ -611,6 +612,14 @@ class GRASSCallback(Callback):
             for p in self.layer_map.group_parameters(group):
                 if id(p) in managed:
                     (trained if flags[group] else frozen)[id(p)] = p
+        for tied in self.layer_map.tied:
+            for other in tied.tied_to:
+                if flags[other] != flags[tied.group]:
+                    rank_zero_warn(
+                        f"GRASS: {' and '.join(tied.names)} are one tied tensor; it trains with the {tied.group} "
+                        f"(train_{tied.group}={flags[tied.group]}), so train_{other}={flags[other]} does not apply "
+                        "to it"
+                    )
         self._frozen_always_on_params = [p for key, p in frozen.items() if key not in trained]
         for p in self._frozen_always_on_params:
             p.requires_grad_(False)

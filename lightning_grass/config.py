@@ -55,7 +55,7 @@ class GRASSConfig:
         layers: Dotted path of the block container, overriding discovery, e.g. ``"model.model.layers"``.
         fixed_layers: The layer indices to train in ``"fixed"`` mode; ``n_active`` is then their count.
         train_embeddings: Keep the modules before the blocks (token and position embeddings) trainable.
-        train_head: Keep the LM head trainable.
+        train_head: Keep the LM head trainable; a head tied to the token embedding follows ``train_embeddings``.
         train_final_norm: Keep the final norm trainable. These three default to ``True``, as in LISA, so
             that GRASS and LISA differ only in how layers are chosen.
         seed: Seed of the layer-sampling generator. ``None`` (default) takes ``torch.initial_seed()`` at

@@ -10,11 +10,23 @@ held in a ``LightningModule`` attribute, and of one inside a ``peft`` wrapper.
    one that holds the most parameters. A new architecture therefore needs no code; adding its path to
    the table only makes the choice explicit.
 
-Every parameter outside the blocks is assigned to one always-on group. A known layout names its final norm;
-otherwise norm modules registered after the blocks are the ``final_norm``. Of the rest, modules registered
-before the blocks are ``embeddings`` (token and position embeddings, embedding norms) and modules registered
-after them are the ``head``. A weight tied between the token embedding and the LM head belongs to both
-groups.
+Every module with parameters outside the blocks goes to one always-on group, by what it is, whatever order it
+was registered in (litgpt's ``GPT`` registers ``lm_head`` before ``transformer``):
+
+- ``embeddings``: every ``nn.Embedding`` (token and position embeddings), and the module a Hugging Face
+  model returns from ``get_input_embeddings()``.
+- ``head``: the module a Hugging Face model returns from ``get_output_embeddings()``, an ``nn.Linear`` whose
+  ``out_features`` is an embedding's ``num_embeddings`` (the vocabulary), and a module that holds an
+  embedding's parameter (a head tied to the token embedding).
+- ``final_norm``: the norm a known layout names (needed where it is registered before the blocks, as in OPT);
+  otherwise the norm modules registered after the blocks.
+- Any other module goes by its place: registered before the blocks it joins ``embeddings`` (an embedding
+  norm, an input projection), after them ``head``.
+
+A parameter held by modules of two groups (tied word embeddings: Gemma, GPT-2) belongs to the first of
+``embeddings``, ``head``, ``final_norm``, so :meth:`LayerMap.group_parameters` yields every parameter once.
+A head tied to the token embedding therefore trains or freezes with the embeddings, and
+:attr:`LayerMap.tied` lists each such parameter with the groups that share it.
 """
 
 from __future__ import annotations
@@ -59,8 +71,27 @@ KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
 )
 
 
-#: The always-on groups of a :class:`LayerMap`, each a list of modules outside the blocks.
+#: The always-on groups of a :class:`LayerMap`, each a list of modules outside the blocks. A parameter that
+#: modules of two groups hold belongs to the first of them in this order.
 ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
+
+
+@dataclass(frozen=True, eq=False)
+class TiedParameter:
+    """A parameter that modules of two always-on groups share, such as a head tied to the token embedding.
+
+    Attributes:
+        parameter: The shared parameter.
+        group: The group it belongs to (``"embeddings"`` for a tied head), which decides whether it trains.
+        tied_to: The other groups whose modules hold it (``("head",)`` for a tied head).
+        names: Its dotted names relative to the module given to discovery, in registration order, one per
+            module that holds it (``("transformer.wte.weight", "lm_head.weight")`` for GPT-2).
+    """
+
+    parameter: nn.Parameter
+    group: str
+    tied_to: tuple[str, ...]
+    names: tuple[str, ...]
 
 
 @dataclass
@@ -71,9 +102,12 @@ class LayerMap:
         blocks: The transformer blocks, in forward order. ``blocks[i]`` is layer ``i``.
         path: Dotted path of the container of ``blocks``, relative to the module given to discovery.
         found_by: ``"override"``, ``"table"`` or ``"fallback"``: which discovery rule matched.
-        embeddings: Modules with parameters registered before the blocks.
-        final_norm: Norm modules with parameters registered after the blocks.
-        head: Other modules with parameters registered after the blocks (the LM head).
+        embeddings: The embeddings and other modules with parameters registered before the blocks.
+        final_norm: The final norm.
+        head: The output projection (the LM head) and other modules with parameters registered after the
+            blocks.
+        tied: The parameters that modules of two groups share; each is in :meth:`group_parameters` of its
+            ``group`` only.
     """
 
     blocks: list[nn.Module]
@@ -82,6 +116,7 @@ class LayerMap:
     embeddings: list[nn.Module] = field(default_factory=list)
     final_norm: list[nn.Module] = field(default_factory=list)
     head: list[nn.Module] = field(default_factory=list)
+    tied: list[TiedParameter] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -93,9 +128,16 @@ class LayerMap:
         return list(self.blocks[index].parameters())
 
     def group_parameters(self, group: str) -> list[nn.Parameter]:
-        """Parameters of an always-on group: ``"embeddings"``, ``"head"`` or ``"final_norm"``."""
+        """Parameters of an always-on group: ``"embeddings"``, ``"head"`` or ``"final_norm"``.
+
+        A parameter that modules of two groups hold is returned for the first of them only (see :attr:`tied`).
+        """
         if group not in ALWAYS_ON_GROUPS:
             raise ValueError(f"group={group!r} is not an always-on group; use 'embeddings', 'head' or 'final_norm'")
+        earlier = {id(p) for name in ALWAYS_ON_GROUPS[: ALWAYS_ON_GROUPS.index(group)] for p in self._direct(name)}
+        return [p for p in self._direct(group) if id(p) not in earlier]
+
+    def _direct(self, group: str) -> list[nn.Parameter]:
         return _unique(p for module in getattr(self, group) for p in module.parameters(recurse=False))
 
 
@@ -181,21 +223,84 @@ def _largest_uniform_list(model: nn.Module, candidates: dict[str, nn.ModuleList]
 
 
 def _assign_always_on(model: nn.Module, path: str, final_norm_paths: tuple[str, ...], layer_map: LayerMap) -> None:
-    named = dict(model.named_modules())
-    known_norm = next((named[p] for p in final_norm_paths if p in named), None)
+    modules = dict(model.named_modules())
+    outside = {
+        name: module
+        for name, module in modules.items()
+        if name != path and not name.startswith(path + ".") and any(True for _ in module.parameters(recurse=False))
+    }
+    known_norm = next((modules[p] for p in final_norm_paths if p in modules), None)
+    embeddings = _embedding_ids(model, outside)
+    heads = _head_ids(model, outside, embeddings)
     blocks_seen = False
-    for name, module in named.items():
-        if name == path:
-            blocks_seen = True
+    for name, module in modules.items():
+        blocks_seen = blocks_seen or name == path
+        if name not in outside:
             continue
-        if name.startswith(path + ".") or not any(True for _ in module.parameters(recurse=False)):
-            continue
-        if module is known_norm or (known_norm is None and blocks_seen and _is_norm(module)):
+        if module is known_norm:
             layer_map.final_norm.append(module)
-        elif blocks_seen:
-            layer_map.head.append(module)
-        else:
+        elif id(module) in embeddings:
             layer_map.embeddings.append(module)
+        elif id(module) in heads:
+            layer_map.head.append(module)
+        elif known_norm is None and blocks_seen and _is_norm(module):
+            layer_map.final_norm.append(module)
+        else:
+            (layer_map.head if blocks_seen else layer_map.embeddings).append(module)
+    layer_map.tied = _tied_parameters(model, layer_map)
+
+
+def _embedding_ids(model: nn.Module, outside: dict[str, nn.Module]) -> set[int]:
+    """Every ``nn.Embedding`` outside the blocks, and what Hugging Face models return as input embeddings."""
+    found = {id(m) for m in outside.values() if isinstance(m, nn.Embedding)}
+    ids = {id(m) for m in outside.values()}
+    return found | {id(m) for m in _hf_modules(model, "get_input_embeddings") if id(m) in ids}
+
+
+def _head_ids(model: nn.Module, outside: dict[str, nn.Module], embeddings: set[int]) -> set[int]:
+    """Output embeddings of Hugging Face models, projections to a vocabulary, and holders of an embedding's weight."""
+    ids = {id(m) for m in outside.values()}
+    found = {id(m) for m in _hf_modules(model, "get_output_embeddings") if id(m) in ids}
+    embedding_params = {id(p) for m in outside.values() if id(m) in embeddings for p in m.parameters(recurse=False)}
+    vocabularies = {m.num_embeddings for m in outside.values() if isinstance(m, nn.Embedding)}
+    for module in outside.values():
+        if id(module) in embeddings:
+            continue
+        projects = isinstance(module, nn.Linear) and module.out_features in vocabularies
+        if projects or any(id(p) in embedding_params for p in module.parameters(recurse=False)):
+            found.add(id(module))
+    return found
+
+
+def _hf_modules(model: nn.Module, getter: str) -> list[nn.Module]:
+    """What ``getter`` (``get_input_embeddings``, ``get_output_embeddings``) returns on each module that has it."""
+    found = []
+    for module in model.modules():
+        method = getattr(module, getter, None)
+        if not callable(method):
+            continue
+        try:
+            result = method()
+        except (NotImplementedError, AttributeError):  # a base class's default, for a model without one
+            continue
+        if isinstance(result, nn.Module):
+            found.append(result)
+    return found
+
+
+def _tied_parameters(model: nn.Module, layer_map: LayerMap) -> list[TiedParameter]:
+    groups_of: dict[int, list[str]] = {}
+    for group in ALWAYS_ON_GROUPS:
+        for p in layer_map._direct(group):
+            groups_of.setdefault(id(p), []).append(group)
+    shared: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if len(groups_of.get(id(p), ())) > 1:
+            shared.setdefault(id(p), (p, []))[1].append(name)
+    return [
+        TiedParameter(p, groups_of[key][0], tuple(groups_of[key][1:]), tuple(names))
+        for key, (p, names) in shared.items()
+    ]
 
 
 def _is_norm(module: nn.Module) -> bool:

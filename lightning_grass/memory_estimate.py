@@ -13,7 +13,7 @@ Build the model on the ``meta`` device and nothing is allocated, so a laptop can
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from lightning_grass.byte_size import format_bytes, parse_byte_size
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
-from lightning_grass.offload.state_bytes import ADAMW_MOMENTS
+from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
 from lightning_grass.strategies.layerwise_offload import OFFLOAD_TIERS
 
 #: Precisions ``grass_fsdp`` takes: its weights stay in their own dtype, sharded.
@@ -41,29 +41,55 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Device bytes of a GRASS run, activations excluded.
+    """Device bytes of a GRASS run at its optimizer step, activations excluded.
 
     Attributes:
         weights: Every parameter, in the dtype it trains in.
         gradients: Gradients of what one step trains: the always-on modules and the ``n_active`` largest
             layers.
         master_weights: fp32 copies of the half-precision parameters whose optimizer state is on the device.
-        optimizer_states: AdamW's two moments of the parameters whose state is on the device.
+        optimizer_states: AdamW's two moments and its 4-byte step counter of the parameters whose state is on
+            the device.
+        step_workspace: What the step over offloaded tensors allocates beside their states (fp32 master
+            gradients, AdamW's temporaries), which the offload holds on the device while it steps them; 0
+            with ``offload="none"`` and for ``grass_fsdp`` (``shards > 1``).
     """
 
     weights: int
     gradients: int
     master_weights: int
     optimizer_states: int
+    step_workspace: int
 
     @property
     def total(self) -> int:
-        """The sum of the four parts."""
-        return self.weights + self.gradients + self.master_weights + self.optimizer_states
+        """The sum of the five parts."""
+        return self.weights + self.gradients + self.master_weights + self.optimizer_states + self.step_workspace
 
     def __str__(self) -> str:
-        parts = ("weights", "gradients", "master_weights", "optimizer_states", "total")
+        parts = ("weights", "gradients", "master_weights", "optimizer_states", "step_workspace", "total")
         return ", ".join(f"{name} {format_bytes(getattr(self, name))}" for name in parts)
+
+
+@dataclass(frozen=True)
+class _TensorBytes:
+    """What one parameter's optimizer state takes on the device, and what stepping it adds."""
+
+    state: int  # moments and step counter
+    master: int  # fp32 master weight
+    workspace: int  # fp32 master gradient and AdamW's temporaries, while it is stepped
+
+    @property
+    def resident(self) -> int:
+        return self.state + self.master
+
+    @property
+    def stepped(self) -> int:
+        return self.state + self.master + self.workspace
+
+    def at_rest(self) -> _TensorBytes:
+        """The same tensor while it is not stepped: no workspace."""
+        return _TensorBytes(self.state, self.master, 0)
 
 
 def estimate_memory(
@@ -77,6 +103,7 @@ def estimate_memory(
     master_weights: bool = True,
     layers: str | None = None,
     shards: int = 1,
+    foreach: bool = True,
 ) -> MemoryEstimate:
     """Device memory for fine-tuning ``model`` with ``GRASSCallback`` and ``GRASSStrategy``, activations excluded.
 
@@ -84,14 +111,30 @@ def estimate_memory(
     checkpointing, none of which this function sees; add them from a measurement. Only parameter counts and
     dtypes are read, so a model on the ``meta`` device works.
 
-    What it assumes: AdamW (two moments per parameter); the callback's defaults, so the embeddings, LM head
-    and final norm train at every step; and the strategy's placement:
+    What it assumes: AdamW (two moments and a step counter per parameter); the callback's defaults, so the
+    embeddings, LM head and final norm train at every step; and the strategy's placement:
 
     - ``offload="none"`` keeps every layer's state on the device, because states of layers that leave the
       active set are kept, and in a long run every layer is drawn.
     - ``"cpu"`` and ``"disk"`` (and ``"auto"``, sized as on a GPU, where it means ``"cpu"``) keep the states
       of the ``n_active`` largest layers on the device, plus the always-on modules' unless
-      ``offload_always_on``. ``max_resident_bytes`` caps what is offloaded and resident at that bound.
+      ``offload_always_on``; the offload also holds what the step over its tensors allocates
+      (``step_workspace``).
+
+    What the offload holds is counted tensor by tensor, as the strategy's budget counts it
+    (:func:`~lightning_grass.offload.device_bytes_while_stepped`), at its peak. Without ``max_resident_bytes``,
+    or when every offloaded tensor fits in it while stepped, they are stepped together: their states, masters
+    and workspaces add up. Otherwise they stream in update order (each active layer's tensors in registration
+    order, then the always-on ones if offloaded), and the peak is the tensor being stepped with, when it fits
+    beside it, the next one's state, which the store fetches during the update. On a CPU run
+    ``master_weights + optimizer_states + step_workspace`` is then ``offload_stats["peak_resident_bytes"]``
+    exactly; on CUDA, or with the disk tier, a write-back still in flight can hold one more tensor's state for a
+    while, never beyond the budget. A budget that cannot hold the largest offloaded tensor while it is stepped is
+    refused, as the strategy refuses it, with the bytes it needs.
+
+    Left out, like activations: the workspace of the step over resident states (the always-on modules' unless
+    offloaded, every layer's with ``offload="none"``), up to 4 bytes per element for master gradients plus one
+    temporary (``foreach``) or two (for-loop) of the state's dtype.
 
     Half-precision parameters get fp32 master weights (``master_weights=True``), with fp32 moments. With
     ``n_active`` equal to the number of layers and ``offload="none"`` this is full fine-tuning.
@@ -100,7 +143,8 @@ def estimate_memory(
     each rank holds ``1/shards`` of every weight, gradient and state (rounded up per tensor). ``weights`` then
     also counts what FSDP2 all-gathers for compute: the root group (embeddings, head, final norm), which stays
     gathered through the step, and two blocks at once (the one computing and the one prefetched), in the
-    compute dtype (bf16 under ``"bf16-mixed"``). There, weights stay fp32 shards, so no master weights.
+    compute dtype (bf16 under ``"bf16-mixed"``). There, weights stay fp32 shards, so no master weights, and its
+    offload moves whole state shards, so no step workspace is counted.
 
     Args:
         model: A Hugging Face causal LM or a module holding one, on any device, ``meta`` included.
@@ -113,13 +157,16 @@ def estimate_memory(
         master_weights: Give half-precision parameters fp32 masters.
         layers: Dotted path of the block container, as for ``GRASSCallback``.
         shards: Ranks that shard the model with ``grass_fsdp``; 1 for ``grass`` and ``grass_ddp``.
+        foreach: Whether AdamW takes its ``foreach`` path (torch's default for CUDA tensors: one temporary per
+            element while stepped) or its for-loop (the default on the CPU: two), as ``step_workspace`` counts.
 
     Returns:
         The estimate, in bytes.
 
     Raises:
         SettingValueError: For an unknown precision or offload, float16 training, ``n_active`` outside
-            1 to the number of layers, ``shards < 1``, or, with ``shards > 1``, a precision or a
+            1 to the number of layers, ``shards < 1``, a ``max_resident_bytes`` with ``offload="none"`` or below
+            what the largest offloaded tensor needs while stepped, or, with ``shards > 1``, a precision or a
             ``max_resident_bytes`` that ``grass_fsdp`` does not take.
     """
     if precision == "16-true":
@@ -145,6 +192,12 @@ def estimate_memory(
             f"n_active={n_active} must be between 1 and the number of layers ({layer_map.num_layers})"
         )
     budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
+    tier = "cpu" if offload == "auto" else offload
+    if budget is not None and tier == "none":
+        raise SettingValueError(
+            f"max_resident_bytes={max_resident_bytes!r} bounds the states an offload tier brings to the device, "
+            "but offload='none' offloads nothing; use offload='cpu' or 'disk'"
+        )
     dtype = PRECISIONS[precision]
 
     def numel(param: nn.Parameter) -> int:
@@ -153,42 +206,101 @@ def estimate_memory(
     def weight_bytes(param: nn.Parameter) -> int:
         return numel(param) * (torch.empty((), dtype=dtype).element_size() if dtype else param.element_size())
 
-    def is_half(param: nn.Parameter) -> bool:
-        return (dtype or param.dtype) in (torch.bfloat16, torch.float16)
-
-    def state_and_master(params: list[nn.Parameter]) -> tuple[int, int]:
-        states = masters = 0
-        for p in params:
-            mastered = master_weights and is_half(p)
-            states += ADAMW_MOMENTS * (4 * numel(p) if mastered else weight_bytes(p))
-            masters += 4 * numel(p) if mastered else 0
-        return states, masters
-
     per_layer = [_unique(layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
     in_layers = {id(p) for params in per_layer for p in params}
-    always_on = _unique(p for group in ALWAYS_ON_GROUPS for p in layer_map.group_parameters(group))
-    always_on = [p for p in always_on if id(p) not in in_layers]
-    by_size = sorted(per_layer, key=lambda params: sum(weight_bytes(p) for p in params), reverse=True)
-    largest = by_size[:n_active]
-    trained = always_on + [p for params in largest for p in params]
+    always_on = [p for group in ALWAYS_ON_GROUPS for p in layer_map.group_parameters(group) if id(p) not in in_layers]
+    by_size = sorted(
+        range(layer_map.num_layers), key=lambda i: sum(weight_bytes(p) for p in per_layer[i]), reverse=True
+    )
+    largest = [p for index in sorted(by_size[:n_active]) for p in per_layer[index]]
+    sizes = _tensor_bytes(
+        always_on + [p for params in per_layer for p in params], dtype, shards, master_weights, foreach
+    )
 
     weights = sum(weight_bytes(p) for p in _unique(p for p in model.parameters()))
     if shards > 1:
         compute_size = 2 if precision == "bf16-mixed" else None
-        gathered = always_on + [p for params in by_size[:2] for p in params]
+        gathered = always_on + [p for index in by_size[:2] for p in per_layer[index]]
         weights += sum(p.numel() * (compute_size or p.element_size()) for p in gathered)
-    gradients = sum(weight_bytes(p) for p in trained)
-    tier = "cpu" if offload == "auto" else offload
+    gradients = sum(weight_bytes(p) for p in always_on + largest)
     if tier == "none":
-        resident_states, resident_masters = state_and_master(always_on + [p for params in per_layer for p in params])
+        resident, offloaded = always_on + [p for params in per_layer for p in params], []
+    elif shards > 1:
+        resident, offloaded = always_on + largest, []
     else:
-        offloaded = [p for params in largest for p in params] + (always_on if offload_always_on else [])
-        states, masters = state_and_master(offloaded)
-        if budget is not None and states + masters > budget:
-            states, masters = states * budget // (states + masters), masters * budget // (states + masters)
-        kept_states, kept_masters = state_and_master([] if offload_always_on else always_on)
-        resident_states, resident_masters = states + kept_states, masters + kept_masters
-    return MemoryEstimate(weights, gradients, resident_masters, resident_states)
+        resident = [] if offload_always_on else always_on
+        offloaded = largest + (always_on if offload_always_on else [])
+    _check_budget(model, budget, offloaded, sizes)
+    held = _held_at_peak([sizes[id(p)] for p in offloaded], budget) + [sizes[id(p)].at_rest() for p in resident]
+    return MemoryEstimate(
+        weights,
+        gradients,
+        master_weights=sum(part.master for part in held),
+        optimizer_states=sum(part.state for part in held),
+        step_workspace=sum(part.workspace for part in held),
+    )
+
+
+def _tensor_bytes(
+    params: list[nn.Parameter], dtype: torch.dtype | None, shards: int, master_weights: bool, foreach: bool
+) -> dict[int, _TensorBytes]:
+    """Each parameter's state, master and step workspace, by the strategy's arithmetic, keyed by ``id``.
+
+    It runs on stand-ins on the ``meta`` device, of the dtype each parameter trains in and of one rank's
+    numel, held by an AdamW that is never stepped: nothing is allocated.
+    """
+    stand_ins = [
+        nn.Parameter(torch.empty(-(-p.numel() // shards), dtype=dtype or p.dtype, device="meta")) for p in params
+    ]
+    adamw = torch.optim.AdamW(stand_ins, foreach=foreach)
+    sizes = {}
+    for param, stand_in in zip(params, stand_ins, strict=True):
+        mastered = master_weights and needs_master(stand_in)
+        master = 4 * stand_in.numel() if mastered else 0
+        sizes[id(param)] = _TensorBytes(
+            state=expected_state_bytes(adamw, stand_in, mastered) - master,
+            master=master,
+            workspace=step_workspace_bytes(adamw, stand_in, mastered),
+        )
+    return sizes
+
+
+def _check_budget(
+    model: nn.Module, budget: int | None, offloaded: list[nn.Parameter], sizes: dict[int, _TensorBytes]
+) -> None:
+    """Refuse a budget that cannot hold the largest offloaded tensor while it is stepped, as the strategy does."""
+    if budget is None or not offloaded:
+        return
+    largest = max(offloaded, key=lambda p: sizes[id(p)].stepped)
+    needed = sizes[id(largest)].stepped
+    if needed <= budget:
+        return
+    name = next(name for name, p in model.named_parameters() if p is largest)
+    raise SettingValueError(
+        f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold {name} while it is stepped "
+        f"({needed} bytes: its optimizer state and step counter, its fp32 master and master gradient if it has one, "
+        f"and AdamW's temporaries); raise it to at least {needed} bytes, or to {2 * needed} bytes so that the next "
+        "tensor's fetch overlaps the update"
+    )
+
+
+def _held_at_peak(units: Sequence[_TensorBytes], budget: int | None) -> list[_TensorBytes]:
+    """What the offload store holds at its peak, for offloaded tensors in update order, as its parts.
+
+    Every unit, stepped, when all fit in the budget together (or there is none); otherwise the unit being
+    stepped and, when it fits beside it, the next unit's state, fetched during the update.
+    """
+    if budget is None or sum(unit.stepped for unit in units) <= budget:
+        return list(units)
+    peak: list[_TensorBytes] = []
+    for index, unit in enumerate(units):
+        held = [unit]
+        following = units[index + 1] if index + 1 < len(units) else None
+        if following is not None and unit.stepped + following.resident <= budget:
+            held.append(following.at_rest())
+        if sum(part.stepped for part in held) > sum(part.stepped for part in peak):
+            peak = held
+    return peak
 
 
 def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -9,8 +9,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyCausalLM, make_trainer, token_batches
+from conftest import TinyCausalLM, make_trainer, tiny_llama_config, token_batches
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSCallback, GRASSStrategy
 from lightning_grass.errors import NothingToTrainError, SettingValueError
@@ -299,3 +300,25 @@ def test_resuming_fixed_mode_with_other_fixed_layers_trains_them_from_the_first_
     in_state = {id(p) for p in trainer.optimizers[0].state}
     trained_layers = [i for i in range(NUM_LAYERS) if any(id(p) in in_state for p in layers_of(module)[i].parameters())]
     assert trained_layers == [2, 3], "the checkpoint's moments of layers 0 and 1 were dropped, 2 and 3 have their own"
+
+
+@pytest.mark.parametrize(("train_embeddings", "train_head"), [(False, True), (True, False), (True, True)])
+def test_a_tied_head_follows_train_embeddings_and_a_disagreement_is_warned_once(train_embeddings, train_head):
+    module = TinyCausalLM()
+    config = tiny_llama_config(4, tie_word_embeddings=True)
+    module.model = LlamaForCausalLM(config)
+    module.model.tie_weights()
+    tied = module.model.model.embed_tokens.weight
+    assert tied is module.model.lm_head.weight
+    before = tied.detach().clone()
+    callback = GRASSCallback(mode="lisa", n_active=2, seed=0, train_embeddings=train_embeddings, train_head=train_head)
+    messages, _ = fit_recording_warnings(callback, max_steps=2, module=module)
+    tied_warnings = [m for m in messages if "tied tensor" in m]
+    if train_embeddings == train_head:
+        assert tied_warnings == []
+    else:
+        assert tied_warnings == [
+            "GRASS: model.model.embed_tokens.weight and model.lm_head.weight are one tied tensor; it trains with the "
+            f"embeddings (train_embeddings={train_embeddings}), so train_head={train_head} does not apply to it"
+        ]
+    assert torch.equal(before, tied) == (not train_embeddings)

@@ -40,7 +40,8 @@ class CausalLMModule(pl.LightningModule):
     """Fine-tune a Hugging Face causal LM with AdamW, linear warm-up and cosine decay.
 
     The model comes from a local directory (``pretrained_path``, loaded with ``from_pretrained`` and
-    ``local_files_only=True``: nothing is downloaded) or, for tiny test models, from a config dict
+    ``local_files_only=True``: nothing is downloaded, and put in training mode, which ``from_pretrained`` does
+    not leave it in) or, for tiny test models, from a config dict
     (``config``, with ``model_type`` such as ``"llama"``). The loss covers response tokens only: the data
     marks prompt tokens with -100 in ``labels``.
 
@@ -111,7 +112,9 @@ class CausalLMModule(pl.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = None
         if pretrained_path is not None:
-            self.model = _load_model(Path(pretrained_path), dtype)
+            # from_pretrained returns the model in eval mode, and Lightning's fit does not call train() (it only
+            # warns about modules in eval mode): without this, dropout would stay off while fine-tuning.
+            self.model = _load_model(Path(pretrained_path), dtype).train()
             self.tokenizer = _load_tokenizer(Path(pretrained_path))
         elif config is not None:
             if not isinstance(config, Mapping):

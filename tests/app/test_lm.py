@@ -7,11 +7,12 @@ import torch
 import transformers
 from conftest import MODULE_CONFIG as CONFIG
 from conftest import make_trainer
+from lightning.pytorch.callbacks import Callback
 from safetensors import SafetensorError
 from tolerances import FP32_UNIT_ROUNDOFF, fp32_sum_rtol
 from torch.nn import functional
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from lightning_grass import GRASSStrategy
 from lightning_grass.app.lm import CausalLMModule, warmup_cosine
@@ -322,3 +323,38 @@ def test_a_bf16_checkpoint_trains_on_fp32_masters_under_the_default_precision(tm
     assert trainer.precision == "32-true"
     state = trainer.optimizers[0].state
     assert all(p.dtype == torch.bfloat16 and state[p][MASTER_KEY].dtype == torch.float32 for p in module.parameters())
+
+
+class DropoutSeen(Callback):
+    """Whether every module was in training mode at each training batch, and that batch's loss."""
+
+    def __init__(self):
+        self.all_training, self.losses = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.all_training.append(all(module.training for module in pl_module.modules()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_a_loaded_model_fine_tunes_in_training_mode_with_its_dropout_on(tmp_path, tiny_pretrained_dir):
+    config = AutoConfig.from_pretrained(tiny_pretrained_dir)
+    config.attention_dropout = 0.5
+    transformers.AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir, config=config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_pretrained_dir).save_pretrained(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not reference.training, "from_pretrained returns the model in eval mode"
+    row = torch.arange(1, 11)
+    batch = {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row}
+    with torch.no_grad():
+        eval_loss = reference(**{key: value[None] for key, value in batch.items()}).loss.item()
+
+    module = CausalLMModule(pretrained_path=tmp_path)
+    assert [name for name, m in module.named_modules() if not m.training] == []
+    seen = DropoutSeen()
+    torch.manual_seed(0)  # the dropout masks
+    make_trainer(max_steps=1, callbacks=[seen]).fit(module, train_dataloaders=DataLoader([batch], 1))
+    assert seen.all_training == [True]
+    # The first step's weights are the checkpoint's: only attention dropout (p=0.5) can move its loss.
+    assert abs(seen.losses[0] - eval_loss) > 1e-3 * eval_loss
