@@ -9,11 +9,10 @@ from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.memory_estimate import MemoryEstimate, estimate_memory
 from lightning_grass.strategies import GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
+from lightning_grass.strategies.registry import register_strategy_names
 
 # Lightning finds strategy names by registration at import time, not through entry points.
-GRASSStrategy.register_strategies(StrategyRegistry)
-GRASSDDPStrategy.register_strategies(StrategyRegistry)
-GRASSFSDPStrategy.register_strategies(StrategyRegistry)
+register_strategy_names(StrategyRegistry)
 
 __all__ = [
     "ActiveLayerListener",

@@ -66,13 +66,7 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="GRASS on DDP, optimizer-state offload per rank", override=True
-        )
-        strategy_registry.register(
-            "grass_ddp_offload_disk",
-            cls,
-            description="GRASS on DDP with optimizer states in files",
-            override=True,
-            offload="disk",
-        )
+        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
+        from lightning_grass.strategies.registry import register_strategy_names
+
+        register_strategy_names(strategy_registry, cls)

@@ -421,13 +421,7 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="GRASS on FSDP2, one shard group per block", override=True
-        )
-        strategy_registry.register(
-            "grass_fsdp_offload_disk",
-            cls,
-            description="GRASS on FSDP2 with deactivated blocks' state shards in files",
-            override=True,
-            offload="disk",
-        )
+        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
+        from lightning_grass.strategies.registry import register_strategy_names
+
+        register_strategy_names(strategy_registry, cls)

@@ -126,20 +126,7 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="GRASS layer-wise optimizer-state offload, one device", override=True
-        )
-        strategy_registry.register(
-            "grass_offload_cpu",
-            cls,
-            description="GRASS with optimizer states in (pinned) host memory",
-            override=True,
-            offload="cpu",
-        )
-        strategy_registry.register(
-            "grass_offload_disk",
-            cls,
-            description="GRASS with optimizer states in files, read and written by a background thread",
-            override=True,
-            offload="disk",
-        )
+        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
+        from lightning_grass.strategies.registry import register_strategy_names
+
+        register_strategy_names(strategy_registry, cls)
