@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_grass.byte_size import format_bytes, parse_byte_size
+from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
-from lightning_grass.strategies.layerwise_offload import OFFLOAD_TIERS
+from lightning_grass.offload_settings import OffloadSettings
 
 #: Precisions ``grass_fsdp`` takes: its weights stay in their own dtype, sharded.
 SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed")
@@ -173,8 +173,7 @@ def estimate_memory(
         raise SettingValueError("precision='16-true' is refused by GRASSStrategy; estimate 'bf16-true' instead")
     if precision not in PRECISIONS:
         raise SettingValueError(f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}")
-    if offload not in OFFLOAD_TIERS:
-        raise SettingValueError(f"offload={offload!r} is not supported; use one of {OFFLOAD_TIERS}")
+    settings = OffloadSettings.validated(offload, None, max_resident_bytes, offload_always_on, master_weights)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise SettingValueError(f"shards={shards!r} must be an int >= 1 (the ranks grass_fsdp shards over)")
     if shards > 1 and precision not in SHARDED_PRECISIONS:
@@ -191,13 +190,8 @@ def estimate_memory(
         raise SettingValueError(
             f"n_active={n_active} must be between 1 and the number of layers ({layer_map.num_layers})"
         )
-    budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
+    budget = settings.max_resident_bytes
     tier = "cpu" if offload == "auto" else offload
-    if budget is not None and tier == "none":
-        raise SettingValueError(
-            f"max_resident_bytes={max_resident_bytes!r} bounds the states an offload tier brings to the device, "
-            "but offload='none' offloads nothing; use offload='cpu' or 'disk'"
-        )
     dtype = PRECISIONS[precision]
 
     def numel(param: nn.Parameter) -> int:

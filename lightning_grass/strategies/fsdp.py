@@ -28,13 +28,12 @@ from typing_extensions import override
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.offload import DiskTier, HostTier
-from lightning_grass.offload.disk_tier import check_offload_dir
 from lightning_grass.offload.sharded_states import ShardedStateOffload
+from lightning_grass.offload_settings import OffloadSettings
 
 log = logging.getLogger(__name__)
 
 #: Accepted values of ``offload``.
-FSDP_OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
 
 
 class GRASSFSDPStrategy(ModelParallelStrategy):
@@ -105,9 +104,7 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         tensor_parallel_size: int | str = "auto",
         **kwargs: Any,
     ) -> None:
-        if offload not in FSDP_OFFLOAD_TIERS:
-            raise SettingValueError(f"offload={offload!r} is not supported; use one of {FSDP_OFFLOAD_TIERS}")
-        check_offload_dir(offload_dir)
+        OffloadSettings.validated(offload, offload_dir)
         if layers is not None and not isinstance(layers, str):
             raise SettingTypeError(f"layers={layers!r} must be a dotted module path such as 'model.layers', or None")
         if data_parallel_size != "auto" and (

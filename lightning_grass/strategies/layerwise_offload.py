@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
-from lightning_grass.byte_size import format_bytes, parse_byte_size
+from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
 from lightning_grass.offload import (
@@ -32,12 +32,8 @@ from lightning_grass.offload import (
     expected_state_bytes,
     needs_master,
 )
-from lightning_grass.offload.disk_tier import check_offload_dir
 from lightning_grass.offload.offloaded_optimizer import check_offloadable
-from lightning_grass.setting_checks import check_choice, check_flag
-
-#: Accepted values of ``offload``.
-OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
+from lightning_grass.offload_settings import OffloadSettings
 
 
 class LayerwiseOffloadMixin:
@@ -79,26 +75,15 @@ class LayerwiseOffloadMixin:
         master_weights: bool,
         overlap: bool,
     ) -> None:
-        check_choice("offload", offload, OFFLOAD_TIERS)
-        check_offload_dir(offload_dir)
-        for name, value in (
-            ("offload_always_on", offload_always_on),
-            ("master_weights", master_weights),
-            ("overlap", overlap),
-        ):
-            check_flag(name, value)
-        budget = None if max_resident_bytes is None else parse_byte_size(max_resident_bytes, "max_resident_bytes")
-        if budget is not None and offload == "none":
-            raise SettingValueError(
-                f"max_resident_bytes={max_resident_bytes!r} bounds the states an offload tier brings to the device, "
-                "but offload='none' offloads nothing; use offload='cpu' or 'disk'"
-            )
-        self.offload = offload
-        self.offload_dir = offload_dir
-        self.max_resident_bytes = budget
-        self.offload_always_on = offload_always_on
-        self.master_weights = master_weights
-        self.overlap = overlap
+        settings = OffloadSettings.validated(
+            offload, offload_dir, max_resident_bytes, offload_always_on, master_weights, overlap
+        )
+        self.offload = settings.offload
+        self.offload_dir = settings.offload_dir
+        self.max_resident_bytes = settings.max_resident_bytes
+        self.offload_always_on = settings.offload_always_on
+        self.master_weights = settings.master_weights
+        self.overlap = settings.overlap
         self._offloaded: OffloadedOptimizer | None = None
         self._layer_units: list[list[int]] = []
         self._always_on_units: list[int] = []

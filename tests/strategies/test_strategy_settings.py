@@ -76,3 +76,32 @@ def test_checkpoints_are_written_atomically_unless_another_plugin_is_given(strat
     assert type(strategy_class().checkpoint_io) is AtomicCheckpointIO
     mine = TorchCheckpointIO()
     assert strategy_class(checkpoint_io=mine).checkpoint_io is mine
+
+
+def _estimate(**settings):
+    from conftest import TinyCausalLM
+
+    from lightning_grass import estimate_memory
+
+    return estimate_memory(TinyCausalLM().model, n_active=2, **settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(offload="nvme"), "offload='nvme' is not supported; use one of ('auto', 'none', 'cpu', 'disk')"),
+        (dict(offload="none", max_resident_bytes="1MiB"), "max_resident_bytes='1MiB' bounds the states an offload"),
+        (dict(offload="cpu", max_resident_bytes="12 parsecs"), "max_resident_bytes='12 parsecs' is not a byte size"),
+        (dict(offload="cpu", offload_always_on="yes"), "offload_always_on='yes' must be True or False"),
+    ],
+)
+def test_one_offload_setting_is_refused_with_one_message_by_every_strategy_and_the_estimate(settings, message):
+    takers = [GRASSStrategy, GRASSDDPStrategy, _estimate]
+    if set(settings) <= {"offload", "offload_dir"}:
+        takers.append(GRASSFSDPStrategy)  # grass_fsdp takes the tier and its folder only
+    messages = set()
+    for take in takers:
+        with pytest.raises((SettingValueError, SettingTypeError)) as raised:
+            take(**settings)
+        messages.add(str(raised.value))
+    assert len(messages) == 1 and messages.pop().startswith(message)
