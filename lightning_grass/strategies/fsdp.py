@@ -78,7 +78,8 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     Args:
         offload: ``"auto"`` (``"cpu"`` on CUDA, ``"none"`` otherwise), ``"none"``, ``"cpu"`` or ``"disk"``.
         offload_dir: Folder for the disk tier; each rank creates its own subfolder.
-        layers: Dotted path of the block container, overriding discovery (as ``GRASSCallback(layers=...)``).
+        layers: Dotted path of the block container, overriding discovery. Give ``GRASSCallback`` the same
+            ``layers``: a callback that samples another container is refused at fit start, naming both.
         mp_policy: FSDP2 mixed-precision policy for the groups the strategy shards; ``None`` picks one from the
             Trainer's precision.
         data_parallel_size: Ranks that shard the model; ``"auto"`` means every process.
