@@ -29,6 +29,7 @@ def test_a_setting_the_model_cannot_take(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 12 s: test_data_alpaca names the line of a malformed file in process, with the same message
 def test_a_malformed_data_file_names_its_line(tmp_path):
     data = tmp_path / "data.jsonl"
     lines = ['{"instruction": "1 + 1?", "output": "#### 2"}'] * 2 + ['{"instruction": "2 + 2?", "output": #### 4}']

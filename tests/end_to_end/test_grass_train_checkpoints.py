@@ -134,6 +134,7 @@ def test_a_signal_in_the_final_evaluation_leaves_the_checkpoint_and_the_resume_c
     assert_same_run(tmp_path, reference)  # train/loss included: it comes from the checkpoint
 
 
+@pytest.mark.slow  # 11 s: test_run_directory refuses the used folder in process and checks nothing is touched
 def test_a_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_intact(tmp_path, reference):
     before = {p: p.read_bytes() for p in [reference / "checkpoints" / "last.ckpt", reference / "metrics.json"]}
     result = grass_train(reference, "seed=1", check=False)
@@ -196,6 +197,7 @@ def test_an_unreadable_last_ckpt_stops_the_resume_in_one_line_naming_it(tmp_path
     assert last.read_bytes() == content
 
 
+@pytest.mark.slow  # 12 s: test_atomic_checkpoint_io names a truncated checkpoint in process
 def test_a_truncated_checkpoint_stops_the_resume_naming_it(tmp_path, reference):
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
