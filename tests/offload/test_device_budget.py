@@ -6,7 +6,8 @@ import weakref
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama_config
+from conftest import tiny_llama_config
+from layer_windows import layer_params, train, units_of
 from transformers import LlamaForCausalLM
 
 from lightning_grass.offload import (
@@ -103,43 +104,26 @@ class LateTier(HostTier):
         self.finished = True
 
 
-def layer_units(model, layers):
-    per_layer = len(list(model.model.layers[0].parameters()))
-    return [layer * per_layer + i for layer in layers for i in range(per_layer)]
-
-
-def step(model, optimizer, layers, generator):
-    for index, layer in enumerate(model.model.layers):
-        layer.requires_grad_(index in layers)
-    optimizer.set_order(layer_units(model, layers))
-    optimizer.prefetch()
-    tokens = torch.randint(0, VOCAB, (2, 12), generator=generator)
-    optimizer.zero_grad()
-    model(input_ids=tokens, labels=tokens).loss.backward()
-    optimizer.step()
-
-
 def test_a_window_leaving_holds_no_device_references_once_its_write_backs_are_queued():
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(4))
-    params = [p for layer in model.model.layers for p in layer.parameters()]
+    params = layer_params(model)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tier = LateTier()
     offloaded = OffloadedOptimizer(inner, TensorStateStore(inner, params, tier))
-    generator = torch.Generator().manual_seed(1)
-    step(model, offloaded, [0, 1], generator)
+    train(model, offloaded, [[0, 1]])
     leaving = [p for layer in model.model.layers[:2] for p in layer.parameters()]
     window_bytes = sum(8 * p.numel() + 4 for p in leaving)
     references = [weakref.ref(t) for p in leaving for t in inner.state[p].values() if torch.is_tensor(t)]
 
-    offloaded.set_order(layer_units(model, [2, 3]))  # the write-backs are queued; none has finished
+    offloaded.set_order(units_of(model, [2, 3]))  # the write-backs are queued; none has finished
     gc.collect()
     assert all(reference() is None for reference in references), "the store let go of the leaving window"
     stats = offloaded.store.stats
     assert stats["resident_bytes"] == window_bytes, "until the copies report done, their memory counts"
 
     tier.finish()  # the copies end during the next forward
-    step(model, offloaded, [2, 3], generator)
+    train(model, offloaded, [[2, 3]], seed=2)
     arriving = sum(8 * p.numel() + 4 for layer in model.model.layers[2:] for p in layer.parameters())
     assert stats["resident_bytes"] == arriving
     # The windows were never counted together: the peak is one window being stepped, with its workspace.
@@ -150,7 +134,7 @@ def test_a_window_leaving_holds_no_device_references_once_its_write_backs_are_qu
 def test_a_unit_being_stepped_holds_its_workspace_inside_the_budget():
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(4)).to(torch.bfloat16)
-    params = [p for layer in model.model.layers for p in layer.parameters()]
+    params = layer_params(model)
     everything = list(model.parameters())
     inner = torch.optim.AdamW(everything, lr=1e-2)
     largest = max(device_bytes_while_stepped(inner, p, True) for p in params)
@@ -166,9 +150,7 @@ def test_a_unit_being_stepped_holds_its_workspace_inside_the_budget():
         return original(*args, **kwargs)
 
     inner.step = watched_step
-    generator = torch.Generator().manual_seed(1)
-    for layers in ([0, 1], [0, 1], [2, 3]):
-        step(model, offloaded, layers, generator)
+    train(model, offloaded, [[0, 1], [0, 1], [2, 3]])
     streamed = [(units, held) for units, held in during_steps if len(units) == 1]
     assert len(streamed) == 3 * 2 * 9, "two layers of 9 tensors do not fit: each tensor is stepped alone"
     for (unit,), held in streamed:

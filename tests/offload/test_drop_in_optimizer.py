@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import VOCAB, TinyCausalLM, make_trainer, tiny_llama_config, token_batches
+from layer_windows import layer_params
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -22,18 +23,8 @@ from lightning_grass.offload import (
     device_bytes_while_stepped,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The cores are shared: contended intra-op threads make these tiny fits ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def layer_params(model):
-    return [p for layer in model.model.layers for p in layer.parameters()]
+# The cores are shared: contended intra-op threads make these tiny fits ten times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Finetuned(TinyCausalLM):

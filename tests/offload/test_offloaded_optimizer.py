@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama_config
+from layer_windows import layer_params, train, units_of
 from transformers import LlamaForCausalLM
 
 from lightning_grass.offload import (
@@ -37,16 +38,6 @@ def make_tier(kind, tmp_path):
     return DiskTier(tmp_path) if kind == "disk" else HostTier(torch.device("cpu"))
 
 
-def layer_params(model):
-    return [p for layer in model.model.layers for p in layer.parameters()]
-
-
-def units_of(model, layers):
-    """The store's units (indices into layer_params) of ``layers``."""
-    per_layer = len(list(model.model.layers[0].parameters()))
-    return [layer * per_layer + i for layer in layers for i in range(per_layer)]
-
-
 def wrap(model, optimizer, kind, tmp_path, max_resident_bytes=None, masters=(), overlap=True):
     store = TensorStateStore(
         optimizer, layer_params(model), make_tier(kind, tmp_path), max_resident_bytes, masters, overlap
@@ -58,22 +49,6 @@ def largest_stepped_bytes(model, optimizer, masters=()):
     """What the budget must hold for the largest layer tensor while it is stepped (state and step workspace)."""
     mastered = {id(p) for p in masters}
     return max(device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in layer_params(model))
-
-
-def train(model, optimizer, schedule, scheduler=None, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    for active in schedule:
-        for index, layer in enumerate(model.model.layers):
-            layer.requires_grad_(index in active)
-        if isinstance(optimizer, OffloadedOptimizer):
-            optimizer.set_order(units_of(model, active))
-            optimizer.prefetch()
-        tokens = torch.randint(0, VOCAB, (2, 12), generator=generator)
-        optimizer.zero_grad()
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
 
 
 def assert_same_state(expected, actual):

@@ -134,13 +134,8 @@ def trainer_settings(case: str, precision: str) -> dict:
     return dict(max_steps=3, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The cores are shared: contended intra-op threads make these tiny fits ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The cores are shared: contended intra-op threads make these tiny fits ten times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit(strategy, precision, optimizer, case, reference=False, devices=1, **settings):
