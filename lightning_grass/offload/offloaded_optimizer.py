@@ -15,6 +15,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.offload.master_weights import enter_master, leave_master, needs_master
+from lightning_grass.offload.sharded_tensors import local_numel
 from lightning_grass.offload.tensor_state_store import TensorStateStore
 
 _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
@@ -128,10 +129,10 @@ class OffloadedOptimizer(Optimizer):
             self.store.prefetch_active()
 
     def unmanaged_state_bytes(self) -> int:
-        """Bytes of the resident state of the parameters the store does not hold (masters included)."""
+        """Bytes of the resident state of the parameters the store does not hold (masters included; local shards)."""
         state = self._inner.state
         return sum(
-            value.numel() * value.element_size()
+            local_numel(value) * value.element_size()
             for p in self._unmanaged()
             for value in state.get(p, {}).values()
             if isinstance(value, Tensor)
@@ -215,7 +216,7 @@ class OffloadedOptimizer(Optimizer):
         self._inner.load_state_dict({**state_dict, "state": states})
         for index, saved in states.items():
             param = params[index]
-            if self._is_mastered(param):
+            if self.is_mastered(param):
                 state = self._inner.state[param]
                 for key, value in saved.items():
                     if key != "step":
@@ -231,8 +232,12 @@ class OffloadedOptimizer(Optimizer):
         """The parameters the store does not hold, those added since it was built included."""
         return [p for p in self._params() if id(p) not in self._unit_of]
 
-    def _is_mastered(self, param: nn.Parameter) -> bool:
-        """Whether ``param`` steps on an fp32 master: as given, or, added later, if half and masters are in use."""
+    def is_mastered(self, param: nn.Parameter) -> bool:
+        """Whether ``param`` steps on an fp32 master: as given, or, added later, if half and masters are in use.
+
+        Args:
+            param: A parameter of the wrapped optimizer.
+        """
         if id(param) in self._initial:
             return id(param) in self._mastered
         return bool(self._mastered) and needs_master(param)
@@ -261,7 +266,7 @@ class OffloadedOptimizer(Optimizer):
         """One step of the wrapped optimizer over ``params`` only, half-precision ones on their fp32 masters."""
         if not params:
             return
-        masters = {id(p): enter_master(self._inner, p) for p in params if self._is_mastered(p)}
+        masters = {id(p): enter_master(self._inner, p) for p in params if self.is_mastered(p)}
         try:
             with self._narrowed(params, masters):
                 self._inner.step()
@@ -277,7 +282,7 @@ class OffloadedOptimizer(Optimizer):
         that what the closure does to the optimizer's parameters (Lightning clips their gradients) reaches them.
         """
         params = self._params()
-        masters = {id(p): self._enter_before_closure(p) for p in params if self._is_mastered(p)}
+        masters = {id(p): self._enter_before_closure(p) for p in params if self.is_mastered(p)}
         pairs = [(p, masters[id(p)]) for p in params if id(p) in masters]
         groups = self._inner.param_groups
         plain = [list(group["params"]) for group in groups]
@@ -329,7 +334,7 @@ class OffloadedOptimizer(Optimizer):
         # Named after the class: inside Lightning's LightningOptimizer, which subclasses this class, it reads
         # LightningOffloadedOptimizer(AdamW (...), ...), as a plain optimizer reads LightningAdamW (...).
         stored = 0 if self.store is None else len(self.store.params)
-        masters = sum(self._is_mastered(p) for p in self._params())
+        masters = sum(self.is_mastered(p) for p in self._params())
         return f"{type(self).__name__}({self._inner!r}, offloaded={stored}, masters={masters})"
 
     def __getstate__(self) -> dict[str, Any]:

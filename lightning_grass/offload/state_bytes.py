@@ -3,7 +3,7 @@
 What is resident now (:func:`optimizer_state_bytes`), what a parameter's state will take once it exists
 (:func:`expected_state_bytes`), and the transient bytes of the step that updates it
 (:func:`step_workspace_bytes`): together, :func:`device_bytes_while_stepped` is what a byte budget must hold
-for one tensor while it is updated.
+for one tensor while it is updated. A sharded (``DTensor``) parameter counts this rank's shard.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from lightning_grass.offload.sharded_tensors import local_numel
 
 #: Moment tensors per parameter of AdamW without ``amsgrad``, the optimizer that :func:`expected_state_bytes`
 #: assumes for optimizers it does not know.
@@ -21,9 +23,9 @@ STEP_COUNTER_BYTES = 4
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state``: the states resident now."""
+    """Bytes of every tensor in ``optimizer.state``: the states resident now (this rank's shards, if sharded)."""
     return sum(
-        value.numel() * value.element_size()
+        local_numel(value) * value.element_size()
         for state in optimizer.state.values()
         for value in state.values()
         if isinstance(value, Tensor)
@@ -61,7 +63,7 @@ def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
     element = 4 if master else param.element_size()
     moments = moments_per_element(optimizer, param)
     step = 0 if isinstance(optimizer, torch.optim.SGD) else STEP_COUNTER_BYTES
-    return param.numel() * (moments * element + (4 if master else 0)) + step
+    return local_numel(param) * (moments * element + (4 if master else 0)) + step
 
 
 def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:
@@ -87,7 +89,7 @@ def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
     group = _group_of(optimizer, param)
     element = 4 if master else param.element_size()
     master_gradient = 4 if master else 0
-    return param.numel() * (master_gradient + _temporaries(optimizer, group, param) * element)
+    return local_numel(param) * (master_gradient + _temporaries(optimizer, group, param) * element)
 
 
 def device_bytes_while_stepped(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:

@@ -9,12 +9,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_grass.offload.master_weights import MASTER_KEY
+from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_bytes import expected_state_bytes, step_workspace_bytes
+from lightning_grass.offload.state_placement import resident_spec
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,34 @@ class BackingTier(Protocol):
 
 @dataclass
 class _Layout:
-    """How one parameter's state is laid out: ``(key, spec)`` per tensor, and the non-tensor values."""
+    """How one parameter's state is laid out: its non-tensor values, and its tensors.
 
-    tensors: list[tuple[str, TensorSpec]] = field(default_factory=list)
+    Per tensor: its key, the spec of its (local) part, and, for a sharded state, where that part sits in the
+    ``DTensor``.
+    """
+
+    tensors: list[tuple[str, TensorSpec, ShardPlacement | None]] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(spec.nbytes for _, spec in self.tensors)
+        return sum(spec.nbytes for _, spec, _ in self.tensors)
+
+    def add(self, key: str, value: Tensor, spec: TensorSpec | None = None) -> Tensor:
+        """Record state tensor ``value`` (spec: its local part's, unless given); return the local part."""
+        local = local_part(value)
+        self.tensors.append((key, spec or TensorSpec.of(local), ShardPlacement.of(value)))
+        return local
+
+    def specs(self) -> list[TensorSpec]:
+        return [spec for _, spec, _ in self.tensors]
+
+    def rebuild(self, tensors: list[Tensor]) -> dict[str, Any]:
+        """The state from stored local parts, sharded ones wrapped back into ``DTensor`` where they are."""
+        state = dict(self.values)
+        for (key, _, placement), tensor in zip(self.tensors, tensors, strict=True):
+            state[key] = tensor if placement is None else placement.around(tensor)
+        return state
 
 
 @dataclass
@@ -78,7 +98,8 @@ class _Entry:
 class TensorStateStore:
     """Keeps offloaded parameters' optimizer states (fp32 masters included) in a backing tier.
 
-    The unit of residency is one parameter tensor. Its state is *resident* while it sits in
+    The unit of residency is one parameter tensor; of a sharded (FSDP2 ``DTensor``) parameter, this rank's shard,
+    whose states are stored, sized and budgeted by their local parts. Its state is *resident* while it sits in
     ``optimizer.state`` on the device; otherwise it lives in the backing tier. An entry takes its bytes from
     the moment its fetch starts until the tier has released the memory its write-back reads (the copy has
     read it, or the disk tier has staged it on the host), and ``max_resident_bytes`` bounds the sum at every
@@ -283,6 +304,8 @@ class TensorStateStore:
     def backed_state(self) -> dict[nn.Parameter, dict[str, Any]]:
         """Every non-resident unit's state as CPU tensors, after pending writes, for checkpoints.
 
+        A sharded state is a ``DTensor`` around the CPU tensor, which never passes through the device.
+
         Raises:
             RuntimeError: If the store was closed (the backing tier is gone) while it held states.
         """
@@ -297,25 +320,23 @@ class TensorStateStore:
             entry = self._entries.get(unit)
             if entry is not None and entry.status == "resident":
                 continue  # its state is in optimizer.state, and the backing copy may be older
-            state = dict(layout.values)
-            for (key, _), tensor in zip(layout.tensors, self.tier.read_to_cpu(unit), strict=True):
-                state[key] = tensor
-            states[self.params[unit]] = state
+            states[self.params[unit]] = layout.rebuild(self.tier.read_to_cpu(unit))
         return states
 
     def load_backed_state(self, unit: int, state: dict[str, Any] | None) -> None:
         """Write a checkpointed state of ``unit`` into the backing tier, on the CPU as given.
 
         Each tensor takes the dtype and device recorded here (torch's loading policy, with fp32 for the
-        floating state of a parameter that has a master) when the unit is next acquired.
+        floating state of a parameter that has a master) when the unit is next acquired. A sharded state (a
+        ``DTensor``) goes in as its local shard, as it is.
         """
+        param = self.params[unit]
         layout = _Layout()
         tensors: list[Tensor] = []
         for key, value in sorted((state or {}).items()):
             if isinstance(value, Tensor):
-                spec = self._resident_spec(self.params[unit], key, value)
-                layout.tensors.append((key, spec))
-                tensors.append(value.detach().to(dtype=spec.dtype))
+                spec = resident_spec(self.optimizer, param, key, value, id(param) in self._mastered)
+                tensors.append(layout.add(key, value.detach(), spec).to(dtype=spec.dtype))
             else:
                 layout.values[key] = value
         if not layout.tensors and not layout.values:
@@ -350,20 +371,18 @@ class TensorStateStore:
             self.tier.close()
 
     def _start_fetch(self, unit: int, layout: _Layout) -> None:
-        tensors, transfer = self.tier.read(unit, [spec for _, spec in layout.tensors])
+        tensors, transfer = self.tier.read(unit, layout.specs())
         self._entries[unit] = _Entry(tensors, transfer, layout.nbytes, "fetching")
         self.stats["bytes_to_device"] += layout.nbytes
         self._note_residency()
 
     def _install(self, unit: int, layout: _Layout, tensors: list[Tensor]) -> None:
-        state = self.optimizer.state[self.params[unit]]
-        for (key, _), tensor in zip(layout.tensors, tensors, strict=True):
-            state[key] = tensor
-        state.update(layout.values)
+        self.optimizer.state[self.params[unit]].update(layout.rebuild(tensors))
 
     def _state_tensors(self, unit: int) -> list[Tensor]:
+        """The local parts of ``unit``'s resident state tensors."""
         state = self.optimizer.state.get(self.params[unit], {})
-        return [value for value in state.values() if isinstance(value, Tensor)]
+        return [local_part(value) for value in state.values() if isinstance(value, Tensor)]
 
     def _evict(self, unit: int) -> None:
         """Take ``unit``'s state out of ``optimizer.state`` and start its write-back (or drop an unchanged one)."""
@@ -396,8 +415,7 @@ class TensorStateStore:
         tensors: list[Tensor] = []
         for key, value in sorted((state or {}).items()):
             if isinstance(value, Tensor):
-                layout.tensors.append((key, TensorSpec.of(value)))
-                tensors.append(value)
+                tensors.append(layout.add(key, value))
             else:
                 layout.values[key] = value
         if not layout.tensors and not layout.values:
@@ -470,19 +488,3 @@ class TensorStateStore:
         stats["resident_tensors"] = tensors
         stats["peak_resident_bytes"] = max(stats["peak_resident_bytes"], nbytes)
         stats["peak_resident_tensors"] = max(stats["peak_resident_tensors"], tensors)
-
-    def _resident_spec(self, param: nn.Parameter, key: str, value: Tensor) -> TensorSpec:
-        """Dtype and device a checkpointed state tensor takes when resident, following torch's loading policy.
-
-        ``step`` counters stay float32 on the CPU unless the optimizer is fused or capturable. Other floating
-        point states take the parameter's dtype and device, or float32 for a parameter with an fp32 master
-        (whose moments are the master's).
-        """
-        group = next(g for g in self.optimizer.param_groups if any(p is param for p in g["params"]))
-        if key == "step":
-            on_device = group.get("fused") or group.get("capturable")
-            return TensorSpec(tuple(value.shape), torch.float32, param.device if on_device else torch.device("cpu"))
-        if not value.is_floating_point():
-            return TensorSpec(tuple(value.shape), value.dtype, param.device)
-        mastered = id(param) in self._mastered or key == MASTER_KEY
-        return TensorSpec(tuple(value.shape), torch.float32 if mastered else param.dtype, param.device)

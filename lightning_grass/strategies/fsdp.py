@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,23 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.layer_discovery import LayerMap, discover_layers
-from lightning_grass.offload import DiskTier, HostTier
-from lightning_grass.offload.sharded_states import ShardedStateOffload
-from lightning_grass.offload_settings import OffloadSettings
+from lightning_grass.offload import OffloadedOptimizer
+from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
+from lightning_grass.offload.state_placement import resident_spec
+from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin, refuse_float16
 
 log = logging.getLogger(__name__)
 
-#: Accepted values of ``offload``.
+#: Precisions ``grass_fsdp`` trains in.
+SHARDED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
-class GRASSFSDPStrategy(ModelParallelStrategy):
+class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
     """FSDP2 data-parallel sharding for GRASS: each rank holds 1/N of every weight, gradient and optimizer state.
 
     Built on Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (FSDP2, DTensor), with
@@ -52,32 +53,36 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     - **Lazy initialisation.** FSDP2 fixes each group's gradient dtypes when it first runs. A block frozen then
       cannot be trained later under a mixed-precision policy, so the strategy runs that initialisation at
       setup, while every block is still trainable, for every precision.
-    - **Precision.** ``"32-true"`` and ``"bf16-mixed"``. Under ``"bf16-mixed"`` the blocks are sharded with
-      ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (unless ``mp_policy`` is given):
-      weights, moments and gradients stay float32 shards, so no fp32 master is needed. Half-precision weights
-      (``"bf16-true"``, ``"16-true"``) are refused: the fp32 master logic of ``GRASSStrategy`` steps through
-      its own per-tensor store, not through sharded states.
+    - **Precision.** ``"32-true"``, ``"bf16-mixed"`` and ``"bf16-true"``. Under ``"bf16-mixed"`` the blocks are
+      sharded with ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (unless ``mp_policy``
+      is given): weights, moments and gradients stay float32 shards. Under ``"bf16-true"`` the shards are bf16
+      and each is stepped on an fp32 master shard (``master_weights=True``), as with ``GRASSStrategy``.
+      float16 weights are refused.
     - **Same layers on every rank.** ``GRASSCallback`` draws on rank 0 and broadcasts, as with ``grass_ddp``;
       MGN is read from the reduce-scattered gradient shards: :func:`~lightning_grass.importance.grouped_sq_norms`
       sums each rank's shard and all-reduces the per-layer sums, so it is the same on every rank.
-    - **Offload.** The optimizer states of deactivated blocks (this rank's shards) move to a backing tier
-      (``"cpu"``: host memory; ``"disk"``: files) when the callback draws other layers, and back when a block
-      is drawn again, bit-identical. They move whole, once per window, through
-      :class:`~lightning_grass.offload.sharded_states.ShardedStateOffload`, which reuses the tiers of
-      :mod:`lightning_grass.offload`. ``max_resident_bytes`` (per-tensor streaming inside the optimizer step)
-      is not offered: that is :class:`~lightning_grass.offload.TensorStateStore`'s job, and it sizes and
-      stores states by the tensor's global shape, not by a rank's shard.
+    - **Offload.** The same engine as ``grass`` and ``grass_ddp``
+      (:class:`~lightning_grass.offload.TensorStateStore`), over this rank's shards: every setting of
+      :class:`~lightning_grass.GRASSStrategy` (tiers, ``max_resident_bytes`` per rank, ``offload_always_on``,
+      overlap) means the same here, with sizes and budgets counted on the local shards.
     - **Checkpoints.** Sharded, with torch's distributed checkpointing (a folder with one file per rank plus
-      Lightning's metadata). Offloaded states are read back from the tier into the saved optimizer state, so a
-      checkpoint always holds every state that exists. Resuming restores weights, optimizer states (offloaded
-      ones go straight back to the tier), the callback's sampler and the loops, bit-exactly.
+      Lightning's metadata). Offloaded states are read from the tier into the saved optimizer state, as
+      ``DTensor`` shards around host tensors (never through the device), so a checkpoint always holds every
+      state that exists. Resuming restores weights, optimizer states (offloaded ones loaded on the host,
+      straight into the tier; ``step`` counters placed as the optimizer places them), the callback's sampler
+      and the loops, bit-exactly.
 
     Launch it as any Lightning multi-process run: ``Trainer(strategy="grass_fsdp", devices=N, num_nodes=M)``,
     under ``torchrun`` or SLURM.
 
     Args:
-        offload: ``"auto"`` (``"cpu"`` on CUDA, ``"none"`` otherwise), ``"none"``, ``"cpu"`` or ``"disk"``.
+        offload: ``"auto"``, ``"none"``, ``"cpu"`` or ``"disk"``, as for ``GRASSStrategy``.
         offload_dir: Folder for the disk tier; each rank creates its own subfolder.
+        max_resident_bytes: Bound on this rank's offloaded state shards and masters on its device, as for
+            ``GRASSStrategy``.
+        offload_always_on: Also offload the embeddings', head's and final norm's state shards.
+        master_weights: Step bf16 shards on fp32 master shards.
+        overlap: Overlap transfers with compute.
         layers: Dotted path of the block container, overriding discovery. Give ``GRASSCallback`` the same
             ``layers``: a callback that samples another container is refused at fit start, naming both.
         mp_policy: FSDP2 mixed-precision policy for the groups the strategy shards; ``None`` picks one from the
@@ -87,10 +92,10 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         **kwargs: Passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
 
     Raises:
-        SettingValueError: For an unknown ``offload``, a ``data_parallel_size`` below 1, a tensor-parallel size
-            other than 1, or ``save_distributed_checkpoint=False``.
-        SettingTypeError: For an ``offload_dir`` that is not a path, ``layers`` that is not a string, a
-            ``data_parallel_size`` that is neither ``"auto"`` nor an int, or an ``mp_policy`` of another type.
+        SettingValueError: For a ``data_parallel_size`` below 1, a tensor-parallel size other than 1,
+            ``save_distributed_checkpoint=False``, and the offload settings ``GRASSStrategy`` refuses.
+        SettingTypeError: For ``layers`` that is not a string, a ``data_parallel_size`` that is neither
+            ``"auto"`` nor an int, an ``mp_policy`` of another type, and offload settings of the wrong type.
     """
 
     strategy_name = "grass_fsdp"
@@ -99,13 +104,17 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         self,
         offload: str = "auto",
         offload_dir: str | os.PathLike | None = None,
+        max_resident_bytes: int | str | None = None,
+        offload_always_on: bool = False,
+        master_weights: bool = True,
+        overlap: bool = True,
         layers: str | None = None,
         mp_policy: MixedPrecisionPolicy | None = None,
         data_parallel_size: int | str = "auto",
         tensor_parallel_size: int | str = "auto",
         **kwargs: Any,
     ) -> None:
-        OffloadSettings.validated(offload, offload_dir)
+        self._init_offload(offload, offload_dir, max_resident_bytes, offload_always_on, master_weights, overlap)
         if layers is not None and not isinstance(layers, str):
             raise SettingTypeError(f"layers={layers!r} must be a dotted module path such as 'model.layers', or None")
         if data_parallel_size != "auto" and (
@@ -130,34 +139,11 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
             raise SettingTypeError(f"mp_policy={mp_policy!r} must be a torch.distributed.fsdp.MixedPrecisionPolicy")
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1, **kwargs)
-        self.offload = offload
-        self.offload_dir = offload_dir
         self.layers = layers
         self.mp_policy = mp_policy
-        self._offload: ShardedStateOffload | None = None
-        self._layer_map: LayerMap | None = None
-        self._active_layers: list[int] = []
         self._checkpoint_path: Path | None = None
         self._sharded_path: str | None = None
         self.sharded_by_strategy = False
-
-    @property
-    def offload_tier(self) -> str:
-        """The tier in use: ``"auto"`` is ``"cpu"`` on CUDA and ``"none"`` otherwise."""
-        if self.offload == "auto":
-            return "cpu" if self.root_device.type == "cuda" else "none"
-        return self.offload
-
-    @property
-    def offload_stats(self) -> dict[str, float]:
-        """This rank's offload counters; empty without offload (and after teardown).
-
-        Keys: ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing`` of the tier, and
-        ``resident_state_bytes`` (this rank's optimizer-state shards on the device).
-        """
-        if self._offload is None:
-            return {}
-        return {**self._offload.stats, "resident_state_bytes": self._offload.resident_state_bytes()}
 
     @property
     @override
@@ -187,24 +173,30 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         # ModelParallelStrategy.setup requires a configure_model; this one shards a plain module itself.
         assert self.model is not None and self.accelerator is not None
+        fitting = trainer.state.fn == TrainerFn.FITTING
         self.accelerator.setup(trainer)
+        if fitting:
+            refuse_float16(self.lightning_module, self.precision_plugin)
         precision = getattr(self.precision_plugin, "precision", "32-true")
-        if precision not in ("32-true", "bf16-mixed"):
+        if precision not in SHARDED_PRECISIONS:
             raise SettingValueError(
-                f"precision={precision!r} is not supported by grass_fsdp; use '32-true' or 'bf16-mixed' (bf16 "
-                "compute on float32 shards, which need no fp32 master weights)"
+                f"precision={precision!r} is not supported by grass_fsdp; use one of {SHARDED_PRECISIONS}"
             )
         _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
         self._shard(trainer)
         self.model_to_device()
         self._lazy_init()
         self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        if fitting:
+            self._wrap_optimizer(None)
 
+    @override
     def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Prepare the backing tier for the layers' optimizer-state shards.
+        """Offload the blocks' optimizer-state shards, as ``GRASSStrategy`` does.
 
         Raises:
             SettingValueError: If the callback samples another block container than the one sharded at setup.
@@ -216,58 +208,26 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
                 f"groups running. Give both the same container: GRASSFSDPStrategy(layers='{layer_map.path}') and "
                 f"GRASSCallback(layers='{layer_map.path}'), or neither"
             )
-        self._layer_map = layer_map
-        self._close_offload()
-        if self.offload_tier == "none" or len(self.optimizers) != 1:
-            return
-        in_optimizer = {id(p) for group in self._inner_optimizer().param_groups for p in group["params"]}
-        params = [
-            p
-            for index in range(layer_map.num_layers)
-            for p in layer_map.layer_parameters(index)
-            if id(p) in in_optimizer
-        ]
-        if self.offload_tier == "disk":
-            directory = None if self.offload_dir is None else Path(self.offload_dir) / f"rank{self.global_rank}"
-            tier = DiskTier(directory)
-        else:
-            tier = HostTier(self.root_device)
-        self._offload = ShardedStateOffload(self._inner_optimizer(), params, tier)
-        rank_zero_info(
-            f"GRASSFSDPStrategy: optimizer-state shards of {len(params)} layer tensors are offloaded to "
-            f"{self.offload_tier!r} while their layer is inactive"
-        )
-
-    def on_active_layers(self, active_layers: Sequence[int]) -> None:
-        """Bring the active layers' state shards back, and send every other layer's to the tier."""
-        self._active_layers = list(active_layers)
-        if self._offload is None or self._layer_map is None:
-            return
-        active = set(active_layers)
-        layer_map = self._layer_map
-        leaving = [p for i in range(layer_map.num_layers) if i not in active for p in layer_map.layer_parameters(i)]
-        offloadable = {id(p) for p in self._offload.params}
-        self._offload.offload(p for p in leaving if id(p) in offloadable)
-        self._offload.restore(p for i in active_layers for p in layer_map.layer_parameters(i))
+        super().on_layer_map(layer_map)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """This rank's optimizer state keyed by parameter name, offloaded shards included (read from the tier).
 
-        Built here rather than with ``get_optimizer_state_dict``, which steps an optimizer with no state (during
-        GRASS's probing phase, for example) to create one, and so would change it.
+        Built from the optimizer's own ``state_dict()`` rather than with ``get_optimizer_state_dict``, which steps
+        an optimizer with no state (during GRASS's probing phase, for example) to create one, and so would change
+        it.
         """
-        inner = self._inner_optimizer(optimizer)
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        states: dict[nn.Parameter, dict[str, Any]] = dict(inner.state)
-        if self._offload is not None:
-            states.update(self._offload.backed_states())
-        saved = {names[id(p)]: dict(state) for p, state in states.items()}
-        groups = [
-            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
-            for group in inner.param_groups
-        ]
-        return {"state": saved, "param_groups": groups}
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        state_dict = optimizer.state_dict()
+        names = self._names_in_order(optimizer)
+        return {
+            "state": {names[index]: dict(state) for index, state in state_dict["state"].items()},
+            "param_groups": [
+                {**group, "params": [names[index] for index in group["params"]]} for group in state_dict["param_groups"]
+            ],
+        }
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -304,54 +264,75 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Load the sharded weights, then the optimizer states: active ones resident, the others to the tier."""
+        """Load the sharded weights, then the optimizer states, each read once into where it will live.
+
+        The states of offloaded tensors are read into host tensors and go straight to the tier; the others are
+        read into tensors on the device (``step`` counters where the optimizer keeps them).
+        """
         from torch.distributed.checkpoint import FileSystemReader, load
 
         path = self._checkpoint_path
         assert path is not None and self.model is not None
         self._load_sharded_weights()
-
         metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-        params = dict(self.model.named_parameters())
         for index, optimizer in enumerate(self.optimizers):
-            inner = self._inner_optimizer(optimizer)
-            prefix = f"optimizer_{index}.state."
-            template: dict[str, dict[str, Any]] = {}
-            for key, meta in metadata.items():
-                if not key.startswith(prefix):
-                    continue
-                name, state_key = key[len(prefix) :].rsplit(".", 1)
-                param = params[name]
-                size = getattr(meta, "size", None)
-                if size is None:
-                    value: Any = None  # a non-tensor value, filled in by load()
-                elif isinstance(param, DTensor) and tuple(size) == tuple(param.shape):
-                    value = torch.zeros_like(param, dtype=meta.properties.dtype)
-                else:
-                    value = torch.zeros(tuple(size), dtype=meta.properties.dtype)
-                template.setdefault(name, {})[state_key] = value
-            groups = [{k: None for k in group if k != "params"} | {"params": None} for group in inner.param_groups]
-            loaded = {f"optimizer_{index}": {"state": template, "param_groups": groups}}
+            key = f"optimizer_{index}"
+            names = self._names_in_order(optimizer)
+            loaded = {key: self._state_template(optimizer, names, metadata, f"{key}.state.")}
             load(loaded, checkpoint_id=path)
-            saved = loaded[f"optimizer_{index}"]
-            for group, saved_group in zip(inner.param_groups, saved["param_groups"], strict=True):
-                group.update({k: v for k, v in saved_group.items() if k != "params"})
-            inner.state.clear()
-            for name, state in saved["state"].items():
-                inner.state[params[name]] = state
+            position = {name: i for i, name in enumerate(names)}
+            saved = loaded[key]
+            first = 0
+            groups = []
+            for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+                params = list(range(first, first + len(group["params"])))
+                groups.append({**{k: v for k, v in saved_group.items() if k != "params"}, "params": params})
+                first += len(params)
+            optimizer.load_state_dict(
+                {"state": {position[name]: state for name, state in saved["state"].items()}, "param_groups": groups}
+            )
         self._checkpoint_path = None
-        if self._offload is not None:
-            # Everything was loaded resident; send the inactive layers' shards back to the tier.
-            self.on_active_layers(self._active_layers)
 
-    @override
-    def teardown(self) -> None:
-        # As GRASSStrategy's: every teardown, a failed run's included, frees the tier and deletes a disk tier's
-        # folder; closing never raises, and Lightning's own teardown runs whatever happens here.
-        try:
-            self._close_offload()
-        finally:
-            super().teardown()
+    def _state_template(
+        self, optimizer: Optimizer, names: list[str], metadata: Mapping[str, Any], prefix: str
+    ) -> dict[str, Any]:
+        """Tensors for torch's distributed ``load`` to fill: on the host for offloaded states, else resident."""
+        params = dict(zip(names, self._params_in_order(optimizer), strict=True))
+        offloaded = set()
+        mastered = set()
+        if isinstance(optimizer, OffloadedOptimizer):
+            if optimizer.store is not None:
+                offloaded = {id(p) for p in optimizer.store.params}
+            mastered = {id(p) for p in params.values() if optimizer.is_mastered(p)}
+        inner = optimizer.optimizer if isinstance(optimizer, OffloadedOptimizer) else optimizer
+        template: dict[str, dict[str, Any]] = {}
+        for key, meta in metadata.items():
+            if not key.startswith(prefix):
+                continue
+            name, state_key = key[len(prefix) :].rsplit(".", 1)
+            param = params[name]
+            size = getattr(meta, "size", None)
+            if size is None:
+                template.setdefault(name, {})[state_key] = None  # a non-tensor value, filled in by load()
+                continue
+            placement = ShardPlacement.of(param) if tuple(size) == tuple(param.shape) else None
+            shape = tuple(local_part(param).shape) if placement is not None else tuple(size)
+            saved = torch.empty(shape, dtype=meta.properties.dtype, device="meta")
+            device = resident_spec(inner, param, state_key, saved, id(param) in mastered).device
+            if id(param) in offloaded:
+                device = torch.device("cpu")
+            local = torch.empty(shape, dtype=meta.properties.dtype, device=device)
+            template.setdefault(name, {})[state_key] = local if placement is None else placement.around(local)
+        groups = [{k: None for k in group if k != "params"} | {"params": None} for group in inner.param_groups]
+        return {"state": template, "param_groups": groups}
+
+    def _params_in_order(self, optimizer: Optimizer) -> list[nn.Parameter]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def _names_in_order(self, optimizer: Optimizer) -> list[str]:
+        """The names of ``optimizer``'s parameters, in the order of its state-dict indices."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [names[id(p)] for p in self._params_in_order(optimizer)]
 
     def _shard(self, trainer: pl.Trainer) -> None:
         """``fully_shard`` each block, then each top-level submodule holding parameters; unless already done."""
@@ -404,17 +385,6 @@ class GRASSFSDPStrategy(ModelParallelStrategy):
         for root in roots:
             if id(root) not in nested:
                 root._get_fsdp_state()._lazy_init()  # torch has no public call for this; the first forward makes it
-
-    def _inner_optimizer(self, optimizer: Optimizer | None = None) -> Optimizer:
-        optimizer = optimizer if optimizer is not None else self.optimizers[0]
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return optimizer
-
-    def _close_offload(self) -> None:
-        if self._offload is not None:
-            self._offload.close()
-            self._offload = None
 
     @classmethod
     @override

@@ -117,7 +117,7 @@ class LayerwiseOffloadMixin:
     def setup(self, trainer: pl.Trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
-            _refuse_float16(self.lightning_module, self.precision_plugin)
+            refuse_float16(self.lightning_module, self.precision_plugin)
         super().setup(trainer)
         if fitting:
             self._wrap_optimizer(None)
@@ -269,10 +269,17 @@ class LayerwiseOffloadMixin:
             logger.log_metrics(metrics, step=step)
 
 
-def _refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:
+def refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:
     """Refuse float16 training before the precision plugin converts the module and before any step.
 
     Without loss scaling, float16 gradients underflow and the update turns to NaN.
+
+    Args:
+        module: The LightningModule about to be trained.
+        precision_plugin: The Trainer's precision plugin.
+
+    Raises:
+        SettingValueError: If a trainable parameter would train in float16.
     """
     trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if getattr(precision_plugin, "precision", None) == "16-true":

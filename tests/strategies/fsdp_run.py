@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import TinyCausalLM, token_batches
 
 from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy
+from lightning_grass.offload import device_bytes_while_stepped
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
@@ -34,6 +35,8 @@ parser.add_argument("--n-active", type=int, default=1)
 parser.add_argument("--probe-steps", type=int, default=2)
 parser.add_argument("--sample-every", type=int, default=3)
 parser.add_argument("--offload", default="none")
+parser.add_argument("--budget-tensors", type=int, default=0, help="max_resident_bytes: this many largest shards")
+parser.add_argument("--offload-always-on", action="store_true")
 parser.add_argument("--precision", default="32-true")
 parser.add_argument("--save-every", type=int, default=0)
 parser.add_argument("--resume", type=Path, default=None)
@@ -53,11 +56,35 @@ def inner_optimizer(trainer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def full_state(trainer, pl_module):
+    """Every parameter's optimizer state by name, offloaded ones included, as this rank's local CPU clones."""
+    optimizer = trainer.optimizers[0]
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        names[id(params[index])]: {k: local(v).clone() if torch.is_tensor(v) else v for k, v in state.items()}
+        for index, state in optimizer.state_dict()["state"].items()
+    }
+
+
+def shard_budget(module, tensors, world_size, precision):
+    """``tensors`` times what the largest of this rank's shards needs while stepped (AdamW, as the module's)."""
+    mastered = precision == "bf16-true"
+    needs = []
+    for p in module.parameters():
+        rows = -(-p.shape[0] // world_size)  # FSDP2 shards dim 0; rank 0 holds the largest part
+        dtype = torch.bfloat16 if mastered else p.dtype
+        shard = torch.nn.Parameter(torch.empty(rows, *p.shape[1:], dtype=dtype, device="meta"))
+        needs.append(device_bytes_while_stepped(torch.optim.AdamW([shard]), shard, mastered))
+    return tensors * max(needs)
+
+
 class Observer(Callback):
     """Per step: which layers hold a gradient and a resident optimizer state; at saves, what the checkpoint holds."""
 
     def __init__(self):
         self.steps, self.saves = [], []
+        self.master_check = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         layers = pl_module.model.model.layers
@@ -71,6 +98,16 @@ class Observer(Callback):
                 "with_state_before_step": [i for i, b in enumerate(layers) if any(p in state for p in b.parameters())],
             }
         )
+        if args.precision == "bf16-true" and self.master_check is None and grass.phase != "probe":
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            param = next(p for p in layers[grass.active_layers[0]].parameters() if p.grad is not None)
+            before = full_state(trainer, pl_module).get(names[id(param)])
+            if before:  # a step of the window after its first, where the master exists
+                self.master_check = {
+                    "name": names[id(param)],
+                    "before": before,
+                    "grad": local(param.grad).float().clone(),
+                }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.steps or "active_after" in self.steps[-1]:
@@ -81,6 +118,10 @@ class Observer(Callback):
             i for i, b in enumerate(layers) if any(p in state for p in b.parameters())
         ]
         self.steps[-1]["active_after"] = list(grass.active_layers)
+        check = self.master_check
+        if check is not None and "after" not in check:
+            check["after"] = full_state(trainer, pl_module)[check["name"]]
+            check["weight_after"] = local(dict(pl_module.named_parameters())[check["name"]]).detach().clone()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self.saves.append(
@@ -92,15 +133,8 @@ class Observer(Callback):
         )
 
     def on_train_end(self, trainer, pl_module):
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        states = dict(inner_optimizer(trainer).state)
-        offload = getattr(trainer.strategy, "_offload", None)
-        if offload is not None:
-            states.update(offload.backed_states())
-        self.final_state = {
-            names[id(p)]: {k: local(v).clone() if torch.is_tensor(v) else v for k, v in s.items()}
-            for p, s in states.items()
-        }
+        self.final_state = full_state(trainer, pl_module)
+        self.stats = dict(trainer.strategy.offload_stats)
 
 
 grass = GRASSCallback(
@@ -122,7 +156,14 @@ class Validated(TinyCausalLM):
 
 module = (Validated if args.validate_from else TinyCausalLM)(lr=args.lr, weight_decay=0.1)
 if args.devices > 1:
-    strategy = GRASSFSDPStrategy(offload=args.offload, offload_dir=args.out / "offload", process_group_backend="gloo")
+    budget = shard_budget(module, args.budget_tensors, args.devices, args.precision) if args.budget_tensors else None
+    strategy = GRASSFSDPStrategy(
+        offload=args.offload,
+        offload_dir=args.out / "offload",
+        max_resident_bytes=budget,
+        offload_always_on=args.offload_always_on,
+        process_group_backend="gloo",
+    )
 else:
     strategy = GRASSStrategy(offload="none")
 trainer = pl.Trainer(
@@ -168,7 +209,9 @@ result = {
     "steps": observer.steps,
     "saves": observer.saves,
     "final_state": observer.final_state,
-    "stats": getattr(trainer.strategy, "offload_stats", {}),
+    "stats": getattr(observer, "stats", {}),
+    "budget": getattr(trainer.strategy, "max_resident_bytes", None),
+    "master_check": observer.master_check,
     "sharded_by_strategy": getattr(trainer.strategy, "sharded_by_strategy", None),
 }
 torch.save(result, args.out / f"rank{trainer.global_rank}.pt")

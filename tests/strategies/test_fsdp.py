@@ -1,4 +1,5 @@
-"""GRASS on FSDP2 over two CPU processes (gloo): equal draws, the one-process result, frozen blocks, bf16, resume."""
+"""GRASS on FSDP2 over two CPU processes (gloo): equal draws, the one-process result, the byte budget, frozen blocks,
+bf16 (mixed, and true on fp32 masters), resume."""
 
 import os
 import subprocess
@@ -32,11 +33,15 @@ def run(out, *args, expect_ok=True):
     return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
 
 
+#: Every state shard in host memory, streamed under a budget of two of the largest shards while stepped.
+STREAMED = ("--offload=cpu", "--budget-tensors=2", "--offload-always-on")
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """Two ranks, batch 8 each, state shards of inactive blocks in host memory, a sharded checkpoint every 4 steps."""
+    """Two ranks, batch 8 each, every state shard streamed from host memory, a sharded checkpoint every 4 steps."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    return out, run(out, "--devices=2", "--batch-size=8", "--offload=cpu", "--save-every=4")
+    return out, run(out, "--devices=2", "--batch-size=8", *STREAMED, "--save-every=4")
 
 
 def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path):
@@ -46,6 +51,12 @@ def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path
     assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
     for name, weight in rank0["weights"].items():
         assert torch.equal(weight, rank1["weights"][name]), f"gathered weights differ between ranks at {name}"
+
+    # Each rank's states and masters on the device stayed within its budget, at every store call: the budget is
+    # two of the largest shards while stepped, and the run streamed (each shard fetched for its update only).
+    for rank in (rank0, rank1):
+        assert 0 < rank["stats"]["peak_resident_bytes"] <= rank["budget"]
+        assert rank["stats"]["bytes_to_device"] > 0 and rank["stats"]["resident_bytes"] == 0
 
     # One process accumulating the ranks' two micro-batches of 8 computes the same gradients bitwise: the same
     # kernels on the same samples; Lightning halves each micro-batch's loss and FSDP2 halves each rank's gradient
@@ -93,16 +104,16 @@ def test_frozen_blocks_have_no_gradient_and_no_resident_state(fsdp_run):
 def test_checkpoint_holds_offloaded_states_and_resumes_bit_exactly(fsdp_run, tmp_path):
     out, ranks = fsdp_run
     rank0 = ranks[0]
-    # At step 8 the callback had just drawn layer 3 for layer 2: layer 2's 9 tensors were in host memory, and
-    # only the 3 always-on tensors were resident. The checkpoint holds both.
+    # At step 8 the callback had just drawn layer 3 for layer 2: layer 2's 9 tensors and the 3 always-on ones had
+    # states, all in host memory (streamed: nothing stays resident between steps). The checkpoint holds them all.
     step8 = next(save for save in rank0["saves"] if save["step"] == 8)
-    assert step8 == {"step": 8, "saved_states": 12, "resident_states": 3}
+    assert step8 == {"step": 8, "saved_states": 12, "resident_states": 0}
     checkpoint = out / "ckpt" / "epoch=1-step=8.ckpt"
     keys = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
     saved_exp_avg = {key for key in keys if key.startswith("optimizer_0.state.") and key.endswith(".exp_avg")}
     assert len(saved_exp_avg) == 12 and any(".layers.2." in key for key in saved_exp_avg)
 
-    resumed = run(tmp_path / "resumed", "--devices=2", "--batch-size=8", "--offload=cpu", f"--resume={checkpoint}")
+    resumed = run(tmp_path / "resumed", "--devices=2", "--batch-size=8", *STREAMED, f"--resume={checkpoint}")
     for full, part in zip(ranks, resumed, strict=True):
         assert part["history"] == full["history"], "the sampler resumed where it stopped"
         for name, weight in full["weights"].items():
@@ -137,6 +148,31 @@ def test_bf16_mixed_survives_reactivating_a_block_frozen_at_the_first_forward(tm
         assert torch.equal(weight, rank1["weights"][name]), name
     for step in rank0["steps"]:
         assert step["with_grad"] == step["active"]
+
+
+def test_bf16_true_shards_step_on_fp32_masters_as_plain_adamw_does_on_the_same_shard(tmp_path):
+    # bf16 weights, every state shard (fp32 master and moments) streamed from host memory under the budget.
+    rank0, rank1 = run(tmp_path / "bf16", "--devices=2", "--precision=bf16-true", "--steps=6", *STREAMED)
+    for rank in (rank0, rank1):
+        assert 0 < rank["stats"]["peak_resident_bytes"] <= rank["budget"]
+        check = rank["master_check"]
+        before, after = check["before"], check["after"]
+        assert before["master_weight"].dtype == torch.float32 and check["weight_after"].dtype == torch.bfloat16
+        # The same update by a plain fp32 AdamW over this rank's shard: the master, the moments and the step
+        # counter from before the step, the bf16 gradient in fp32. AdamW is elementwise and both run torch's
+        # for-loop kernels on the same values, so the results are bitwise equal.
+        master = before["master_weight"].clone()
+        master.grad = check["grad"]
+        reference = torch.optim.AdamW([master], lr=LR, weight_decay=0.1)
+        reference.state[master] = {key: before[key].clone() for key in ("step", "exp_avg", "exp_avg_sq")}
+        reference.step()
+        assert torch.equal(after["master_weight"], master), check["name"]
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after[key], reference.state[master][key]), (check["name"], key)
+        assert torch.equal(check["weight_after"], master.to(torch.bfloat16)), "the weight is its master, rounded"
+    assert rank0["history"] == rank1["history"]
+    for name, weight in rank0["weights"].items():
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, rank1["weights"][name]), name
 
 
 @pytest.mark.slow

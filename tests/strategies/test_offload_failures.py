@@ -14,7 +14,6 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning_grass import GRASSCallback, GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
 from lightning_grass.errors import StorageError
 from lightning_grass.offload import DiskTier, OffloadedOptimizer, TensorStateStore, disk_tier
-from lightning_grass.offload.sharded_states import ShardedStateOffload
 
 Q_PROJ_STATE_BYTES = 8 * 32 * 32 + 4  # AdamW moments of a 32x32 weight in float32, and the step counter
 
@@ -132,22 +131,12 @@ def _with_failed_store(strategy, tmp_path, monkeypatch):
     return strategy
 
 
-def _with_failed_sharded_offload(strategy, tmp_path, monkeypatch):
-    params, optimizer, tier = _stepped_params_on_a_full_disk(tmp_path, monkeypatch)
-    optimizer.step()
-    offload = ShardedStateOffload(optimizer, params, tier)
-    with pytest.raises(StorageError):
-        offload.offload(params)
-    strategy._offload = offload
-    return strategy
-
-
 @pytest.mark.parametrize(
     "make_strategy",
     [
         lambda tmp, mp: _with_failed_store(GRASSStrategy(offload="disk"), tmp, mp),
         lambda tmp, mp: _with_failed_store(GRASSDDPStrategy(offload="disk"), tmp, mp),
-        lambda tmp, mp: _with_failed_sharded_offload(GRASSFSDPStrategy(offload="disk"), tmp, mp),
+        lambda tmp, mp: _with_failed_store(GRASSFSDPStrategy(offload="disk"), tmp, mp),
     ],
     ids=["grass", "grass_ddp", "grass_fsdp"],
 )
