@@ -24,9 +24,7 @@ from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
 from lightning_grass.offload_settings import OffloadSettings
-
-#: Precisions ``grass_fsdp`` takes: its weights stay in their own dtype, sharded.
-SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
 
 #: Precisions and the weight dtype each trains in; ``None`` keeps the model's own dtype.
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -52,7 +50,7 @@ class MemoryEstimate:
             the device.
         step_workspace: What the step over offloaded tensors allocates beside their states (fp32 master
             gradients, AdamW's temporaries), which the offload holds on the device while it steps them; 0
-            with ``offload="none"`` and for ``grass_fsdp`` (``shards > 1``).
+            with ``offload="none"``.
     """
 
     weights: int
@@ -140,11 +138,11 @@ def estimate_memory(
     ``n_active`` equal to the number of layers and ``offload="none"`` this is full fine-tuning.
 
     ``shards > 1`` sizes one rank of ``GRASSFSDPStrategy`` (``strategy="grass_fsdp"``) over that many ranks:
-    each rank holds ``1/shards`` of every weight, gradient and state (rounded up per tensor). ``weights`` then
-    also counts what FSDP2 all-gathers for compute: the root group (embeddings, head, final norm), which stays
-    gathered through the step, and two blocks at once (the one computing and the one prefetched), in the
-    compute dtype (bf16 under ``"bf16-mixed"``). There, weights stay fp32 shards, so no master weights, and its
-    offload moves whole state shards, so no step workspace is counted.
+    each rank holds ``1/shards`` of every weight, gradient and state (rounded up per tensor), and its offload
+    places, budgets and streams those shards as above. ``weights`` then also counts what FSDP2 all-gathers for
+    compute: the root group (embeddings, head, final norm), which stays gathered through the step, and two
+    blocks at once (the one computing and the one prefetched), in the compute dtype (bf16 under
+    ``"bf16-mixed"`` and ``"bf16-true"``).
 
     Args:
         model: A Hugging Face causal LM or a module holding one, on any device, ``meta`` included.
@@ -166,8 +164,8 @@ def estimate_memory(
     Raises:
         SettingValueError: For an unknown precision or offload, float16 training, ``n_active`` outside
             1 to the number of layers, ``shards < 1``, a ``max_resident_bytes`` with ``offload="none"`` or below
-            what the largest offloaded tensor needs while stepped, or, with ``shards > 1``, a precision or a
-            ``max_resident_bytes`` that ``grass_fsdp`` does not take.
+            what the largest offloaded tensor needs while stepped, or, with ``shards > 1``, a precision that
+            ``grass_fsdp`` does not take.
     """
     if precision == "16-true":
         raise SettingValueError("precision='16-true' is refused by GRASSStrategy; estimate 'bf16-true' instead")
@@ -176,14 +174,9 @@ def estimate_memory(
     settings = OffloadSettings.validated(offload, None, max_resident_bytes, offload_always_on, master_weights)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise SettingValueError(f"shards={shards!r} must be an int >= 1 (the ranks grass_fsdp shards over)")
-    if shards > 1 and precision not in SHARDED_PRECISIONS:
+    if shards > 1 and precision not in (*SHARDED_PRECISIONS, "32"):
         raise SettingValueError(
             f"precision={precision!r} is not supported by grass_fsdp (shards={shards}); use one of {SHARDED_PRECISIONS}"
-        )
-    if shards > 1 and max_resident_bytes is not None:
-        raise SettingValueError(
-            f"max_resident_bytes={max_resident_bytes!r} is not supported by grass_fsdp (shards={shards}): it moves "
-            "whole state shards, without a byte budget"
         )
     layer_map = discover_layers(model, layers)
     if not 1 <= n_active <= layer_map.num_layers:
@@ -213,14 +206,12 @@ def estimate_memory(
 
     weights = sum(weight_bytes(p) for p in _unique(p for p in model.parameters()))
     if shards > 1:
-        compute_size = 2 if precision == "bf16-mixed" else None
+        compute_size = 2 if precision in ("bf16-mixed", "bf16-true") else None
         gathered = always_on + [p for index in by_size[:2] for p in per_layer[index]]
         weights += sum(p.numel() * (compute_size or p.element_size()) for p in gathered)
     gradients = sum(weight_bytes(p) for p in always_on + largest)
     if tier == "none":
         resident, offloaded = always_on + [p for params in per_layer for p in params], []
-    elif shards > 1:
-        resident, offloaded = always_on + largest, []
     else:
         resident = [] if offload_always_on else always_on
         offloaded = largest + (always_on if offload_always_on else [])

@@ -196,7 +196,8 @@ def test_one_rank_of_grass_fsdp_holds_a_shard_of_everything_plus_the_gathered_gr
     assert sharded.weights == shard_bytes(MODEL.parameters()) + gathered
     assert sharded.gradients == shard_bytes(always_on + two_blocks)
     assert sharded.optimizer_states == 2 * shard_bytes(always_on + two_blocks) + 4 * len(always_on + two_blocks)
-    assert sharded.master_weights == sharded.step_workspace == 0
+    # The blocks' offloaded shards are stepped together, each with foreach AdamW's one fp32 temporary per element.
+    assert sharded.step_workspace == shard_bytes(two_blocks) and sharded.master_weights == 0
     assert sharded.gradients < single.gradients and sharded.optimizer_states < single.optimizer_states
 
 
@@ -204,8 +205,8 @@ def test_one_rank_of_grass_fsdp_holds_a_shard_of_everything_plus_the_gathered_gr
     ("kwargs", "message"),
     [
         ({"shards": 0}, "shards=0 must be an int >= 1 (the ranks grass_fsdp shards over)"),
-        ({"shards": 2, "precision": "bf16-true"}, "precision='bf16-true' is not supported by grass_fsdp (shards=2)"),
-        ({"shards": 2, "max_resident_bytes": "1MiB"}, "max_resident_bytes='1MiB' is not supported by grass_fsdp"),
+        ({"shards": 2, "precision": "16-mixed"}, "precision='16-mixed' is not supported by grass_fsdp (shards=2)"),
+        ({"shards": 2, "max_resident_bytes": 1}, "max_resident_bytes=1 bytes (1 B) cannot hold"),
     ],
 )
 def test_settings_grass_fsdp_does_not_take_are_refused(kwargs, message):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import TinyCausalLM, tiny_llama_config
 from tolerances import fp32_sum_rtol
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import LlamaForCausalLM
 
-from lightning_grass import GRASSFSDPStrategy
+from lightning_grass import GRASSFSDPStrategy, estimate_memory
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import discover_layers
 
@@ -37,6 +37,22 @@ def run(out, *args, expect_ok=True):
 STREAMED = ("--offload=cpu", "--budget-tensors=2", "--offload-always-on")
 
 
+def streamed_peak_estimate(budget, precision):
+    """estimate_memory's device bytes of one rank's offloaded states for STREAMED on 2 ranks (CPU: for-loop AdamW)."""
+    model = TinyCausalLM(lr=LR, weight_decay=0.1).model
+    estimate = estimate_memory(
+        model,
+        n_active=1,
+        precision=precision,
+        offload="cpu",
+        max_resident_bytes=budget,
+        offload_always_on=True,
+        shards=2,
+        foreach=False,
+    )
+    return estimate.master_weights + estimate.optimizer_states + estimate.step_workspace
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Two ranks, batch 8 each, every state shard streamed from host memory, a sharded checkpoint every 4 steps."""
@@ -57,6 +73,8 @@ def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path
     for rank in (rank0, rank1):
         assert 0 < rank["stats"]["peak_resident_bytes"] <= rank["budget"]
         assert rank["stats"]["bytes_to_device"] > 0 and rank["stats"]["resident_bytes"] == 0
+    # estimate_memory sizes one rank of grass_fsdp by the same arithmetic: its peak is the measured one, exactly.
+    assert streamed_peak_estimate(rank0["budget"], "32-true") == rank0["stats"]["peak_resident_bytes"]
 
     # One process accumulating the ranks' two micro-batches of 8 computes the same gradients bitwise: the same
     # kernels on the same samples; Lightning halves each micro-batch's loss and FSDP2 halves each rank's gradient
@@ -153,6 +171,7 @@ def test_bf16_mixed_survives_reactivating_a_block_frozen_at_the_first_forward(tm
 def test_bf16_true_shards_step_on_fp32_masters_as_plain_adamw_does_on_the_same_shard(tmp_path):
     # bf16 weights, every state shard (fp32 master and moments) streamed from host memory under the budget.
     rank0, rank1 = run(tmp_path / "bf16", "--devices=2", "--precision=bf16-true", "--steps=6", *STREAMED)
+    assert streamed_peak_estimate(rank0["budget"], "bf16-true") == rank0["stats"]["peak_resident_bytes"]
     for rank in (rank0, rank1):
         assert 0 < rank["stats"]["peak_resident_bytes"] <= rank["budget"]
         check = rank["master_check"]
