@@ -59,6 +59,7 @@ def test_the_report_renders_with_any_run_failed_or_pending():
         Run("grass_stream_bf16", **stream),
         Run("grass_stream_sync_bf16", overlap=False, **stream),
         Run("fsdp_cpu_fp32", "lisa", offload="cpu", strategy="grass_fsdp"),
+        Run("fsdp_stream_bf16", "lisa", offload="cpu", budget_tensors=2, precision="bf16-true", strategy="grass_fsdp"),
     ]
     steps = [0.5] * SMOKE_SHAPE.steps
     stats = {"peak_resident_bytes": 2**30, "bytes_to_device": 8 * 2**20 * SMOKE_SHAPE.steps, "host_wait_seconds": 0.8}
@@ -89,14 +90,24 @@ def test_the_report_renders_with_any_run_failed_or_pending():
         "20",
     ]
     assert cells(text, "grass_stream_sync_bf16")[2] == r"failed: RuntimeError: CUDA out of memory \| tried"
-    assert cells(text, "fsdp_cpu_fp32")[2] == "not run yet"
+    assert cells(text, "fsdp_cpu_fp32")[2] == cells(text, "fsdp_stream_bf16")[2] == "not run yet"
     assert "per-tensor streaming in bf16: not measured: grass_stream_sync_bf16 failed." in text
 
     results["grass_stream_sync_bf16"] = [{**passed, "step_seconds": [0.6] * SMOKE_SHAPE.steps}]
-    fsdp = {**passed, "stats": {"bytes_to_device": 0}, "max_resident_bytes": None}
-    results["fsdp_cpu_fp32"] = [{**fsdp, "saved_at_step": 8, "resumed_at_step": 8, "final_step": 12}]
+    fsdp_stats = {
+        "peak_resident_bytes": 2**29,
+        "bytes_to_device": 4 * 2**20 * SMOKE_SHAPE.steps,
+        "host_wait_seconds": 0.4,
+    }
+    fsdp = {**passed, "stats": fsdp_stats, "max_resident_bytes": None, "wall_seconds": 30.0}
+    resumed = {"saved_at_step": 8, "resumed_at_step": 8, "final_step": 12}
+    results["fsdp_cpu_fp32"] = [{**fsdp, **resumed}]
+    results["fsdp_stream_bf16"] = [{**fsdp, **resumed, "max_resident_bytes": 3 * 2**20}]
     text = report(SMOKE_SHAPE, configurations, results, "python experiments/bench_gpu.py", "not run")
     assert re.search(r"per-tensor streaming in bf16: 1\.200x the throughput", text)
-    fsdp_row = cells(text, "fsdp_cpu_fp32")
-    assert fsdp_row[2] == "passed; checkpoint saved at step 8, resumed at step 8, trained to step 12"
-    assert fsdp_row[7:10] == ["-", "0", "-"], "grass_fsdp counts the bytes it moves, not its peak or its wait"
+    checkpointed = "passed; checkpoint saved at step 8, resumed at step 8, trained to step 12"
+    figures = ["2.00", "500", "128", "0.500", "4", "50.0", "30"]
+    assert cells(text, "fsdp_cpu_fp32")[2:] == [checkpointed, "-", *figures], "grass_fsdp reports its peak and wait"
+    streamed = cells(text, "fsdp_stream_bf16")
+    assert streamed[1].startswith("grass_fsdp on 1 rank, save and resume; ") and "; budget 2 largest" in streamed[1]
+    assert streamed[2:] == [checkpointed, "3.00 MiB", *figures]

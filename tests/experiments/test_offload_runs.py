@@ -31,5 +31,21 @@ def test_runs_the_time_limit_cannot_fit_are_not_started_and_still_reported():
 def test_a_run_takes_one_budget():
     with pytest.raises(ValueError, match="max_resident_bytes=1 and budget_tensors=2 are two budgets"):
         Run("both", "grass", offload="cpu", max_resident_bytes=1, budget_tensors=2)
-    with pytest.raises(ValueError, match="grass_fsdp offers no budget"):
-        Run("fsdp", "lisa", budget_tensors=2, strategy="grass_fsdp")
+    with pytest.raises(ValueError, match="max_resident_bytes=1 and budget_tensors=2 are two budgets"):
+        Run("both", "lisa", offload="cpu", max_resident_bytes=1, budget_tensors=2, strategy="grass_fsdp")
+
+
+def test_a_grass_fsdp_run_takes_a_budget_and_states_it():
+    streamed = Run("fsdp", "lisa", offload="cpu", budget_tensors=2, precision="bf16-true", strategy="grass_fsdp")
+    assert streamed.describe() == (
+        "grass_fsdp on 1 rank, save and resume; lisa, n_active=2; offload=cpu; "
+        "budget 2 largest block tensors while stepped; overlap=True; bf16-true"
+    )
+    bytes_budget = Run("fsdp", "lisa", offload="cpu", max_resident_bytes=3 * 2**20, strategy="grass_fsdp")
+    assert bytes_budget.describe() == (
+        "grass_fsdp on 1 rank, save and resume; lisa, n_active=2; offload=cpu; budget 3.00 MiB; overlap=True; 32-true"
+    )
+    unbounded = Run("fsdp", "lisa", strategy="grass_fsdp")
+    assert unbounded.describe() == (
+        "grass_fsdp on 1 rank, save and resume; lisa, n_active=2; offload=none; budget none; overlap=True; 32-true"
+    )
