@@ -19,9 +19,9 @@ from lightning_grass.offload import optimizer_state_bytes
 class RunStats(Callback):
     """Records the wall time of each optimizer step and the largest optimizer state held on the device.
 
-    Optimizer-state bytes are read from ``optimizer.state`` after each step; with ``GRASSStrategy`` the
-    strategy's ``peak_resident_bytes`` (which also sees states that are resident only during the step) is
-    taken when larger.
+    Optimizer-state bytes on the device are the strategy's: a GRASS strategy's ``offload_stats`` counts them
+    (``peak_resident_bytes``, which also sees states that are resident only during the step). Under another
+    strategy (``strategy=auto``) every state is resident, and ``optimizer.state`` is counted after each step.
 
     Each validation during training adds ``(optimizer step, val/loss)`` to ``validation_curve``.
 
@@ -81,9 +81,12 @@ class RunStats(Callback):
             return
         self.step_seconds.append(time.perf_counter() - self._start)
         self._start = None
-        state_bytes = sum(optimizer_state_bytes(optimizer) for optimizer in trainer.optimizers)
-        offload_peak = getattr(trainer.strategy, "offload_stats", {}).get("peak_resident_bytes", 0)
-        self.peak_optimizer_state_bytes = max(self.peak_optimizer_state_bytes, state_bytes, int(offload_peak))
+        stats = getattr(trainer.strategy, "offload_stats", None)
+        if stats is not None:
+            state_bytes = int(stats.get("peak_resident_bytes", 0))
+        else:
+            state_bytes = sum(optimizer_state_bytes(optimizer) for optimizer in trainer.optimizers)
+        self.peak_optimizer_state_bytes = max(self.peak_optimizer_state_bytes, state_bytes)
 
     def summary(self, device: torch.device) -> dict[str, float]:
         """Median step time (s), peak optimizer-state bytes and peak memory (CUDA allocated, or process RSS)."""

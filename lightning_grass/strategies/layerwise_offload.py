@@ -31,6 +31,7 @@ from lightning_grass.offload import (
     device_bytes_while_stepped,
     expected_state_bytes,
     needs_master,
+    optimizer_state_bytes,
 )
 from lightning_grass.offload.offloaded_optimizer import check_offloadable
 from lightning_grass.offload_settings import OffloadSettings
@@ -100,12 +101,14 @@ class LayerwiseOffloadMixin:
 
     @property
     def offload_stats(self) -> dict[str, float]:
-        """Residency and transfer counters of the offload tier (kept after fit); empty when nothing is offloaded.
+        """Residency and transfer counters of the optimizer state on the device (kept after fit); empty before a step.
 
-        Keys: ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state and masters on the device:
-        offloaded tensors being fetched, resident, stepped (with the step's master gradient and temporaries)
-        or written back, plus the states of the parameters the store does not hold: the always-on modules' unless
-        ``offload_always_on``, and those an ``add_param_group()`` added after the store was built),
+        Without a tier (``offload="none"``, or no ``GRASSCallback``) only ``resident_bytes`` and
+        ``peak_resident_bytes`` are counted: every state (and master) in ``optimizer.state`` after each step.
+        With one, the keys are ``resident_bytes`` and ``peak_resident_bytes`` (optimizer state and masters on
+        the device: offloaded tensors being fetched, resident, stepped (with the step's master gradient and
+        temporaries) or written back, plus the states of the parameters the store does not hold: the always-on
+        modules' unless ``offload_always_on``, and those an ``add_param_group()`` added after the store was built),
         ``resident_tensors`` and ``peak_resident_tensors`` (offloaded tensors holding device memory),
         ``backing_bytes``, ``bytes_to_device``, ``bytes_to_backing``, and ``host_wait_seconds`` (time the host
         blocked on transfers: write-backs, and fetches on the CPU and from disk; on CUDA a fetch makes the
@@ -154,15 +157,17 @@ class LayerwiseOffloadMixin:
                 f"{type(self).__name__} is used without GRASSCallback: every parameter trains at every step and no "
                 f"optimizer state is offloaded, as with Lightning's own strategy{masters}"
             )
-        if offloaded is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
-        offloaded.prefetch()
+        store = offloaded.store if offloaded is not None else None
+        if offloaded is not None:
+            offloaded.prefetch()
         try:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
-            if offloaded.store is not None:
-                offloaded.store.set_always_resident_bytes(offloaded.unmanaged_state_bytes())
-                self._log_stats()
+            if store is not None:
+                store.set_always_resident_bytes(offloaded.unmanaged_state_bytes())
+            else:
+                self._count_resident_states()
+            self._log_stats()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -258,6 +263,12 @@ class LayerwiseOffloadMixin:
     def _close_store(self) -> None:
         if self._offloaded is not None and self._offloaded.store is not None:
             self._offloaded.store.close()
+
+    def _count_resident_states(self) -> None:
+        """Without a tier every state is resident: count ``optimizer.state``, and its peak."""
+        resident = sum(optimizer_state_bytes(optimizer) for optimizer in self.optimizers)
+        peak = max(resident, self._stats.get("peak_resident_bytes", 0))
+        self._stats = {"resident_bytes": resident, "peak_resident_bytes": peak}
 
     def _log_stats(self) -> None:
         trainer = self.lightning_module.trainer

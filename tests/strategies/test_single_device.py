@@ -170,6 +170,17 @@ def test_strategy_without_the_callback_trains_like_single_device():
     assert not isinstance(trainer.optimizers[0], OffloadedOptimizer)
 
 
+def test_without_a_tier_offload_stats_count_every_resident_state():
+    # offload="none" keeps the states of layers that leave the active set: they all stay resident, so the last
+    # count is the peak, and it is every state the optimizer holds at the end.
+    module, trainer = fit(GRASSStrategy(offload="none"))
+    stats = trainer.strategy.offload_stats
+    with_state = [p for p in module.parameters() if p in trainer.optimizers[0].state]
+    assert sorted(stats) == ["peak_resident_bytes", "resident_bytes"]
+    assert stats["resident_bytes"] == stats["peak_resident_bytes"] == adamw_state_bytes(with_state)
+    assert len(with_state) >= 2 * 9 + 3, "two layers of 9 tensors and the 3 always-on tensors at least"
+
+
 def test_offload_stats_are_logged(tmp_path):
     _, trainer = fit(GRASSStrategy(offload="cpu"), logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2)
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as metrics:
