@@ -100,3 +100,58 @@ def test_streamed_dtensor_states_match_plain_adamw_and_live_in_the_tier_as_local
             assert torch.equal(local_part(value), local_part(saved[index][key])), (index, key)
     store.close()
     fresh.store.close()
+
+
+@pytest.fixture
+def cuda_mesh(tmp_path):
+    torch.cuda.set_device(0)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        yield init_device_mesh("cuda", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; experiments/gpu_check.sh runs it")
+def test_on_a_cuda_mesh_offloaded_shards_are_saved_and_loaded_without_touching_the_device(cuda_mesh):
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(distribute_tensor(torch.randn(512, 256, device="cuda"), cuda_mesh, [Shard(0)]))
+        for _ in range(2)
+    ]
+    inner = torch.optim.AdamW(params, lr=1e-2)
+    sizes = [expected_state_bytes(inner, p, master=False) for p in params]
+    offloaded = OffloadedOptimizer(inner, TensorStateStore(inner, params, HostTier(torch.device("cuda"), sizes)))
+    for p in params:
+        p.grad = distribute_tensor(torch.randn(512, 256, device="cuda"), cuda_mesh, [Shard(0)])
+    offloaded.prefetch()
+    offloaded.step()
+    offloaded.set_order([])  # every state leaves the device
+    offloaded.store.flush()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+
+    saved = offloaded.state_dict()["state"]
+    assert torch.cuda.max_memory_allocated() == allocated, "a save copies no offloaded shard onto the device"
+    for state in saved.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert isinstance(state[key], DTensor) and state[key].device_mesh.device_type == "cuda"
+            assert state[key].to_local().device.type == "cpu"
+
+    fresh_inner = torch.optim.AdamW(params, lr=1e-2)
+    fresh = OffloadedOptimizer(
+        fresh_inner, TensorStateStore(fresh_inner, params, HostTier(torch.device("cuda"), sizes))
+    )
+    torch.cuda.reset_peak_memory_stats()
+    fresh.load_state_dict(offloaded.state_dict())
+    assert torch.cuda.max_memory_allocated() == allocated, "a resume puts offloaded shards in the tier directly"
+    assert not fresh_inner.state
+    fresh.prefetch()
+    fresh.step()  # fetched back onto the device for the update, as DTensors there
+    for p in params:
+        assert fresh_inner.state[p]["exp_avg"].to_local().device.type == "cuda"
+    offloaded.store.close()
+    fresh.store.close()
