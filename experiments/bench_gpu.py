@@ -4,8 +4,9 @@ A TinyLlama-shaped Llama (1.1B parameters, random weights) trains a few steps pe
 fresh process with a timeout: full fine-tuning, LISA, and GRASS with optimizer states resident (offload none),
 in pinned host memory for the active layers' window (offload cpu), and streamed per tensor under a byte budget
 with the transfers overlapped or synchronous; in fp32 and in bf16 on fp32 master weights. Then LISA under
-``grass_fsdp`` on one rank (NCCL), with its state shards resident and in host memory, through a sharded
-checkpoint and a resume. It writes ``experiments/results/gpu/results.md`` (or ``--out``), created before the
+``grass_fsdp`` on one rank (NCCL), through a sharded checkpoint and a resume: in fp32 with its state shards
+resident and in host memory, and in bf16 on fp32 master shards streamed per tensor under the same budget as
+GRASS's. It writes ``experiments/results/gpu/results.md`` (or ``--out``), created before the
 first run and replaced (atomically) after each: a run that fails, or passes its timeout, is a ``failed: ...``
 row and the others still run. The exit status is 0 only if every configuration passed.
 
@@ -57,6 +58,7 @@ def runs() -> list[Run]:
         Run(OVERLAP_PAIR[1], overlap=False, **stream),
         Run("fsdp_none_fp32", offload="none", **fsdp),
         Run("fsdp_cpu_fp32", offload="cpu", **fsdp),
+        Run("fsdp_stream_bf16", offload="cpu", budget_tensors=2, precision="bf16-true", **fsdp),
     ]
 
 
@@ -112,8 +114,9 @@ def report(
             "offloads; the host's wait leaves out, on CUDA, a fetch's stall on the device. The `fsdp_` runs train "
             f"under `grass_fsdp` on one rank, save a sharded checkpoint at step {shape.steps} and resume from it in "
             "a second Trainer: their peak memory spans the fit, the save and the resume (offload none against cpu "
-            "shows whether the state shards stay off the device), their step figures are the first fit's, and "
-            "grass_fsdp counts the bytes it moves but not its peak state or its wait.",
+            "shows whether the state shards stay off the device), and their step and offload figures are the "
+            "first fit's, counted on the rank's local shards (on one rank, the whole tensors), as for the other "
+            "runs.",
             "",
             _ratio_line(
                 "Overlapped against synchronous transfers, per-tensor streaming in bf16:",

@@ -78,7 +78,8 @@ class Run:
         budget_tensors: A budget that holds this many of the largest block tensors while they are stepped
             (state, step counter, fp32 master, master gradient and the optimizer's temporaries), computed in the
             training process with ``device_bytes_while_stepped`` from the model and optimizer it built. At most
-            one of the two budgets; neither means no budget.
+            one of the two budgets; neither means no budget. Under ``grass_fsdp`` a budget bounds the rank's
+            local shards, which on its one rank are the whole tensors, so it means the same as under ``grass``.
         overlap: The strategy's ``overlap`` (transfers on a second stream).
         precision: The Trainer's precision.
         n_active: Layers the sampler trains at a time.
@@ -113,10 +114,6 @@ class Run:
                 f"Run {self.name!r}: max_resident_bytes={self.max_resident_bytes} and budget_tensors="
                 f"{self.budget_tensors} are two budgets; give one"
             )
-        if self.strategy == "grass_fsdp" and (self.max_resident_bytes, self.budget_tensors) != (None, None):
-            raise ValueError(
-                f"Run {self.name!r}: grass_fsdp offers no budget; drop max_resident_bytes and budget_tensors"
-            )
 
     def describe(self) -> str:
         """The settings that differ between runs, for a table."""
@@ -125,10 +122,10 @@ class Run:
         else:
             budget = "none" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
         sampler = "every layer" if self.sampler == "full" else f"{self.sampler}, n_active={self.n_active}"
-        if self.strategy == "grass_fsdp":
-            return f"grass_fsdp on 1 rank, save and resume; {sampler}; offload={self.offload}; {self.precision}"
         checked = "" if self.skip_non_finite else "; skip_non_finite=False"
-        return f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}{checked}"
+        settings = f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}"
+        prefix = "grass_fsdp on 1 rank, save and resume; " if self.strategy == "grass_fsdp" else ""
+        return f"{prefix}{settings}{checked}"
 
 
 def measure(
@@ -268,7 +265,7 @@ class Meter(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the offload counters before teardown frees the tier (``grass_fsdp`` forgets them then)."""
+        """Read the offload counters at the end of training (of the first fit, for a run that resumes)."""
         self.stats = dict(trainer.strategy.offload_stats)
 
 
@@ -329,29 +326,38 @@ def _fit_single_device(shape: ModelShape, run: Run, accelerator: str) -> dict[st
 def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
     """Fit, save a sharded checkpoint at the last step, free everything, then resume from it for a few steps.
 
-    The process's peak memory spans all three: the model is built in float32, so building it has no transient
-    copy to leave out of the peak.
+    The process's peak memory spans all three: each model is built straight in the run's dtype, so building
+    it has no transient copy to leave out of the peak. The budget is computed from the first model, as for
+    :func:`_fit_single_device`, and both fits run under it.
     """
     cuda = accelerator == "gpu"
     device = "cuda" if cuda else "cpu"
     backend = None if cuda else "gloo"
+    module = _built_in_dtype(shape, run, device)
+    budget = _budget(module, run)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "last.ckpt"
         meter, saver = Meter(cuda), SaveAtStep(shape.steps, checkpoint)
-        settings = dict(offload=run.offload, offload_dir=Path(folder) / "offload", process_group_backend=backend)
+        settings = dict(
+            offload=run.offload,
+            offload_dir=Path(folder) / "offload",
+            max_resident_bytes=budget,
+            overlap=run.overlap,
+            process_group_backend=backend,
+        )
         trainer = _trainer(accelerator, GRASSFSDPStrategy(**settings), run, shape.steps, [*_sampler(run), meter, saver])
-        trainer.fit(CausalLM(shape, _dtype(run), device), _batches(shape))
-        del trainer
+        trainer.fit(module, _batches(shape))
+        del trainer, module
         gc.collect()  # the first fit's sharded weights and states, before the second one builds its own
 
         resumed = Meter(cuda)
         steps = shape.steps + run.resume_steps
         trainer = _trainer(accelerator, GRASSFSDPStrategy(**settings), run, steps, [*_sampler(run), resumed])
-        trainer.fit(CausalLM(shape, _dtype(run), device), _batches(shape), ckpt_path=checkpoint)
+        trainer.fit(_built_in_dtype(shape, run, device), _batches(shape), ckpt_path=checkpoint)
     return {
         "step_seconds": meter.seconds,
         "stats": meter.stats,
-        "max_resident_bytes": None,
+        "max_resident_bytes": budget,
         "saved_at_step": saver.saved_at,
         "resumed_at_step": resumed.first_step,
         "final_step": trainer.global_step,
@@ -369,6 +375,16 @@ def _budget(module: CausalLM, run: Run) -> int | None:
     largest = max(module.model.model.layers.parameters(), key=torch.Tensor.numel)
     probe = _adamw([largest])  # the module's optimizer settings; it allocates nothing until stepped
     return run.budget_tensors * device_bytes_while_stepped(probe, largest, needs_master(largest))
+
+
+def _built_in_dtype(shape: ModelShape, run: Run, device: str) -> CausalLM:
+    """The run's module with every parameter created in the run's dtype: a bf16 model has no fp32 copy."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(_dtype(run))
+    try:
+        return CausalLM(shape, _dtype(run), device)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _dtype(run: Run) -> torch.dtype:

@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # 160 s: run it with -m slow after changing gpu_check.sh, bench_gpu.py or offload_runs.py
+@pytest.mark.slow  # 195 s: run it with -m slow after changing gpu_check.sh, bench_gpu.py or offload_runs.py
 def test_the_smoke_run_writes_the_gpu_table(tmp_path):
     out = tmp_path / "results" / "gpu"
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
@@ -31,18 +31,23 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
         "grass_stream_sync_bf16",
         "fsdp_none_fp32",
         "fsdp_cpu_fp32",
+        "fsdp_stream_bf16",
     ]
     assert all(row.split(" | ")[2].startswith("passed") for row in rows)
     assert all("nan" not in row for row in rows)
-    streamed = next(row for row in rows if row.startswith("| grass_stream_bf16"))
-    assert streamed.split(" | ")[3].endswith("KiB"), "the budget computed in the run's process is shown"
-    assert float(streamed.split(" | ")[-3]) > 0, "per-tensor streaming fetched states at every step"
-    for row in rows[-2:]:
+    for name in ("grass_stream_bf16", "fsdp_stream_bf16"):
+        streamed = next(row for row in rows if row.startswith(f"| {name} "))
+        assert streamed.split(" | ")[3].endswith("KiB"), f"{name}: the budget computed in the run's process is shown"
+        assert float(streamed.split(" | ")[-3]) > 0, f"{name}: per-tensor streaming fetched states at every step"
+    for row in rows[-3:]:
         assert "checkpoint saved at step 8, resumed at step 8, trained to step 12" in row
+        assert float(row.split(" | ")[-4]) > 0, "grass_fsdp reports its peak state on the device"
+    for row in rows[-2:]:
+        assert float(row.split(" | ")[-2]) >= 0, "grass_fsdp offloading to cpu reports the host's wait"
     assert re.search(r"Overlapped against synchronous transfers, .*: \d+\.\d{3}x the throughput", text)
     assert re.search(r"Step time with skip_non_finite's per-step read against without it .*: \d+\.\d{3}x\.", text)
     assert "CUDA tests (`pytest -m cuda tests/strategies tests/offload`): not run (--smoke)." in text
-    for part in ("full_fp32", "fsdp_cpu_fp32", "benchmark", "total"):
+    for part in ("full_fp32", "fsdp_cpu_fp32", "fsdp_stream_bf16", "benchmark", "total"):
         assert re.search(rf"^time: {part} \d+ s", result.stdout, re.MULTILINE), part
 
 

@@ -108,6 +108,10 @@ def test_the_report_renders_with_any_run_failed_or_pending():
     checkpointed = "passed; checkpoint saved at step 8, resumed at step 8, trained to step 12"
     figures = ["2.00", "500", "128", "0.500", "4", "50.0", "30"]
     assert cells(text, "fsdp_cpu_fp32")[2:] == [checkpointed, "-", *figures], "grass_fsdp reports its peak and wait"
-    streamed = cells(text, "fsdp_stream_bf16")
-    assert streamed[1].startswith("grass_fsdp on 1 rank, save and resume; ") and "; budget 2 largest" in streamed[1]
-    assert streamed[2:] == [checkpointed, "3.00 MiB", *figures]
+    assert cells(text, "fsdp_stream_bf16")[1:] == [
+        "grass_fsdp on 1 rank, save and resume; lisa, n_active=2; offload=cpu; budget 2 largest block tensors while "
+        "stepped; overlap=True; bf16-true",
+        checkpointed,
+        "3.00 MiB",
+        *figures,
+    ]

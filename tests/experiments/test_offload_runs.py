@@ -1,4 +1,4 @@
-"""offload_runs.measure never raises for a run: a timeout or the check's time limit is a failed record."""
+"""offload_runs: measure never raises for a run (a timeout or the check's time limit is a failed record); budgets."""
 
 import time
 
@@ -49,3 +49,15 @@ def test_a_grass_fsdp_run_takes_a_budget_and_states_it():
     assert unbounded.describe() == (
         "grass_fsdp on 1 rank, save and resume; lisa, n_active=2; offload=none; budget none; overlap=True; 32-true"
     )
+
+
+@pytest.mark.slow  # 10 s: tests/end_to_end/test_gpu_check.py runs the same path (fsdp_stream_bf16, its budget)
+def test_a_grass_fsdp_run_trains_under_the_budget_it_computed():
+    run = Run("fsdp", "lisa", offload="cpu", budget_tensors=1, n_active=1, sample_every=1, strategy="grass_fsdp")
+    (record,) = measure(SHAPE, [run], "cpu")["fsdp"]
+    assert record["failed"] is None, record["failed"]
+    # The largest block tensor, 32 x 64 in fp32 (8 KiB): two moments and AdamW's two temporaries, and a step counter.
+    assert record["max_resident_bytes"] == 4 * 32 * 64 * 4 + 4
+    assert record["stats"]["peak_resident_tensors"] == 1, "the strategy streamed one tensor at a time"
+    assert record["stats"]["bytes_to_backing"] > 0, "states went to the host tier and came back"
+    assert (record["saved_at_step"], record["resumed_at_step"], record["final_step"]) == (2, 2, 6)
