@@ -1,4 +1,4 @@
-"""``LayerwiseOffloadMixin``: what GRASS's single-device and DDP strategies share about optimizer state."""
+"""``LayerwiseOffloadMixin``: what GRASS's single-device, DDP and FSDP2 strategies share about optimizer state."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ class LayerwiseOffloadMixin:
 
     Checkpoints are written by :class:`~lightning_grass.AtomicCheckpointIO` unless another ``checkpoint_io`` is
     given, so a save that fails on any filesystem leaves the previous checkpoint loadable.
+
+    :class:`~lightning_grass.GRASSFSDPStrategy` replaces ``setup()`` (it shards the model first, then refuses
+    float16 and wraps the optimizer as here) and the checkpoint loading (sharded folders, through torch's
+    distributed checkpointing, which writes them without ``checkpoint_io``); the rest is this class's.
     """
 
     @property
