@@ -74,7 +74,7 @@ class OffloadedOptimizer(Optimizer):
         self.store = store
         self._mastered = {id(p) for p in master_params}
         self._initial = {id(p) for p in self._params()}
-        self._unit_of = {id(p): unit for unit, p in enumerate(store.params)} if store is not None else {}
+        self._stored = {id(p) for p in store.params} if store is not None else set()
         self._requires_closure = _requires_closure(optimizer)
         # What torch's Optimizer.__init__ sets up for step hooks: this class's step() runs the global hooks and
         # these ones around it (Optimizer.profile_hook_step).
@@ -212,7 +212,7 @@ class OffloadedOptimizer(Optimizer):
         """
         params = self._params()
         states = dict(state_dict["state"])
-        offloaded = {index: states.pop(index) for index in list(states) if id(params[index]) in self._unit_of}
+        offloaded = {index: states.pop(index) for index in list(states) if id(params[index]) in self._stored}
         self._inner.load_state_dict({**state_dict, "state": states})
         for index, saved in states.items():
             param = params[index]
@@ -223,14 +223,14 @@ class OffloadedOptimizer(Optimizer):
                         state[key] = _fp32_on(value, param.device)
         if self.store is not None:
             for index, state in offloaded.items():
-                self.store.load_backed_state(self._unit_of[id(params[index])], state)
+                self.store.load_backed_state(params[index], state)
 
     def _params(self) -> list[nn.Parameter]:
         return [p for group in self._inner.param_groups for p in group["params"]]
 
     def _unmanaged(self) -> list[nn.Parameter]:
         """The parameters the store does not hold, those added since it was built included."""
-        return [p for p in self._params() if id(p) not in self._unit_of]
+        return [p for p in self._params() if id(p) not in self._stored]
 
     def is_mastered(self, param: nn.Parameter) -> bool:
         """Whether ``param`` steps on an fp32 master: as given, or, added later, if half and masters are in use.
@@ -247,7 +247,8 @@ class OffloadedOptimizer(Optimizer):
         plan = [u for u in store.active if u in with_grad]
         plan += sorted(with_grad - set(plan))
         store.begin_step(plan)
-        if store.keeps_resident() and len(plan) == len(set(plan) & set(store.active)):
+        whole = all(store.rows[unit] is None for unit in plan)
+        if whole and store.keeps_resident() and len(plan) == len(set(plan) & set(store.active)):
             for unit in plan:
                 store.acquire(unit)
             self._step_params([store.params[u] for u in plan])
@@ -258,22 +259,40 @@ class OffloadedOptimizer(Optimizer):
                 store.acquire(unit)
                 if position + 1 < len(plan):
                     store.prefetch(plan[position + 1])
-                self._step_params([store.params[unit]])
+                self._step_unit(store, unit)
                 store.release(unit, written=True)
         store.end_step()
 
-    def _step_params(self, params: list[nn.Parameter]) -> None:
-        """One step of the wrapped optimizer over ``params`` only, half-precision ones on their fp32 masters."""
+    def _step_unit(self, store: TensorStateStore, unit: int) -> None:
+        """Update one unit of the store: a whole parameter, or a chunk of its rows through a view of them."""
+        param = store.params[unit]
+        rows = store.rows[unit]
+        if rows is None:
+            self._step_params([param])
+            return
+        view = store.key(unit)
+        view.grad = param.grad.detach()[rows[0] : rows[1]]
+        try:
+            self._step_params([param], {id(param): view})
+        finally:
+            view.grad = None
+
+    def _step_params(self, params: list[nn.Parameter], stepped: Mapping[int, Tensor] | None = None) -> None:
+        """One step of the wrapped optimizer over ``params`` only, half-precision ones on their fp32 masters.
+
+        ``stepped`` gives, by ``id``, a tensor stepped in a parameter's place (a view of a chunk of its rows).
+        """
         if not params:
             return
-        masters = {id(p): enter_master(self._inner, p) for p in params if self.is_mastered(p)}
+        stepped = dict(stepped or {})
+        masters = {id(p): enter_master(self._inner, stepped.get(id(p), p)) for p in params if self.is_mastered(p)}
         try:
-            with self._narrowed(params, masters):
+            with self._narrowed(params, {**stepped, **masters}):
                 self._inner.step()
         finally:
             for p in params:
                 if id(p) in masters:
-                    leave_master(self._inner, p, masters[id(p)])
+                    leave_master(self._inner, stepped.get(id(p), p), masters[id(p)])
 
     def _step_with_closure(self, closure: Callable[[], Any] | None) -> Any:
         """One step of an optimizer that re-evaluates the model through ``closure``, over every parameter.
@@ -320,7 +339,7 @@ class OffloadedOptimizer(Optimizer):
 
     @contextmanager
     def _narrowed(self, params: list[nn.Parameter], masters: Mapping[int, Tensor]) -> Iterator[None]:
-        """Narrow the wrapped optimizer's groups to ``params``, masters in their parameters' place."""
+        """Narrow the wrapped optimizer's groups to ``params``, masters (or chunk views) in their place."""
         wanted = {id(p) for p in params}
         groups = self._inner.param_groups
         full = [list(group["params"]) for group in groups]

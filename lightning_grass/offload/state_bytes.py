@@ -46,7 +46,7 @@ def moments_per_element(optimizer: Optimizer, param: nn.Parameter) -> int:
     return ADAMW_MOMENTS
 
 
-def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:
+def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool, numel: int | None = None) -> int:
     """Bytes ``param``'s optimizer state will take once it exists: its moments, step counter and fp32 master.
 
     Moments are float32 when ``param`` has a master (the optimizer steps the master) and of ``param``'s dtype
@@ -56,6 +56,7 @@ def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
         optimizer: The optimizer that holds ``param``.
         param: The parameter.
         master: Whether ``param`` gets an fp32 master weight.
+        numel: Elements stepped at once, for a chunk of ``param``; ``None`` is the whole (local) tensor.
 
     Returns:
         The byte count.
@@ -63,10 +64,11 @@ def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
     element = 4 if master else param.element_size()
     moments = moments_per_element(optimizer, param)
     step = 0 if isinstance(optimizer, torch.optim.SGD) else STEP_COUNTER_BYTES
-    return local_numel(param) * (moments * element + (4 if master else 0)) + step
+    count = local_numel(param) if numel is None else numel
+    return count * (moments * element + (4 if master else 0)) + step
 
 
-def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:
+def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool, numel: int | None = None) -> int:
     """Bytes the optimizer's step over ``param`` allocates on the device beyond its state, freed when it returns.
 
     The fp32 gradient of a parameter stepped on a master (4 bytes per element), and the temporaries of the
@@ -82,6 +84,7 @@ def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
         optimizer: The optimizer that holds ``param``.
         param: The parameter.
         master: Whether ``param`` is stepped on an fp32 master.
+        numel: Elements stepped at once, for a chunk of ``param``; ``None`` is the whole (local) tensor.
 
     Returns:
         The byte count.
@@ -89,15 +92,19 @@ def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
     group = _group_of(optimizer, param)
     element = 4 if master else param.element_size()
     master_gradient = 4 if master else 0
-    return local_numel(param) * (master_gradient + _temporaries(optimizer, group, param) * element)
+    count = local_numel(param) if numel is None else numel
+    return count * (master_gradient + _temporaries(optimizer, group, param) * element)
 
 
-def device_bytes_while_stepped(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:
-    """Device bytes ``param`` needs while its update runs: its state (master included) and the step's workspace.
+def device_bytes_while_stepped(
+    optimizer: Optimizer, param: nn.Parameter, master: bool, numel: int | None = None
+) -> int:
+    """Device bytes ``param`` (or a chunk of ``numel`` of its elements) needs while its update runs.
 
-    This is what a ``max_resident_bytes`` budget must hold for the largest offloaded tensor.
+    Its state (master included) and the step's workspace: what a ``max_resident_bytes`` budget must hold for the
+    largest offloaded tensor, or chunk.
     """
-    return expected_state_bytes(optimizer, param, master) + step_workspace_bytes(optimizer, param, master)
+    return expected_state_bytes(optimizer, param, master, numel) + step_workspace_bytes(optimizer, param, master, numel)
 
 
 def _group_of(optimizer: Optimizer, param: nn.Parameter) -> dict:

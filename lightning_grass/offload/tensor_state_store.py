@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_grass.offload.row_chunks import joined_rows, state_rows
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_bytes import expected_state_bytes, step_workspace_bytes
 from lightning_grass.offload.state_placement import resident_spec
@@ -99,15 +100,18 @@ class TensorStateStore:
     """Keeps offloaded parameters' optimizer states (fp32 masters included) in a backing tier.
 
     The unit of residency is one parameter tensor; of a sharded (FSDP2 ``DTensor``) parameter, this rank's shard,
-    whose states are stored, sized and budgeted by their local parts. Its state is *resident* while it sits in
-    ``optimizer.state`` on the device; otherwise it lives in the backing tier. An entry takes its bytes from
-    the moment its fetch starts until the tier has released the memory its write-back reads (the copy has
-    read it, or the disk tier has staged it on the host), and ``max_resident_bytes`` bounds the sum at every
-    instant, transfers in flight included. A parameter that has no state yet reserves the bytes its state will
-    take (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`). While the optimizer steps a
-    unit, the step's own allocations are reserved too: the fp32 gradient of a master and the update's
-    temporaries (:func:`~lightning_grass.offload.state_bytes.step_workspace_bytes`). The store drops its
-    references to a write-back's tensors as soon as the copy is queued.
+    whose states are stored, sized and budgeted by their local parts; or a chunk of a tensor's rows
+    (:mod:`~lightning_grass.offload.row_chunks`), for a tensor too large for the budget: the chunk's state is in
+    ``optimizer.state`` under a view of those rows while it is updated, and written back right after. A state
+    is *resident* while it sits in ``optimizer.state`` on the device; otherwise it lives in the backing tier. An
+    entry takes its bytes from the moment its fetch starts until the tier has released the memory its
+    write-back reads (the copy has read it, or the disk tier has staged it on the host), and
+    ``max_resident_bytes`` bounds the sum at every instant, transfers in flight included. A parameter that has
+    no state yet reserves the bytes its state will take
+    (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`). While the optimizer steps a unit, the
+    step's own allocations are reserved too: the fp32 gradient of a master and the update's temporaries
+    (:func:`~lightning_grass.offload.state_bytes.step_workspace_bytes`). The store drops its references to a
+    write-back's tensors as soon as the copy is queued.
 
     Two regimes, chosen at every step from the *active* parameters (those the next steps update):
 
@@ -124,12 +128,15 @@ class TensorStateStore:
 
     Args:
         optimizer: The optimizer whose ``state`` holds resident states.
-        params: The offloaded parameters; a unit is an index into this list.
+        params: The offloaded parameters, one per unit (a chunked parameter once per chunk); a unit is an index
+            into this list.
         tier: The backing tier.
         max_resident_bytes: The budget; ``None`` bounds nothing (every active state stays resident).
         master_params: Parameters whose optimizer steps an fp32 master (their floating state is fp32).
         overlap: Overlap transfers with compute. ``False`` copies synchronously: no prefetch, and every
             write-back is waited for at once. It exists to measure what overlap buys.
+        rows: Per unit, the ``(start, stop)`` rows of its parameter it holds, or ``None`` for the whole tensor;
+            ``None`` (the default) makes every unit a whole tensor.
     """
 
     def __init__(
@@ -140,9 +147,12 @@ class TensorStateStore:
         max_resident_bytes: int | None = None,
         master_params: Iterable[nn.Parameter] = (),
         overlap: bool = True,
+        rows: Sequence[tuple[int, int] | None] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.params = list(params)
+        self.rows: list[tuple[int, int] | None] = list(rows) if rows is not None else [None] * len(self.params)
+        self._views: dict[int, Tensor] = {}
         self.tier = tier
         self.max_resident_bytes = max_resident_bytes
         self.overlap = overlap
@@ -180,15 +190,30 @@ class TensorStateStore:
             return layout.nbytes
         if unit not in self._expected:
             param = self.params[unit]
-            self._expected[unit] = expected_state_bytes(self.optimizer, param, id(param) in self._mastered)
+            mastered = id(param) in self._mastered
+            self._expected[unit] = expected_state_bytes(self.optimizer, param, mastered, self._numel(unit))
         return self._expected[unit]
 
     def workspace_bytes(self, unit: int) -> int:
         """Bytes the optimizer's step over ``unit`` allocates on the device beside its state."""
         if unit not in self._workspace:
             param = self.params[unit]
-            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, id(param) in self._mastered)
+            mastered = id(param) in self._mastered
+            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, mastered, self._numel(unit))
         return self._workspace[unit]
+
+    def key(self, unit: int) -> Tensor:
+        """The tensor ``unit``'s state is kept under in ``optimizer.state``, and that its update steps.
+
+        The parameter itself, or for a chunk a view of its rows (made when first asked for, until the chunk is
+        written back), which updates the parameter in place.
+        """
+        rows = self.rows[unit]
+        if rows is None:
+            return self.params[unit]
+        if unit not in self._views:
+            self._views[unit] = self.params[unit].detach()[rows[0] : rows[1]]
+        return self._views[unit]
 
     def keeps_resident(self) -> bool:
         """Whether the active units' states and step workspaces fit in the budget together (the keep regime)."""
@@ -286,7 +311,7 @@ class TensorStateStore:
         entry.nbytes = sum(t.numel() * t.element_size() for t in self._state_tensors(unit))
         self._protected.discard(unit)
         within_budget = self.max_resident_bytes is None or self._entry_bytes() <= self.max_resident_bytes
-        if self.keeps_resident() and within_budget:
+        if self.keeps_resident() and within_budget and self.rows[unit] is None:
             self._note_residency()
         else:
             self._evict(unit)
@@ -316,20 +341,35 @@ class TensorStateStore:
             )
         self.flush()
         states: dict[nn.Parameter, dict[str, Any]] = {}
-        for unit, layout in self._layouts.items():
+        chunks: dict[int, list[dict[str, Any]]] = {}
+        for unit, layout in sorted(self._layouts.items()):
             entry = self._entries.get(unit)
             if entry is not None and entry.status == "resident":
                 continue  # its state is in optimizer.state, and the backing copy may be older
-            states[self.params[unit]] = layout.rebuild(self.tier.read_to_cpu(unit))
+            state = layout.rebuild(self.tier.read_to_cpu(unit))
+            if self.rows[unit] is None:
+                states[self.params[unit]] = state
+            else:
+                chunks.setdefault(id(self.params[unit]), []).append(state)
+        for units in self._chunk_units().values():
+            parts = chunks.get(id(self.params[units[0]]), [])
+            if len(parts) == len(units):  # every chunk has its state (they are all stepped, or none)
+                states[self.params[units[0]]] = joined_rows(parts)
         return states
 
-    def load_backed_state(self, unit: int, state: dict[str, Any] | None) -> None:
-        """Write a checkpointed state of ``unit`` into the backing tier, on the CPU as given.
+    def load_backed_state(self, param: nn.Parameter, state: dict[str, Any] | None) -> None:
+        """Write a checkpointed state of ``param`` into the backing tier, on the CPU as given.
 
         Each tensor takes the dtype and device recorded here (torch's loading policy, with fp32 for the
-        floating state of a parameter that has a master) when the unit is next acquired. A sharded state (a
-        ``DTensor``) goes in as its local shard, as it is.
+        floating state of a parameter that has a master) when its unit is next acquired. A sharded state (a
+        ``DTensor``) goes in as its local shard, as it is; a chunked parameter's state is cut into its chunks.
         """
+        units = [unit for unit, p in enumerate(self.params) if p is param]
+        for unit in units:
+            rows = self.rows[unit]
+            self._load_unit_state(unit, state if rows is None or state is None else state_rows(state, *rows))
+
+    def _load_unit_state(self, unit: int, state: dict[str, Any] | None) -> None:
         param = self.params[unit]
         layout = _Layout()
         tensors: list[Tensor] = []
@@ -377,11 +417,27 @@ class TensorStateStore:
         self._note_residency()
 
     def _install(self, unit: int, layout: _Layout, tensors: list[Tensor]) -> None:
-        self.optimizer.state[self.params[unit]].update(layout.rebuild(tensors))
+        self.optimizer.state[self.key(unit)].update(layout.rebuild(tensors))
+
+    def _numel(self, unit: int) -> int | None:
+        """Elements of ``unit``'s chunk of rows; ``None`` for a whole tensor."""
+        rows = self.rows[unit]
+        if rows is None:
+            return None
+        param = self.params[unit]
+        return (rows[1] - rows[0]) * (param.numel() // param.shape[0])
+
+    def _chunk_units(self) -> dict[int, list[int]]:
+        """The units of each chunked parameter, by the parameter's ``id``, in row order."""
+        units: dict[int, list[int]] = {}
+        for unit, param in enumerate(self.params):
+            if self.rows[unit] is not None:
+                units.setdefault(id(param), []).append(unit)
+        return units
 
     def _state_tensors(self, unit: int) -> list[Tensor]:
         """The local parts of ``unit``'s resident state tensors."""
-        state = self.optimizer.state.get(self.params[unit], {})
+        state = self.optimizer.state.get(self.key(unit), {})
         return [local_part(value) for value in state.values() if isinstance(value, Tensor)]
 
     def _evict(self, unit: int) -> None:
@@ -409,8 +465,9 @@ class TensorStateStore:
         self._note_residency()
 
     def _collect(self, unit: int) -> tuple[list[Tensor], _Layout | None]:
-        """Pop ``unit``'s state out of ``optimizer.state``."""
-        state = self.optimizer.state.pop(self.params[unit], None)
+        """Pop ``unit``'s state out of ``optimizer.state`` (and forget a chunk's view of its rows)."""
+        state = self.optimizer.state.pop(self.key(unit), None)
+        self._views.pop(unit, None)
         layout = _Layout()
         tensors: list[Tensor] = []
         for key, value in sorted((state or {}).items()):

@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -34,6 +35,7 @@ from lightning_grass.offload import (
     optimizer_state_bytes,
 )
 from lightning_grass.offload.offloaded_optimizer import check_offloadable
+from lightning_grass.offload.row_chunks import ELEMENTWISE_OPTIMIZERS, is_elementwise, row_ranges, rows_per_chunk
 from lightning_grass.offload_settings import OffloadSettings
 
 
@@ -218,51 +220,112 @@ class LayerwiseOffloadMixin:
 
     def _build_store(self, optimizer: Optimizer, layer_map: LayerMap, masters: list[nn.Parameter]) -> TensorStateStore:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        units: list[nn.Parameter] = []
-        self._layer_units = []
+        tensors: list[nn.Parameter] = []
+        layer_tensors: list[list[int]] = []
         for index in range(layer_map.num_layers):
             layer = [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
-            self._layer_units.append(list(range(len(units), len(units) + len(layer))))
-            units += layer
-        self._always_on_units = []
+            layer_tensors.append(list(range(len(tensors), len(tensors) + len(layer))))
+            tensors += layer
+        always_on_tensors: list[int] = []
         if self.offload_always_on:
-            placed = {id(p) for p in units}
+            placed = {id(p) for p in tensors}
             for name in ALWAYS_ON_GROUPS:
                 for p in layer_map.group_parameters(name):
                     if id(p) in in_optimizer and id(p) not in placed:
                         placed.add(id(p))
-                        self._always_on_units.append(len(units))
-                        units.append(p)
+                        always_on_tensors.append(len(tensors))
+                        tensors.append(p)
         mastered = {id(p) for p in masters}
-        sizes = [expected_state_bytes(optimizer, p, id(p) in mastered) for p in units]
-        self._check_budget(units, [device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in units])
+        chunking = self._chunking(optimizer, tensors, mastered)
+        units: list[nn.Parameter] = []
+        rows: list[tuple[int, int] | None] = []
+        units_of: list[list[int]] = []
+        for param, ranges in zip(tensors, chunking, strict=True):
+            units_of.append(list(range(len(units), len(units) + len(ranges or [None]))))
+            for chunk in ranges or [None]:
+                units.append(param)
+                rows.append(chunk)
+        self._layer_units = [[u for t in layer for u in units_of[t]] for layer in layer_tensors]
+        self._always_on_units = [u for t in always_on_tensors for u in units_of[t]]
+        sizes = [
+            expected_state_bytes(optimizer, p, id(p) in mastered, _chunk_numel(p, chunk))
+            for p, chunk in zip(units, rows, strict=True)
+        ]
         if self.offload_tier == "disk":
             tier = DiskTier(self.offload_dir)
             _check_free_space(tier.directory, sum(sizes))
         else:
             tier = HostTier(self.root_device, sizes)
         budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
+        chunked = sum(1 for ranges in chunking if ranges)
         rank_zero_info(
-            f"{type(self).__name__}: optimizer states of {len(units)} tensors offloaded to {self.offload_tier!r} "
+            f"{type(self).__name__}: optimizer states of {len(tensors)} tensors offloaded to {self.offload_tier!r} "
             f"({format_bytes(sum(sizes))} once every layer has been trained); on {self.root_device}: {budget}"
+            + (f"; {chunked} tensors larger than the budget stepped in chunks of rows" if chunked else "")
             + (f"; {len(masters)} half-precision tensors stepped on fp32 masters" if masters else "")
         )
-        return TensorStateStore(optimizer, units, tier, self.max_resident_bytes, masters, self.overlap)
+        return TensorStateStore(optimizer, units, tier, self.max_resident_bytes, masters, self.overlap, rows)
 
-    def _check_budget(self, units: list[nn.Parameter], sizes: list[int]) -> None:
-        """Refuse a budget that cannot hold the largest offloaded tensor while it is stepped, before any step."""
-        if self.max_resident_bytes is None or not units or max(sizes) <= self.max_resident_bytes:
-            return
-        largest = max(range(len(units)), key=sizes.__getitem__)
+    def _chunking(
+        self, optimizer: Optimizer, tensors: list[nn.Parameter], mastered: set[int]
+    ) -> list[list[tuple[int, int]] | None]:
+        """Per offloaded tensor, its chunks of rows if it does not fit in the budget while stepped, else ``None``.
+
+        Refuses, before any step, tensors too large for the budget that cannot be chunked (sharded ones, or any
+        under an optimizer whose update is not elementwise), naming the largest, and a budget below one row of
+        a tensor, naming the tensor whose row needs the most.
+        """
+        budget = self.max_resident_bytes
+        if budget is None:
+            return [None] * len(tensors)
+        needs = [device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in tensors]
+        too_large = [index for index, need in enumerate(needs) if need > budget]
+        if not too_large:
+            return [None] * len(tensors)
         names = {id(p): name for name, p in self.lightning_module.named_parameters()}
-        budget, needed = self.max_resident_bytes, sizes[largest]
-        raise SettingValueError(
-            f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold "
-            f"{names.get(id(units[largest]), 'an offloaded tensor')} while it is stepped ({needed} bytes: its "
-            "optimizer state and step counter, its fp32 master and master gradient if it has one, and the "
-            f"optimizer's temporaries); raise it to at least {needed} bytes, or to {2 * needed} bytes so that the "
-            "next tensor's fetch overlaps the update"
-        )
+
+        def cannot_hold(index: int) -> str:
+            return (
+                f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold "
+                f"{names.get(id(tensors[index]), 'an offloaded tensor')} while it is stepped ({needs[index]} bytes: "
+                "its optimizer state and step counter, its fp32 master and master gradient if it has one, and the "
+                "optimizer's temporaries)"
+            )
+
+        sharded = [index for index in too_large if isinstance(tensors[index], DTensor)]
+        if sharded:
+            largest = max(sharded, key=needs.__getitem__)
+            raise SettingValueError(
+                f"{cannot_hold(largest)}, and the shards of grass_fsdp are not split into chunks of rows; raise it "
+                f"to at least {needs[largest]} bytes, or to {2 * needs[largest]} bytes so that the next tensor's "
+                "fetch overlaps the update"
+            )
+        if not is_elementwise(optimizer):
+            largest = max(too_large, key=needs.__getitem__)
+            known = ", ".join(cls.__name__ for cls in ELEMENTWISE_OPTIMIZERS)
+            raise SettingValueError(
+                f"{cannot_hold(largest)}, and {type(optimizer).__name__} cannot step it in chunks of rows: only an "
+                f"elementwise update ({known}) gives the same result on a chunk as on the whole tensor. Raise it to "
+                f"at least {needs[largest]} bytes, or use one of those optimizers"
+            )
+        row_needs = {
+            index: device_bytes_while_stepped(
+                optimizer, tensors[index], id(tensors[index]) in mastered, _chunk_numel(tensors[index], (0, 1))
+            )
+            for index in too_large
+        }
+        worst = max(too_large, key=row_needs.__getitem__)
+        if row_needs[worst] > budget:
+            raise SettingValueError(
+                f"{cannot_hold(worst)}, nor one row of it ({row_needs[worst]} bytes), the smallest chunk it is "
+                f"stepped in; raise it to at least {row_needs[worst]} bytes"
+            )
+        chunking: list[list[tuple[int, int]] | None] = [None] * len(tensors)
+        for index in too_large:
+            param = tensors[index]
+            rows = rows_per_chunk(optimizer, param, id(param) in mastered, budget)
+            chunking[index] = row_ranges(param.shape[0], rows)
+        return chunking
 
     def _close_store(self) -> None:
         if self._offloaded is not None and self._offloaded.store is not None:
@@ -282,6 +345,13 @@ class LayerwiseOffloadMixin:
         metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _chunk_numel(param: nn.Parameter, rows: tuple[int, int] | None) -> int | None:
+    """Elements of rows ``[start, stop)`` of ``param``; ``None`` for the whole tensor."""
+    if rows is None:
+        return None
+    return (rows[1] - rows[0]) * (param.numel() // param.shape[0])
 
 
 def refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:

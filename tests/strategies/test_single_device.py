@@ -122,14 +122,17 @@ def test_a_budget_bounds_the_offloaded_states_on_the_device_and_the_tier_keeps_o
     assert list(tmp_path.iterdir()) == [], "teardown deleted the run's folder"
 
 
-def test_a_budget_smaller_than_one_tensor_is_refused_before_training():
+def test_a_budget_smaller_than_one_row_of_a_tensor_is_refused_before_training():
     module = TinyCausalLM()
     before = copy.deepcopy(module.state_dict())
+    # down_proj (32 x 64) has the longest rows: 64 fp32 elements, two moments and the for-loop's two temporaries,
+    # and the step counter.
     with pytest.raises(
         ValueError,
-        match=r"^max_resident_bytes=1000 bytes \(1000 B\) cannot hold model\.model\.layers\.0\.mlp\.gate_proj\.weight "
+        match=r"^max_resident_bytes=1000 bytes \(1000 B\) cannot hold model\.model\.layers\.0\.mlp\.down_proj\.weight "
         r"while it is stepped \(32772 bytes: its optimizer state and step counter, .* and the optimizer's "
-        r"temporaries\); raise it to at least 32772 bytes, or to 65544 bytes so that",
+        r"temporaries\), nor one row of it \(1028 bytes\), the smallest chunk it is stepped in; raise it to at "
+        r"least 1028 bytes$",
     ):
         fit(GRASSStrategy(offload="cpu", max_resident_bytes=1000), module=module)
     assert all(torch.equal(before[name], p) for name, p in module.state_dict().items())
