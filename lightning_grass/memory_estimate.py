@@ -23,6 +23,8 @@ from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
+from lightning_grass.offload.row_chunks import row_ranges, rows_per_chunk
+from lightning_grass.offload.state_bytes import STEP_COUNTER_BYTES
 from lightning_grass.offload_settings import OffloadSettings
 from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
 
@@ -123,12 +125,14 @@ def estimate_memory(
     (:func:`~lightning_grass.offload.device_bytes_while_stepped`), at its peak. Without ``max_resident_bytes``,
     or when every offloaded tensor fits in it while stepped, they are stepped together: their states, masters
     and workspaces add up. Otherwise they stream in update order (each active layer's tensors in registration
-    order, then the always-on ones if offloaded), and the peak is the tensor being stepped with, when it fits
-    beside it, the next one's state, which the store fetches during the update. On a CPU run
+    order, then the always-on ones if offloaded; a tensor larger than the budget in chunks of rows, as the
+    strategy cuts it), and the peak is the tensor (or chunk) being stepped with, when it fits beside it, the next
+    one's state, which the store fetches during the update. On a CPU run
     ``master_weights + optimizer_states + step_workspace`` is then ``offload_stats["peak_resident_bytes"]``
     exactly; on CUDA, or with the disk tier, a write-back still in flight can hold one more tensor's state for a
-    while, never beyond the budget. A budget that cannot hold the largest offloaded tensor while it is stepped is
-    refused, as the strategy refuses it, with the bytes it needs.
+    while, never beyond the budget. A budget that cannot hold one row of an offloaded tensor while it is stepped
+    (with ``shards > 1``, the largest shard: shards are not chunked) is refused, as the strategy refuses it,
+    with the bytes it needs.
 
     Left out, like activations: the workspace of the step over resident states (the always-on modules' unless
     offloaded, every layer's with ``offload="none"``), up to 4 bytes per element for master gradients plus one
@@ -164,8 +168,8 @@ def estimate_memory(
     Raises:
         SettingValueError: For an unknown precision or offload, float16 training, ``n_active`` outside
             1 to the number of layers, ``shards < 1``, a ``max_resident_bytes`` with ``offload="none"`` or below
-            what the largest offloaded tensor needs while stepped, or, with ``shards > 1``, a precision that
-            ``grass_fsdp`` does not take.
+            what one row of an offloaded tensor needs while stepped (the largest shard with ``shards > 1``), or,
+            with ``shards > 1``, a precision that ``grass_fsdp`` does not take.
     """
     if precision == "16-true":
         raise SettingValueError("precision='16-true' is refused by GRASSStrategy; estimate 'bf16-true' instead")
@@ -200,8 +204,8 @@ def estimate_memory(
         range(layer_map.num_layers), key=lambda i: sum(weight_bytes(p) for p in per_layer[i]), reverse=True
     )
     largest = [p for index in sorted(by_size[:n_active]) for p in per_layer[index]]
-    sizes = _tensor_bytes(
-        always_on + [p for params in per_layer for p in params], dtype, shards, master_weights, foreach
+    sizes, chunks = _tensor_bytes(
+        always_on + [p for params in per_layer for p in params], dtype, shards, master_weights, foreach, budget
     )
 
     weights = sum(weight_bytes(p) for p in _unique(p for p in model.parameters()))
@@ -215,8 +219,9 @@ def estimate_memory(
     else:
         resident = [] if offload_always_on else always_on
         offloaded = largest + (always_on if offload_always_on else [])
-    _check_budget(model, budget, offloaded, sizes)
-    held = _held_at_peak([sizes[id(p)] for p in offloaded], budget) + [sizes[id(p)].at_rest() for p in resident]
+    _check_budget(model, budget, offloaded, sizes, chunks, shards)
+    units = [unit for p in offloaded for unit in chunks[id(p)]]
+    held = _held_at_peak(units, budget) + [sizes[id(p)].at_rest() for p in resident]
     return MemoryEstimate(
         weights,
         gradients,
@@ -227,46 +232,91 @@ def estimate_memory(
 
 
 def _tensor_bytes(
-    params: list[nn.Parameter], dtype: torch.dtype | None, shards: int, master_weights: bool, foreach: bool
-) -> dict[int, _TensorBytes]:
-    """Each parameter's state, master and step workspace, by the strategy's arithmetic, keyed by ``id``.
+    params: list[nn.Parameter],
+    dtype: torch.dtype | None,
+    shards: int,
+    master_weights: bool,
+    foreach: bool,
+    budget: int | None,
+) -> tuple[dict[int, _TensorBytes], dict[int, list[_TensorBytes]]]:
+    """Each parameter's state, master and step workspace, and the units the offload streams it in, by ``id``.
 
-    It runs on stand-ins on the ``meta`` device, of the dtype each parameter trains in and of one rank's
-    numel, held by an AdamW that is never stepped: nothing is allocated.
+    The units are the whole tensor, or its chunks of rows when it does not fit in the budget, by the strategy's
+    arithmetic. It runs on stand-ins on the ``meta`` device, of the dtype each parameter trains in and of its
+    shape (one rank's numel under ``shards``), held by an AdamW that is never stepped: nothing is allocated.
     """
     stand_ins = [
-        nn.Parameter(torch.empty(-(-p.numel() // shards), dtype=dtype or p.dtype, device="meta")) for p in params
+        nn.Parameter(
+            torch.empty(p.shape if shards == 1 else (-(-p.numel() // shards),), dtype=dtype or p.dtype, device="meta")
+        )
+        for p in params
     ]
     adamw = torch.optim.AdamW(stand_ins, foreach=foreach)
-    sizes = {}
+    sizes: dict[int, _TensorBytes] = {}
+    chunks: dict[int, list[_TensorBytes]] = {}
     for param, stand_in in zip(params, stand_ins, strict=True):
         mastered = master_weights and needs_master(stand_in)
-        master = 4 * stand_in.numel() if mastered else 0
-        sizes[id(param)] = _TensorBytes(
-            state=expected_state_bytes(adamw, stand_in, mastered) - master,
-            master=master,
-            workspace=step_workspace_bytes(adamw, stand_in, mastered),
-        )
-    return sizes
+
+        def part(numel: int, stand_in: nn.Parameter = stand_in, mastered: bool = mastered) -> _TensorBytes:
+            master = 4 * numel if mastered else 0
+            return _TensorBytes(
+                state=expected_state_bytes(adamw, stand_in, mastered, numel) - master,
+                master=master,
+                workspace=step_workspace_bytes(adamw, stand_in, mastered, numel),
+            )
+
+        whole = sizes[id(param)] = part(stand_in.numel())
+        rows = 0
+        if budget is not None and whole.stepped > budget and shards == 1 and stand_in.dim():
+            rows = rows_per_chunk(adamw, stand_in, mastered, budget)
+        row_numel = stand_in.numel() // stand_in.shape[0] if stand_in.dim() and stand_in.shape[0] else 1
+        ranges = row_ranges(stand_in.shape[0], rows) if rows else []
+        chunks[id(param)] = [part((stop - start) * row_numel) for start, stop in ranges] or [whole]
+    return sizes, chunks
 
 
 def _check_budget(
-    model: nn.Module, budget: int | None, offloaded: list[nn.Parameter], sizes: dict[int, _TensorBytes]
+    model: nn.Module,
+    budget: int | None,
+    offloaded: list[nn.Parameter],
+    sizes: dict[int, _TensorBytes],
+    chunks: dict[int, list[_TensorBytes]],
+    shards: int,
 ) -> None:
-    """Refuse a budget that cannot hold the largest offloaded tensor while it is stepped, as the strategy does."""
+    """Refuse a budget the offload cannot work in, as the strategy does.
+
+    That is a budget below one row of an offloaded tensor, or, with ``shards > 1`` (shards are not chunked), below
+    the largest offloaded shard while stepped.
+    """
     if budget is None or not offloaded:
         return
-    largest = max(offloaded, key=lambda p: sizes[id(p)].stepped)
-    needed = sizes[id(largest)].stepped
-    if needed <= budget:
+    worst = max(offloaded, key=lambda p: max(unit.stepped for unit in chunks[id(p)]))
+    if max(unit.stepped for unit in chunks[id(worst)]) <= budget:
         return
-    name = next(name for name, p in model.named_parameters() if p is largest)
-    raise SettingValueError(
+    needed = sizes[id(worst)].stepped
+    name = next(name for name, p in model.named_parameters() if p is worst)
+    holds = (
         f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold {name} while it is stepped "
         f"({needed} bytes: its optimizer state and step counter, its fp32 master and master gradient if it has one, "
-        f"and AdamW's temporaries); raise it to at least {needed} bytes, or to {2 * needed} bytes so that the next "
-        "tensor's fetch overlaps the update"
+        "and AdamW's temporaries)"
     )
+    if shards > 1:
+        raise SettingValueError(
+            f"{holds}, and the shards of grass_fsdp are not split into chunks of rows; raise it to at least "
+            f"{needed} bytes, or to {2 * needed} bytes so that the next tensor's fetch overlaps the update"
+        )
+    row = _one_row(worst, sizes[id(worst)])
+    raise SettingValueError(
+        f"{holds}, nor one row of it ({row} bytes), the smallest chunk it is stepped in; raise it to at least "
+        f"{row} bytes"
+    )
+
+
+def _one_row(param: nn.Parameter, whole: _TensorBytes) -> int:
+    """Bytes one row of ``param`` needs while stepped: its share of the whole tensor's, with a step counter."""
+    rows = param.shape[0] if param.dim() else 1
+    per_element = (whole.stepped - STEP_COUNTER_BYTES) // param.numel()
+    return per_element * (param.numel() // rows) + STEP_COUNTER_BYTES
 
 
 def _held_at_peak(units: Sequence[_TensorBytes], budget: int | None) -> list[_TensorBytes]:

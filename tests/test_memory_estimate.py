@@ -128,16 +128,20 @@ def test_a_malformed_max_resident_bytes_is_named_in_one_line(value, error, messa
     assert str(raised.value) == message
 
 
-def test_a_budget_below_the_largest_stepped_tensor_is_refused_with_exact_bytes():
+def test_a_budget_below_one_row_of_a_tensor_is_refused_with_exact_bytes():
+    # Below the largest tensor, tensors stream in chunks of rows; one row of down_proj (its rows are the longest:
+    # 64 fp32 elements, two moments and foreach's one temporary, 12 bytes each) and a step counter is the floor.
     with pytest.raises(SettingValueError) as raised:
-        estimate_memory(MODEL, n_active=2, max_resident_bytes=24579)
+        estimate_memory(MODEL, n_active=2, max_resident_bytes=771)
     assert str(raised.value) == (
-        "max_resident_bytes=24579 bytes (24.00 KiB) cannot hold model.layers.0.mlp.gate_proj.weight while it is "
-        "stepped (24580 bytes: its optimizer state and step counter, its fp32 master and master gradient if it has "
-        "one, and AdamW's temporaries); raise it to at least 24580 bytes, or to 49160 bytes so that the next "
-        "tensor's fetch overlaps the update"
+        "max_resident_bytes=771 bytes (771 B) cannot hold model.layers.0.mlp.down_proj.weight while it is stepped "
+        "(24580 bytes: its optimizer state and step counter, its fp32 master and master gradient if it has one, and "
+        "AdamW's temporaries), nor one row of it (772 bytes), the smallest chunk it is stepped in; raise it to at "
+        "least 772 bytes"
     )
     assert estimate_memory(MODEL, n_active=2, max_resident_bytes=24580).step_workspace == 4 * LARGEST
+    chunked = estimate_memory(MODEL, n_active=2, max_resident_bytes=772, offload_always_on=True)
+    assert chunked.master_weights + chunked.optimizer_states + chunked.step_workspace == 772, "one row at a time"
 
 
 class PeakGradients(Callback):
@@ -157,11 +161,17 @@ def streaming_budget(precision):
     return 2 * device_bytes_while_stepped(adamw, largest, master=dtype == torch.bfloat16)
 
 
-@pytest.mark.parametrize("budget", ["none", "streaming"])
+def chunked_budget(precision):
+    """A third of the largest tensor while stepped, with the always-on tensors offloaded: most tensors are chunked."""
+    return streaming_budget(precision) // 6
+
+
+@pytest.mark.parametrize("budget", ["none", "streaming", "chunked"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_the_estimate_is_what_a_cpu_run_measures(precision, budget):
     module = TinyCausalLM(num_layers=8)
-    settings = dict(offload="cpu", max_resident_bytes=streaming_budget(precision) if budget == "streaming" else None)
+    budgets = {"none": None, "streaming": streaming_budget(precision), "chunked": chunked_budget(precision)}
+    settings = dict(offload="cpu", max_resident_bytes=budgets[budget], offload_always_on=budget == "chunked")
     estimate = estimate_memory(module, n_active=2, precision=precision, foreach=False, **settings)
     gradients = PeakGradients()
     callback = GRASSCallback(mode="lisa", n_active=2, sample_every=3, seed=0)
@@ -172,7 +182,7 @@ def test_the_estimate_is_what_a_cpu_run_measures(precision, budget):
     # The CPU tier copies synchronously, so a write-back frees its bytes at once and the estimate of what the
     # offload holds at its peak is exact, not only within 1%: always-on states, plus the two active layers'
     # states and step workspaces together (no budget) or the largest tensor stepped beside the next one's
-    # fetched state (streaming).
+    # fetched state (streaming), or the largest chunk stepped beside the next one's state (chunked).
     held = estimate.master_weights + estimate.optimizer_states + estimate.step_workspace
     assert held == trainer.strategy.offload_stats["peak_resident_bytes"]
     assert estimate.gradients == gradients.bytes

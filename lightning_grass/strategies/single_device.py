@@ -29,7 +29,8 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
       of the window is entered, overlapping forward and backward. With ``max_resident_bytes``, that bound
       holds at every instant, transfers in flight included. When the active states fit in it they behave as
       above; when they do not, they stream one tensor at a time: each tensor is fetched just before its update
-      and written back after it, while the next one is being fetched.
+      and written back after it, while the next one is being fetched. A tensor larger than the budget streams
+      in chunks of rows (:mod:`~lightning_grass.offload.row_chunks`), bitwise the same for Adam, AdamW and SGD.
     - **Half precision.** Parameters in bf16 (``precision="bf16-true"``, or a model loaded in bf16) are
       stepped on fp32 master weights (``master_weights=True``): the optimizer updates the master with fp32
       moments and the bf16 gradient cast to fp32, and the master rounded to bf16 is written into the weight.
@@ -53,9 +54,10 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
         offload_dir: Folder for the disk tier (a subfolder per run is created and deleted at teardown);
             ``None`` uses the system temp folder.
         max_resident_bytes: Bound on the offloaded tensors' optimizer states and masters on the device,
-            transfers in flight included: an int, or a string such as ``"512MiB"``. It must hold the largest
-            offloaded tensor's state; twice that lets the next fetch overlap the update. ``None`` (default)
-            keeps every active layer's state resident.
+            transfers in flight included: an int, or a string such as ``"512MiB"``. It must hold one row of
+            every offloaded tensor while stepped (larger tensors stream in chunks of rows), and the largest
+            tensor under an optimizer that is not elementwise; twice the largest lets every next fetch overlap
+            the update. ``None`` (default) keeps every active layer's state resident.
         offload_always_on: Also offload the embeddings, LM head and final norm (stepped every step); by default
             their states stay resident.
         master_weights: Step bf16 parameters on fp32 master weights (default). ``False`` steps them in bf16,
