@@ -127,7 +127,7 @@ def estimate_memory(
     and workspaces add up. Otherwise they stream in update order (each active layer's tensors in registration
     order, then the always-on ones if offloaded; a tensor larger than the budget in chunks of rows, as the
     strategy cuts it), and the peak is the tensor (or chunk) being stepped with, when it fits beside it, the next
-    one's state, which the store fetches during the update. On a CPU run
+    ones' states that the store fetches during the update, as deep as the budget allows. On a CPU run
     ``master_weights + optimizer_states + step_workspace`` is then ``offload_stats["peak_resident_bytes"]``
     exactly; on CUDA, or with the disk tier, a write-back still in flight can hold one more tensor's state for a
     while, never beyond the budget. A budget that cannot hold one row of an offloaded tensor while it is stepped
@@ -320,18 +320,24 @@ def _one_row(param: nn.Parameter, whole: _TensorBytes) -> int:
 
 
 def _held_at_peak(units: Sequence[_TensorBytes], budget: int | None) -> list[_TensorBytes]:
-    """What the offload store holds at its peak, for offloaded tensors in update order, as its parts.
+    """What the offload store holds at its peak, for offloaded tensors (or chunks) in update order, as its parts.
 
-    Every unit, stepped, when all fit in the budget together (or there is none); otherwise the unit being
-    stepped and, when it fits beside it, the next unit's state, fetched during the update.
+    Every unit, stepped, when all fit in the budget together (or there is none). Otherwise the unit being
+    stepped, and the states of the next ones the store prefetches during its update: as many as fit beside it,
+    and whose states with the largest of their workspaces fit in the budget
+    (:meth:`~lightning_grass.offload.TensorStateStore.prefetch_ahead`).
     """
     if budget is None or sum(unit.stepped for unit in units) <= budget:
         return list(units)
     peak: list[_TensorBytes] = []
     for index, unit in enumerate(units):
         held = [unit]
-        following = units[index + 1] if index + 1 < len(units) else None
-        if following is not None and unit.stepped + following.resident <= budget:
+        ahead = workspace = 0
+        for count, following in enumerate(units[index + 1 :]):
+            ahead += following.resident
+            workspace = max(workspace, following.workspace)
+            if (count and ahead + workspace > budget) or unit.stepped + ahead > budget:
+                break
             held.append(following.at_rest())
         if sum(part.stepped for part in held) > sum(part.stepped for part in peak):
             peak = held

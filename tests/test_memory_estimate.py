@@ -45,17 +45,19 @@ COUNTERS = 4 * (3 + 2 * 9)
             dict(n_active=2, offload="none"),
             (4 * TOTAL, 4 * (ALWAYS_ON + 2 * LAYER), 0, 8 * TOTAL + 4 * (3 + 4 * 9), 0),
         ),
-        # A budget that holds neither layer while stepped: the tensors stream. At the peak, gate_proj is stepped
-        # (its state, counter and temporary: 24580 bytes) while up_proj's state is fetched (16388 bytes), 40968
-        # bytes of the 74240; the always-on modules' states stay resident.
+        # A budget that holds neither layer while stepped: the tensors stream, prefetched as deep as it allows. At
+        # the peak o_proj (32 x 32) is stepped (its state, counter and temporary: 12292 bytes) while the states of
+        # gate_proj, up_proj and down_proj (16388 bytes each), both norms (260 each) and the next layer's q_proj
+        # (8196) are fetched: 70172 bytes of the 74240; k_proj's 4100 more would pass it. The always-on
+        # modules' states stay resident.
         (
             dict(n_active=2, max_resident_bytes=8 * LAYER),
             (
                 4 * TOTAL,
                 4 * (ALWAYS_ON + 2 * LAYER),
                 0,
-                8 * ALWAYS_ON + 4 * 3 + 2 * (8 * LARGEST + 4),
-                4 * LARGEST,
+                8 * ALWAYS_ON + 4 * 3 + 2 * (8 * 1024 + 4) + 3 * (8 * LARGEST + 4) + 2 * (8 * 32 + 4),
+                4 * 1024,
             ),
         ),
         (

@@ -19,6 +19,9 @@ from lightning_grass.offload.transfer import TensorSpec, Transfer
 # Ending of the name a state file is written under before it is renamed into place.
 _TEMPORARY_SUFFIX = ".tmp"
 
+#: Reads and writes the disk tier runs at once: a few tensors of prefetch and their write-backs.
+DEFAULT_IO_THREADS = 4
+
 
 def check_offload_dir(offload_dir: object) -> None:
     """Refuse an ``offload_dir`` setting that is neither a path nor ``None``, before any work.
@@ -36,11 +39,14 @@ def check_offload_dir(offload_dir: object) -> None:
 class DiskTier:
     """Keeps each offloaded tensor's optimizer state in one file, like ZeRO-Infinity's NVMe tier.
 
-    Reads and writes run on a single background thread, so they overlap with compute on the main thread
-    (file I/O releases the GIL). Files are written and read with plain ``write``/``readinto`` into freshly
-    allocated tensors rather than memory-mapped: pages of a mapped file that were touched would count as
-    the process's resident memory, which is what this tier exists to reduce. The operating system's page
-    cache may still keep recently written states in RAM; it gives that memory back under pressure.
+    Reads and writes run on a pool of background threads (``io_threads``), so they overlap with compute on the
+    main thread and with each other (file I/O releases the GIL): with prefetch several tensors deep, the next
+    fetches and the last write-backs are served at once rather than queued behind one another. The store never
+    reads and writes one tensor's file at the same time: a fetch waits for that tensor's write-back. Files are
+    written and read with plain ``write``/``readinto`` into freshly allocated tensors rather than memory-mapped:
+    pages of a mapped file that were touched would count as the process's resident memory, which is what this
+    tier exists to reduce. The operating system's page cache may still keep recently written states in RAM; it
+    gives that memory back under pressure.
 
     A state file is written under a temporary name in the same folder, then renamed over the previous one
     (``os.replace``, atomic within a filesystem), so a write that fails half-way (a full disk) leaves the
@@ -58,14 +64,17 @@ class DiskTier:
 
     Args:
         directory: Where to create this run's folder of state files. ``None`` uses the system temp folder.
+        io_threads: Reads and writes in flight at once.
 
     Raises:
         SettingTypeError: If ``directory`` is not a path.
-        SettingValueError: If ``directory`` cannot be created or written to.
+        SettingValueError: If ``directory`` cannot be created or written to, or ``io_threads`` is below 1.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, io_threads: int = DEFAULT_IO_THREADS) -> None:
         check_offload_dir(directory)
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+            raise SettingValueError(f"io_threads={io_threads!r} must be an int >= 1 (reads and writes at once)")
         parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +84,7 @@ class DiskTier:
                 f"offload_dir={str(parent)!r} is not a writable directory ({error.strerror}); choose a folder this "
                 "process can create files in"
             ) from error
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grass-disk-tier")
+        self._executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="grass-disk-tier")
         self._layouts: dict[int, list[TensorSpec]] = {}
 
     def write(self, unit: int, tensors: list[torch.Tensor]) -> Transfer:

@@ -257,8 +257,7 @@ class OffloadedOptimizer(Optimizer):
         else:
             for position, unit in enumerate(plan):
                 store.acquire(unit)
-                if position + 1 < len(plan):
-                    store.prefetch(plan[position + 1])
+                store.prefetch_ahead(plan[position + 1 :])
                 self._step_unit(store, unit)
                 store.release(unit, written=True)
         store.end_step()

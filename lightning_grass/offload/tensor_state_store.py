@@ -229,11 +229,39 @@ class TensorStateStore:
             self._evict(unit)
 
     def prefetch_active(self) -> None:
-        """Start fetching what the next step needs first: every active unit when they stay resident, else the first."""
+        """Start fetching what the next step needs: every active unit when they stay resident, else the first ones.
+
+        Streaming, as many of the first active units as :meth:`prefetch_ahead` can hold.
+        """
         self._reap()
-        units = self.active if self.keeps_resident() else self.active[:1]
-        for unit in units:
-            self.prefetch(unit)
+        if self.keeps_resident():
+            for unit in self.active:
+                self.prefetch(unit)
+        else:
+            self.prefetch_ahead(self.active)
+
+    def prefetch_ahead(self, units: Sequence[int]) -> int:
+        """Start fetching ``units``, the next ones to be updated in order, as deep as the budget allows.
+
+        A unit is fetched only if the states of it and of every unit before it in ``units``, with the largest of
+        their step workspaces, fit in the budget together: each of them can then be acquired in turn while the
+        ones after it wait, resident. The first unit is always tried (:meth:`prefetch`).
+
+        Args:
+            units: Units in update order.
+
+        Returns:
+            How many of ``units`` the budget covered.
+        """
+        held = workspace = 0
+        for count, unit in enumerate(units):
+            held += self.unit_bytes(unit)
+            workspace = max(workspace, self.workspace_bytes(unit))
+            if count and self.max_resident_bytes is not None and held + workspace > self.max_resident_bytes:
+                return count
+            if not self._prefetch(unit, keep=set(units[: count + 1])):
+                return count
+        return len(units)
 
     def begin_step(self, plan: Sequence[int]) -> None:
         """The units this step updates, in order: none of them is evicted to make room before its update."""
@@ -247,18 +275,32 @@ class TensorStateStore:
                 self._evict(unit)
         self._reap()
 
-    def prefetch(self, unit: int) -> None:
+    def prefetch(self, unit: int) -> bool:
         """Start fetching ``unit``'s state if it has one in the tier and the budget has room.
 
         Waits for write-backs to finish, and writes back resident states that this step does not need, to
         make room; does nothing when only states the step still needs fill the budget.
+
+        Returns:
+            Whether ``unit`` needs no fetch any more: it is fetching or resident, has no state in the tier yet,
+            or its fetch started now. ``False`` when the budget has no room, or transfers do not overlap.
         """
-        if not self.overlap or unit in self._entries:
-            return
+        return self._prefetch(unit, keep={unit})
+
+    def _prefetch(self, unit: int, keep: set[int]) -> bool:
+        """:meth:`prefetch`, making room without evicting the units in ``keep``."""
+        if not self.overlap:
+            return False
+        entry = self._entries.get(unit)
+        if entry is not None:
+            return entry.status != "writing"
         layout = self._layouts.get(unit)
-        if layout is None or not layout.tensors or not self._make_room(layout.nbytes, exclude=unit):
-            return
+        if layout is None or not layout.tensors:
+            return True
+        if not self._make_room(layout.nbytes, exclude=keep):
+            return False
         self._start_fetch(unit, layout)
+        return True
 
     def acquire(self, unit: int) -> None:
         """Make ``unit``'s state resident in ``optimizer.state``, fetching it now if no prefetch did.
@@ -274,7 +316,7 @@ class TensorStateStore:
             self._drop(unit)
             entry = None
         needed = self.workspace_bytes(unit) + (self.unit_bytes(unit) if entry is None else 0)
-        if not self._make_room(needed, exclude=unit):
+        if not self._make_room(needed, exclude={unit}):
             raise RuntimeError(
                 f"max_resident_bytes={self.max_resident_bytes} cannot hold the state and step workspace of "
                 f"offloaded tensor {unit} ({self.unit_bytes(unit) + self.workspace_bytes(unit)} bytes) next to the "
@@ -479,7 +521,7 @@ class TensorStateStore:
             return [], None
         return tensors, layout
 
-    def _make_room(self, nbytes: int, exclude: int) -> bool:
+    def _make_room(self, nbytes: int, exclude: set[int]) -> bool:
         """Finish write-backs, then write back idle resident states, until ``nbytes`` more fit in the budget."""
         if self.max_resident_bytes is None:
             return True
@@ -490,7 +532,7 @@ class TensorStateStore:
             idle = [
                 u
                 for u, entry in self._entries.items()
-                if entry.status == "resident" and u != exclude and u not in self._protected
+                if entry.status in ("resident", "fetching") and u not in exclude and u not in self._protected
             ]
             if not idle:
                 return False

@@ -158,3 +158,19 @@ def test_a_unit_being_stepped_holds_its_workspace_inside_the_budget():
         assert held <= budget
     assert store.stats["peak_resident_bytes"] <= budget
     store.close()
+
+
+def test_prefetch_goes_as_deep_as_the_budget_holds_the_states_and_the_largest_workspace():
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(4)]
+    inner = torch.optim.AdamW(params, foreach=False)
+    # Each state: two moments of 16 fp32 elements and a counter (132 bytes); each step's temporaries: 128 bytes.
+    budget = 3 * 132 + 128
+    store = TensorStateStore(inner, params, HostTier(torch.device("cpu"), [132] * 4), budget)
+    offloaded = OffloadedOptimizer(inner, store)
+    for p in params:
+        p.grad = torch.ones(16)
+    offloaded.step()  # streamed: every state is created, stepped and written back
+    assert not inner.state and store.resident_units == []
+    assert store.prefetch_ahead([0, 1, 2, 3]) == 3, "three states and one workspace fit; a fourth state does not"
+    assert store.resident_units == [0, 1, 2] and store.stats["resident_bytes"] == 3 * 132
+    store.close()

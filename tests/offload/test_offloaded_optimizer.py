@@ -91,7 +91,7 @@ def test_offloaded_step_is_bit_identical(base_model, tmp_path, name, tier, budge
 
 def watch_entry_bytes(store):
     seen = []
-    for method in ("prefetch", "acquire", "release", "set_active", "prefetch_active", "end_step"):
+    for method in ("prefetch", "prefetch_ahead", "acquire", "release", "set_active", "prefetch_active", "end_step"):
         original = getattr(store, method)
 
         def watched(*args, _original=original, **kwargs):

@@ -1,6 +1,9 @@
+import threading
+
 import pytest
 import torch
 
+from lightning_grass.errors import SettingValueError
 from lightning_grass.offload import DiskTier, HostTier
 from lightning_grass.offload.transfer import TensorSpec
 
@@ -74,3 +77,35 @@ def test_the_host_tier_holds_every_state_in_one_buffer_sized_up_front(monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(tier.read_to_cpu(0), states[0], strict=True))
     tier.close()
     assert tier.backing_bytes() == 0
+
+
+def test_disk_tier_serves_reads_and_writes_at_once(tmp_path, monkeypatch):
+    # Each file operation waits at a barrier for a second one: they pass only if the tier runs two at a time.
+    tier = DiskTier(tmp_path, io_threads=2)
+    tier.write(0, TENSORS[:1]).wait()
+    barrier = threading.Barrier(2, timeout=10)
+    read_file, write_file = tier._read_file, tier._write_file
+
+    def read_after_meeting(*args):
+        barrier.wait()
+        read_file(*args)
+
+    def write_after_meeting(*args):
+        barrier.wait()
+        write_file(*args)
+
+    monkeypatch.setattr(tier, "_read_file", read_after_meeting)
+    monkeypatch.setattr(tier, "_write_file", write_after_meeting)
+    read, fetch = tier.read(0, [TensorSpec.of(TENSORS[0])])
+    write = tier.write(1, TENSORS[1:2])
+    fetch.wait()
+    write.wait()
+    monkeypatch.undo()
+    assert torch.equal(read[0], TENSORS[0]) and torch.equal(tier.read_to_cpu(1)[0], TENSORS[1])
+    tier.close()
+
+
+@pytest.mark.parametrize("threads", [0, 1.5, True])
+def test_io_threads_must_be_a_positive_int(tmp_path, threads):
+    with pytest.raises(SettingValueError, match=rf"^io_threads={threads!r} must be an int >= 1"):
+        DiskTier(tmp_path, io_threads=threads)
