@@ -1,6 +1,6 @@
 """GRASSStrategy's CUDA paths: the pinned host buffer, the copy streams and their events, the disk tier staged
-through host memory, per-tensor streaming, fp32 masters on the device, fused AdamW, 16-mixed, and the byte
-budget against what the caching allocator saw. Run by experiments/gpu_check.sh.
+through host memory, per-tensor and chunked streaming, fp32 masters on the device, fused AdamW, 16-mixed, and
+the byte budget against what the caching allocator saw. Run by experiments/gpu_check.sh.
 
 Attention is the eager implementation, so every kernel of the compared runs is deterministic, and the
 copy stream only copies: offloaded and resident runs are compared bitwise.
@@ -77,6 +77,30 @@ def test_offloaded_runs_are_bitwise_the_resident_run(tmp_path, offload, streamed
     if budget is not None:
         always_on = trainer.optimizers[0].unmanaged_state_bytes()  # the embeddings', head's and norm's, resident
         assert stats["peak_resident_bytes"] <= budget + always_on
+
+
+@pytest.mark.parametrize(
+    ("offload", "precision", "optimizer"),
+    [
+        ("cpu", "32-true", "adamw"),
+        ("disk", "32-true", "adamw"),
+        ("cpu", "bf16-true", "adamw"),
+        ("cpu", "32-true", "fused_adamw"),
+        ("cpu", "bf16-true", "fused_adamw"),
+    ],
+)
+def test_chunked_runs_are_bitwise_the_resident_run(tmp_path, offload, precision, optimizer):
+    # Half of what gate_proj needs while stepped: every tensor of its size, the always-on ones included, streams in
+    # chunks of rows through the copy streams.
+    budget = two_tensors_budget(precision, optimizer) // 4
+    reference, _ = fit_on_cuda(tmp_path, precision, optimizer, offload="none")
+    module, trainer = fit_on_cuda(
+        tmp_path, precision, optimizer, offload=offload, max_resident_bytes=budget, offload_always_on=True
+    )
+    store = trainer.strategy._offloaded.store
+    assert any(rows is not None for rows in store.rows), "tensors were cut into chunks"
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), module.parameters(), strict=True))
+    assert trainer.strategy.offload_stats["peak_resident_bytes"] <= budget
 
 
 def test_masters_on_cuda_equal_fp32_adamw_fed_the_same_gradients():
