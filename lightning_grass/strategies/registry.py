@@ -34,7 +34,7 @@ STRATEGY_NAMES: tuple[StrategyName, ...] = (
     StrategyName(
         "grass_offload_disk",
         GRASSStrategy,
-        "GRASS with optimizer states in files, read and written by a background thread",
+        "GRASS with optimizer states in files, read and written by background threads",
         {"offload": "disk"},
     ),
     StrategyName("grass_ddp", GRASSDDPStrategy, "GRASS on DDP, optimizer-state offload per rank"),

@@ -45,7 +45,7 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
     - ``"none"``: every state stays resident, as in plain training (but states of inactive layers are kept).
     - ``"cpu"``: host memory. On CUDA the buffers are pinned and copies run on a dedicated stream; on a CPU
       device this only exercises the pipeline.
-    - ``"disk"``: one file per tensor under ``offload_dir``, read and written by a background thread, like
+    - ``"disk"``: one file per tensor under ``offload_dir``, read and written by background threads, like
       ZeRO-Infinity's NVMe tier. For CPU training, and for GPU users short of host RAM.
     - ``"auto"`` (default): ``"cpu"`` on CUDA or when ``max_resident_bytes`` is set, ``"none"`` otherwise.
 
