@@ -3,7 +3,10 @@
 A TinyLlama-shaped Llama (1.1B parameters, random weights) trains a few steps per configuration, each in a
 fresh process with a timeout: full fine-tuning, LISA, and GRASS with optimizer states resident (offload none),
 in pinned host memory for the active layers' window (offload cpu), and streamed per tensor under a byte budget
-with the transfers overlapped or synchronous; in fp32 and in bf16 on fp32 master weights. Then LISA under
+with the transfers overlapped or synchronous; in fp32 and in bf16 on fp32 master weights. One more bf16 GRASS
+run offloads the embeddings', head's and final norm's states too (``offload_always_on``) under a budget of
+256 MiB, which holds a block's largest tensor but not the embedding or the head: those stream in chunks of rows
+(on the smoke model, a budget scaled to do the same). Then LISA under
 ``grass_fsdp`` on one rank (NCCL), through a sharded checkpoint and a resume: in fp32 with its state shards
 resident and in host memory, and in bf16 on fp32 master shards streamed per tensor under the same budget as
 GRASS's. It writes ``experiments/results/gpu/results.md`` (or ``--out``), created before the
@@ -36,15 +39,26 @@ GPU_SHAPE = ModelShape(
 )
 SMOKE_SHAPE = ModelShape(layers=4, hidden=64, intermediate=176, heads=4, vocab=256, seq_len=32, batch_size=2, steps=8)
 
+#: ``grass_chunked_bf16``'s budget per shape: above what a block's largest tensor needs while stepped and below
+#: what the embedding and head need, so that those two are stepped in chunks of rows. On GPU_SHAPE (bf16 on fp32
+#: masters, CUDA's foreach AdamW) the MLP matrices need 220 MiB and the embedding and head 1.22 GiB; on
+#: SMOKE_SHAPE (the CPU's for-loop AdamW) 264 KiB and 384 KiB.
+CHUNKED_BUDGET = {GPU_SHAPE: 256 * 2**20, SMOKE_SHAPE: 320 * 2**10}
+
 #: The two runs whose step times give the overlap ratio: (overlapped, synchronous).
 OVERLAP_PAIR = ("grass_stream_bf16", "grass_stream_sync_bf16")
 #: The two runs whose step times give the cost of skip_non_finite's per-step read: (checked, unchecked).
 CHECK_PAIR = ("grass_cpu_bf16", "grass_cpu_bf16_unchecked")
 
 
-def runs() -> list[Run]:
-    """The configurations; a streamed run's budget holds two of the largest block tensors while stepped."""
+def runs(shape: ModelShape = GPU_SHAPE) -> list[Run]:
+    """The configurations for ``shape`` (GPU_SHAPE or SMOKE_SHAPE).
+
+    A streamed run's budget holds two of the largest block tensors while stepped; ``grass_chunked_bf16``'s is
+    ``CHUNKED_BUDGET[shape]``.
+    """
     stream = dict(sampler="grass", offload="cpu", budget_tensors=2, precision="bf16-true")
+    chunked = dict(offload="cpu", offload_always_on=True, max_resident_bytes=CHUNKED_BUDGET[shape])
     fsdp = dict(sampler="lisa", sample_every=2, strategy="grass_fsdp")
     return [
         Run("full_fp32", "full"),
@@ -56,6 +70,7 @@ def runs() -> list[Run]:
         Run("grass_cpu_fp32", "grass", offload="cpu"),
         Run(OVERLAP_PAIR[0], **stream),
         Run(OVERLAP_PAIR[1], overlap=False, **stream),
+        Run("grass_chunked_bf16", "grass", precision="bf16-true", **chunked),
         Run("fsdp_none_fp32", offload="none", **fsdp),
         Run("fsdp_cpu_fp32", offload="cpu", **fsdp),
         Run("fsdp_stream_bf16", offload="cpu", budget_tensors=2, precision="bf16-true", **fsdp),
@@ -118,6 +133,12 @@ def report(
             "first fit's, counted on the rank's local shards (on one rank, the whole tensors), as for the other "
             "runs.",
             "",
+            "`grass_chunked_bf16` offloads the embeddings', head's and final norm's states too "
+            "(`offload_always_on=True`) under a budget that holds a block's largest tensor but not the embedding or "
+            "the head while stepped, so those two are fetched, stepped and written back in chunks of rows (its "
+            "status says how many): its peak memory, `max_memory_allocated`, is the figure to read, against "
+            "`grass_stream_bf16`, which streams the blocks' tensors and keeps the embedding and head resident.",
+            "",
             _ratio_line(
                 "Overlapped against synchronous transfers, per-tensor streaming in bf16:",
                 OVERLAP_PAIR,
@@ -154,6 +175,11 @@ def _row(shape: ModelShape, run: Run, record: dict[str, Any] | None, step: float
         status += (
             f"; checkpoint saved at step {record['saved_at_step']}, resumed at step {record['resumed_at_step']}, "
             f"trained to step {record['final_step']}"
+        )
+    if record.get("chunked_tensors"):
+        status += (
+            f"; {record['chunked_tensors']} tensors stepped in chunks of rows, the largest "
+            f"({format_bytes(record['largest_tensor_bytes'])} while stepped) in {record['largest_tensor_chunks']}"
         )
     budget = "-" if record["max_resident_bytes"] is None else format_bytes(record["max_resident_bytes"])
     stats = record["stats"]
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.md"
     shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
-    configurations = runs()
+    configurations = runs(shape)
     command = "python experiments/bench_gpu.py" + (" --smoke" if args.smoke else "")
 
     def write(results: dict[str, list[dict[str, Any]]]) -> None:

@@ -35,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.offload import device_bytes_while_stepped, needs_master
+from lightning_grass.offload.row_chunks import row_ranges, rows_per_chunk
 
 #: Seconds one run may take before it is killed: a TinyLlama-sized run takes well under a minute on an H200.
 DEFAULT_TIMEOUT_S = 150.0
@@ -78,8 +79,16 @@ class Run:
         budget_tensors: A budget that holds this many of the largest block tensors while they are stepped
             (state, step counter, fp32 master, master gradient and the optimizer's temporaries), computed in the
             training process with ``device_bytes_while_stepped`` from the model and optimizer it built. At most
-            one of the two budgets; neither means no budget. Under ``grass_fsdp`` a budget bounds the rank's
+            one of the three budgets; none means no budget. Under ``grass_fsdp`` a budget bounds the rank's
             local shards, which on its one rank are the whole tensors, so it means the same as under ``grass``.
+        budget_chunks: A budget under which the largest offloaded tensor (of every parameter with
+            ``offload_always_on``, the embedding or LM head; else of the block tensors) is stepped in this many
+            chunks of rows: twice what one chunk of ``ceil(rows / budget_chunks)`` rows needs while stepped, since
+            the strategy cuts chunks of at most half the budget (one is stepped while the next is fetched). About
+            ``2 / budget_chunks`` of that tensor's bytes while stepped, computed in the training process like
+            ``budget_tensors``; at least 2.
+        offload_always_on: The strategy's ``offload_always_on``: the embeddings', LM head's and final norm's
+            states are offloaded (and streamed, under a budget) too.
         overlap: The strategy's ``overlap`` (transfers on a second stream).
         precision: The Trainer's precision.
         n_active: Layers the sampler trains at a time.
@@ -97,6 +106,8 @@ class Run:
     offload: str = "none"
     max_resident_bytes: int | None = None
     budget_tensors: int | None = None
+    budget_chunks: int | None = None
+    offload_always_on: bool = False
     overlap: bool = True
     precision: str = "32-true"
     n_active: int = 2
@@ -109,21 +120,38 @@ class Run:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Run {self.name!r}: strategy={self.strategy!r} is not one of {STRATEGIES}")
-        if self.max_resident_bytes is not None and self.budget_tensors is not None:
+        budgets = {
+            name: value
+            for name, value in (
+                ("max_resident_bytes", self.max_resident_bytes),
+                ("budget_tensors", self.budget_tensors),
+                ("budget_chunks", self.budget_chunks),
+            )
+            if value is not None
+        }
+        if len(budgets) > 1:
+            given = " and ".join(f"{name}={value}" for name, value in budgets.items())
+            count = "two" if len(budgets) == 2 else "three"
+            raise ValueError(f"Run {self.name!r}: {given} are {count} budgets; give one")
+        if self.budget_chunks is not None and self.budget_chunks < 2:
             raise ValueError(
-                f"Run {self.name!r}: max_resident_bytes={self.max_resident_bytes} and budget_tensors="
-                f"{self.budget_tensors} are two budgets; give one"
+                f"Run {self.name!r}: budget_chunks={self.budget_chunks} cuts no tensor into chunks; give at least 2"
             )
 
     def describe(self) -> str:
         """The settings that differ between runs, for a table."""
         if self.budget_tensors is not None:
             budget = f"{self.budget_tensors} largest block tensors while stepped"
+        elif self.budget_chunks is not None:
+            budget = f"2 of {self.budget_chunks} chunks of rows of the largest tensor while stepped"
         else:
             budget = "none" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
         sampler = "every layer" if self.sampler == "full" else f"{self.sampler}, n_active={self.n_active}"
+        always_on = "; offload_always_on=True" if self.offload_always_on else ""
         checked = "" if self.skip_non_finite else "; skip_non_finite=False"
-        settings = f"{sampler}; offload={self.offload}; budget {budget}; overlap={self.overlap}; {self.precision}"
+        settings = (
+            f"{sampler}; offload={self.offload}{always_on}; budget {budget}; overlap={self.overlap}; {self.precision}"
+        )
         prefix = "grass_fsdp on 1 rank, save and resume; " if self.strategy == "grass_fsdp" else ""
         return f"{prefix}{settings}{checked}"
 
@@ -290,6 +318,7 @@ def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
     Returns:
         ``peak_memory_bytes``, ``step_seconds`` (each step of the first fit), ``stats`` (the strategy's offload
         counters at the end of the first fit), ``max_resident_bytes`` (the budget used, or ``None``),
+        ``largest_tensor_bytes``, ``largest_tensor_chunks`` and ``chunked_tensors`` (see :func:`_budget`),
         and ``device``; a ``grass_fsdp`` run adds ``saved_at_step``, ``resumed_at_step`` and
         ``final_step``.
     """
@@ -316,11 +345,15 @@ def _fit_single_device(shape: ModelShape, run: Run, accelerator: str) -> dict[st
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as offload_dir:
         strategy = GRASSStrategy(
-            offload=run.offload, offload_dir=offload_dir, max_resident_bytes=budget, overlap=run.overlap
+            offload=run.offload,
+            offload_dir=offload_dir,
+            max_resident_bytes=budget["max_resident_bytes"],
+            offload_always_on=run.offload_always_on,
+            overlap=run.overlap,
         )
         trainer = _trainer(accelerator, strategy, run, shape.steps, [*_sampler(run), meter])
         trainer.fit(module, _batches(shape))
-    return {"step_seconds": meter.seconds, "stats": meter.stats, "max_resident_bytes": budget}
+    return {"step_seconds": meter.seconds, "stats": meter.stats, **budget}
 
 
 def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
@@ -341,7 +374,8 @@ def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
         settings = dict(
             offload=run.offload,
             offload_dir=Path(folder) / "offload",
-            max_resident_bytes=budget,
+            max_resident_bytes=budget["max_resident_bytes"],
+            offload_always_on=run.offload_always_on,
             overlap=run.overlap,
             process_group_backend=backend,
         )
@@ -357,7 +391,7 @@ def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
     return {
         "step_seconds": meter.seconds,
         "stats": meter.stats,
-        "max_resident_bytes": budget,
+        **budget,
         "saved_at_step": saver.saved_at,
         "resumed_at_step": resumed.first_step,
         "final_step": trainer.global_step,
@@ -368,13 +402,41 @@ def _adamw(params: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def _budget(module: CausalLM, run: Run) -> int | None:
-    """The run's ``max_resident_bytes``: given, or ``budget_tensors`` of the largest block tensor while stepped."""
-    if run.budget_tensors is None:
-        return run.max_resident_bytes
-    largest = max(module.model.model.layers.parameters(), key=torch.Tensor.numel)
-    probe = _adamw([largest])  # the module's optimizer settings; it allocates nothing until stepped
-    return run.budget_tensors * device_bytes_while_stepped(probe, largest, needs_master(largest))
+def _budget(module: CausalLM, run: Run) -> dict[str, int | None]:
+    """The run's ``max_resident_bytes`` and what it does to the largest tensor the strategy offloads.
+
+    The budget is given, ``budget_tensors`` of the largest block tensor while stepped, or twice one of
+    ``budget_chunks`` chunks of rows of the largest offloaded tensor while stepped. Also returned:
+    ``largest_tensor_bytes`` (what that tensor needs while stepped), ``largest_tensor_chunks`` (the chunks of
+    rows the strategy steps it in under the budget, by its own rule; 1 when it fits, ``None`` when not even one
+    row does, a budget the strategy refuses at setup) and ``chunked_tensors`` (how many offloaded tensors the
+    budget cannot hold whole).
+    """
+    blocks = list(module.model.model.layers.parameters())
+    offloaded = list(module.parameters()) if run.offload_always_on else blocks
+    probe = _adamw(offloaded)  # the module's optimizer settings; it allocates nothing until stepped
+    needs = [device_bytes_while_stepped(probe, p, needs_master(p)) for p in offloaded]
+    largest = max(range(len(offloaded)), key=needs.__getitem__)
+    param = offloaded[largest]
+    if run.budget_tensors is not None:
+        block = max(blocks, key=torch.Tensor.numel)
+        budget = run.budget_tensors * device_bytes_while_stepped(probe, block, needs_master(block))
+    elif run.budget_chunks is not None:
+        rows = -(-param.shape[0] // run.budget_chunks)
+        chunk = rows * (param.numel() // param.shape[0])
+        budget = 2 * device_bytes_while_stepped(probe, param, needs_master(param), numel=chunk)
+    else:
+        budget = run.max_resident_bytes
+    chunks: int | None = 1
+    if budget is not None and needs[largest] > budget:
+        rows = rows_per_chunk(probe, param, needs_master(param), budget)
+        chunks = len(row_ranges(param.shape[0], rows)) if rows else None
+    return {
+        "max_resident_bytes": budget,
+        "largest_tensor_bytes": needs[largest],
+        "largest_tensor_chunks": chunks,
+        "chunked_tensors": sum(1 for need in needs if budget is not None and need > budget),
+    }
 
 
 def _built_in_dtype(shape: ModelShape, run: Run, device: str) -> CausalLM:

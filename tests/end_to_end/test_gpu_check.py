@@ -29,6 +29,7 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
         "grass_cpu_fp32",
         "grass_stream_bf16",
         "grass_stream_sync_bf16",
+        "grass_chunked_bf16",
         "fsdp_none_fp32",
         "fsdp_cpu_fp32",
         "fsdp_stream_bf16",
@@ -39,6 +40,17 @@ def test_the_smoke_run_writes_the_gpu_table(tmp_path):
         streamed = next(row for row in rows if row.startswith(f"| {name} "))
         assert streamed.split(" | ")[3].endswith("KiB"), f"{name}: the budget computed in the run's process is shown"
         assert float(streamed.split(" | ")[-3]) > 0, f"{name}: per-tensor streaming fetched states at every step"
+    chunked = next(row for row in rows if row.startswith("| grass_chunked_bf16 "))
+    # 320 KiB holds a block's largest tensor (264 KiB while stepped) but not the embedding or the head (384 KiB):
+    # those two are stepped in chunks of at most half the budget, 106 of their 256 rows.
+    assert chunked.split(" | ")[1].startswith("grass, n_active=2; offload=cpu; offload_always_on=True; budget 320.00")
+    assert (
+        chunked.split(" | ")[2]
+        == "passed; 2 tensors stepped in chunks of rows, the largest (384.00 KiB while stepped) in 3"
+    )
+    assert chunked.split(" | ")[3] == "320.00 KiB"
+    assert float(chunked.split(" | ")[-3]) > 0, "the embedding's and head's chunks were fetched at every step"
+    assert "`grass_chunked_bf16` offloads the embeddings', head's and final norm's states too" in text
     for row in rows[-3:]:
         assert "checkpoint saved at step 8, resumed at step 8, trained to step 12" in row
         assert float(row.split(" | ")[-4]) > 0, "grass_fsdp reports its peak state on the device"

@@ -3,8 +3,9 @@
 import re
 
 import bench_gpu
-from bench_gpu import SMOKE_SHAPE, report
-from offload_runs import Run
+import torch
+from bench_gpu import GPU_SHAPE, SMOKE_SHAPE, report
+from offload_runs import CausalLM, Run, _budget
 
 
 def cells(text, name):
@@ -17,7 +18,7 @@ def test_a_failed_configuration_is_a_row_beside_the_figures_of_the_others(tmp_pa
     good = Run("full_fp32", "full")
     # The strategy refuses a budget that cannot hold a tensor, at setup in the run's process.
     bad = Run("lisa_budget_1", "lisa", offload="cpu", max_resident_bytes=1)
-    monkeypatch.setattr(bench_gpu, "runs", lambda: [good, bad])
+    monkeypatch.setattr(bench_gpu, "runs", lambda shape: [good, bad])
     written = []
     measure = bench_gpu.measure
 
@@ -115,3 +116,30 @@ def test_the_report_renders_with_any_run_failed_or_pending():
         "3.00 MiB",
         *figures,
     ]
+
+    chunked = Run("grass_chunked_bf16", "grass", offload="cpu", offload_always_on=True, max_resident_bytes=2**20)
+    chunks = {"largest_tensor_bytes": 3 * 2**20, "largest_tensor_chunks": 6, "chunked_tensors": 2}
+    results["grass_chunked_bf16"] = [{**passed, "max_resident_bytes": 2**20, **chunks}]
+    text = report(SMOKE_SHAPE, [*configurations, chunked], results, "python experiments/bench_gpu.py", "not run")
+    assert cells(text, "grass_chunked_bf16")[2:4] == [
+        "passed; 2 tensors stepped in chunks of rows, the largest (3.00 MiB while stepped) in 6",
+        "1.00 MiB",
+    ]
+    assert cells(text, "grass_stream_bf16")[2] == "passed", "a run that chunks nothing says nothing of chunks"
+
+
+def test_the_chunked_run_streams_the_embedding_and_head_in_chunks_on_either_shape():
+    (gpu,) = [run for run in bench_gpu.runs(GPU_SHAPE) if run.name == "grass_chunked_bf16"]
+    assert (gpu.sampler, gpu.offload, gpu.precision, gpu.offload_always_on) == ("grass", "cpu", "bf16-true", True)
+    assert gpu.max_resident_bytes == 256 * 2**20
+    (smoke,) = [run for run in bench_gpu.runs(SMOKE_SHAPE) if run.name == "grass_chunked_bf16"]
+    assert smoke.max_resident_bytes == 320 * 2**10
+    # On the smoke model, in its process's terms: the embedding and head (384 KiB while stepped) in 3 chunks of at
+    # most 106 rows, every block tensor (at most 264 KiB) whole.
+    module = CausalLM(SMOKE_SHAPE, torch.bfloat16, "cpu")
+    assert _budget(module, smoke) == {
+        "max_resident_bytes": 320 * 2**10,
+        "largest_tensor_bytes": 256 * 64 * 24 + 4,
+        "largest_tensor_chunks": 3,
+        "chunked_tensors": 2,
+    }
