@@ -23,7 +23,7 @@ from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
-from lightning_grass.offload.row_chunks import row_ranges, rows_per_chunk
+from lightning_grass.offload.row_chunks import chunk_numel, row_ranges, rows_per_chunk
 from lightning_grass.offload.state_bytes import STEP_COUNTER_BYTES
 from lightning_grass.offload_settings import OffloadSettings
 from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
@@ -269,9 +269,8 @@ def _tensor_bytes(
         rows = 0
         if budget is not None and whole.stepped > budget and shards == 1 and stand_in.dim():
             rows = rows_per_chunk(adamw, stand_in, mastered, budget)
-        row_numel = stand_in.numel() // stand_in.shape[0] if stand_in.dim() and stand_in.shape[0] else 1
         ranges = row_ranges(stand_in.shape[0], rows) if rows else []
-        chunks[id(param)] = [part((stop - start) * row_numel) for start, stop in ranges] or [whole]
+        chunks[id(param)] = [part(chunk_numel(stand_in, chunk)) for chunk in ranges] or [whole]
     return sizes, chunks
 
 

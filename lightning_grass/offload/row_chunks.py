@@ -28,6 +28,17 @@ def is_elementwise(optimizer: Optimizer) -> bool:
     return any(type(optimizer).step is known.step for known in ELEMENTWISE_OPTIMIZERS)
 
 
+def chunk_numel(param: Tensor, rows: tuple[int, int] | None) -> int | None:
+    """Elements of rows ``[start, stop)`` of ``param``; ``None`` for the whole tensor (``rows=None``).
+
+    A 0-d tensor counts as one row of one element.
+    """
+    if rows is None:
+        return None
+    row_numel = param.numel() // param.shape[0] if param.dim() and param.shape[0] else 1
+    return (rows[1] - rows[0]) * row_numel
+
+
 def rows_per_chunk(optimizer: Optimizer, param: nn.Parameter, master: bool, budget: int) -> int:
     """Rows of ``param`` per chunk, so that a chunk while stepped takes at most half the budget, or else all of it.
 
@@ -39,9 +50,8 @@ def rows_per_chunk(optimizer: Optimizer, param: nn.Parameter, master: bool, budg
         master: Whether ``param`` is stepped on an fp32 master.
         budget: The byte budget.
     """
-    row_numel = param.numel() // param.shape[0] if param.dim() and param.shape[0] else 1
     fixed = device_bytes_while_stepped(optimizer, param, master, numel=0)
-    per_row = device_bytes_while_stepped(optimizer, param, master, numel=row_numel) - fixed
+    per_row = device_bytes_while_stepped(optimizer, param, master, numel=chunk_numel(param, (0, 1))) - fixed
     rows = (budget // 2 - fixed) // per_row
     if rows < 1:
         rows = (budget - fixed) // per_row

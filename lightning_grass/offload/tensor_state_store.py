@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_grass.offload.row_chunks import joined_rows, state_rows
+from lightning_grass.offload.row_chunks import chunk_numel, joined_rows, state_rows
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_bytes import expected_state_bytes, step_workspace_bytes
 from lightning_grass.offload.state_placement import resident_spec
@@ -153,6 +153,9 @@ class TensorStateStore:
         self.params = list(params)
         self.rows: list[tuple[int, int] | None] = list(rows) if rows is not None else [None] * len(self.params)
         self._views: dict[int, Tensor] = {}
+        self._units_of: dict[int, list[int]] = {}
+        for unit, param in enumerate(self.params):
+            self._units_of.setdefault(id(param), []).append(unit)
         self.tier = tier
         self.max_resident_bytes = max_resident_bytes
         self.overlap = overlap
@@ -191,7 +194,8 @@ class TensorStateStore:
         if unit not in self._expected:
             param = self.params[unit]
             mastered = id(param) in self._mastered
-            self._expected[unit] = expected_state_bytes(self.optimizer, param, mastered, self._numel(unit))
+            numel = chunk_numel(param, self.rows[unit])
+            self._expected[unit] = expected_state_bytes(self.optimizer, param, mastered, numel)
         return self._expected[unit]
 
     def workspace_bytes(self, unit: int) -> int:
@@ -199,7 +203,8 @@ class TensorStateStore:
         if unit not in self._workspace:
             param = self.params[unit]
             mastered = id(param) in self._mastered
-            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, mastered, self._numel(unit))
+            numel = chunk_numel(param, self.rows[unit])
+            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, mastered, numel)
         return self._workspace[unit]
 
     def key(self, unit: int) -> Tensor:
@@ -393,8 +398,8 @@ class TensorStateStore:
                 states[self.params[unit]] = state
             else:
                 chunks.setdefault(id(self.params[unit]), []).append(state)
-        for units in self._chunk_units().values():
-            parts = chunks.get(id(self.params[units[0]]), [])
+        for key, parts in chunks.items():
+            units = self._units_of[key]
             if len(parts) == len(units):  # every chunk has its state (they are all stepped, or none)
                 states[self.params[units[0]]] = joined_rows(parts)
         return states
@@ -406,8 +411,7 @@ class TensorStateStore:
         floating state of a parameter that has a master) when its unit is next acquired. A sharded state (a
         ``DTensor``) goes in as its local shard, as it is; a chunked parameter's state is cut into its chunks.
         """
-        units = [unit for unit, p in enumerate(self.params) if p is param]
-        for unit in units:
+        for unit in self._units_of.get(id(param), []):
             rows = self.rows[unit]
             self._load_unit_state(unit, state if rows is None or state is None else state_rows(state, *rows))
 
@@ -460,22 +464,6 @@ class TensorStateStore:
 
     def _install(self, unit: int, layout: _Layout, tensors: list[Tensor]) -> None:
         self.optimizer.state[self.key(unit)].update(layout.rebuild(tensors))
-
-    def _numel(self, unit: int) -> int | None:
-        """Elements of ``unit``'s chunk of rows; ``None`` for a whole tensor."""
-        rows = self.rows[unit]
-        if rows is None:
-            return None
-        param = self.params[unit]
-        return (rows[1] - rows[0]) * (param.numel() // param.shape[0])
-
-    def _chunk_units(self) -> dict[int, list[int]]:
-        """The units of each chunked parameter, by the parameter's ``id``, in row order."""
-        units: dict[int, list[int]] = {}
-        for unit, param in enumerate(self.params):
-            if self.rows[unit] is not None:
-                units.setdefault(id(param), []).append(unit)
-        return units
 
     def _state_tensors(self, unit: int) -> list[Tensor]:
         """The local parts of ``unit``'s resident state tensors."""

@@ -35,7 +35,13 @@ from lightning_grass.offload import (
     optimizer_state_bytes,
 )
 from lightning_grass.offload.offloaded_optimizer import check_offloadable
-from lightning_grass.offload.row_chunks import ELEMENTWISE_OPTIMIZERS, is_elementwise, row_ranges, rows_per_chunk
+from lightning_grass.offload.row_chunks import (
+    ELEMENTWISE_OPTIMIZERS,
+    chunk_numel,
+    is_elementwise,
+    row_ranges,
+    rows_per_chunk,
+)
 from lightning_grass.offload_settings import OffloadSettings
 
 
@@ -248,7 +254,7 @@ class LayerwiseOffloadMixin:
         self._layer_units = [[u for t in layer for u in units_of[t]] for layer in layer_tensors]
         self._always_on_units = [u for t in always_on_tensors for u in units_of[t]]
         sizes = [
-            expected_state_bytes(optimizer, p, id(p) in mastered, _chunk_numel(p, chunk))
+            expected_state_bytes(optimizer, p, id(p) in mastered, chunk_numel(p, chunk))
             for p, chunk in zip(units, rows, strict=True)
         ]
         if self.offload_tier == "disk":
@@ -310,7 +316,7 @@ class LayerwiseOffloadMixin:
             )
         row_needs = {
             index: device_bytes_while_stepped(
-                optimizer, tensors[index], id(tensors[index]) in mastered, _chunk_numel(tensors[index], (0, 1))
+                optimizer, tensors[index], id(tensors[index]) in mastered, chunk_numel(tensors[index], (0, 1))
             )
             for index in too_large
         }
@@ -345,13 +351,6 @@ class LayerwiseOffloadMixin:
         metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-
-
-def _chunk_numel(param: nn.Parameter, rows: tuple[int, int] | None) -> int | None:
-    """Elements of rows ``[start, stop)`` of ``param``; ``None`` for the whole tensor."""
-    if rows is None:
-        return None
-    return (rows[1] - rows[0]) * (param.numel() // param.shape[0])
 
 
 def refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:
