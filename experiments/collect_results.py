@@ -10,6 +10,11 @@
     python experiments/collect_results.py outputs/bench_long_pilot/<time> --preset long_pilot
     grass-train -m experiment=bench_long
     python experiments/collect_results.py outputs/bench_long/<time> --preset long
+    grass-train -m experiment=bench_real_pilot
+    python experiments/collect_results.py outputs/bench_real_pilot/<time> --preset real_pilot
+    python experiments/freeze_pilot_rates.py experiments/results/real/pilot.json conf/real_method
+    grass-train -m experiment=bench_real
+    python experiments/collect_results.py outputs/bench_real/<time> --preset real
 
 The `deep` preset chooses each method's learning rate on validation and reports test scores with paired
 intervals (``summary.json``); the sensitivity preset tabulates GRASS over T_s and its spread setting. The
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -36,7 +42,7 @@ from reporting.sensitivity import write_sensitivity_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
 #: Presets whose results go into another preset's directory.
-RESULTS_OF = {"long_pilot": "long"}
+RESULTS_OF = {"long_pilot": "long", "real_pilot": "real"}
 
 
 def sweep_command(sweep_dir: Path) -> str:
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
         "deep_sensitivity": write_sensitivity_results,
         "long": write_long_results,
         "long_pilot": write_pilot_results,
+        "real_pilot": partial(write_pilot_results, preset="real", criterion="val_loss"),
     }
     writer = writers.get(args.preset, write_results)
     path = writer(

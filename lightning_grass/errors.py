@@ -48,3 +48,7 @@ class NothingToTrainError(InputError, RuntimeError):
 
     The message names the likely cause and the fix.
     """
+
+
+class MissingPackageError(InputError, ModuleNotFoundError):
+    """A feature the user asked for needs a package that is not installed; the message names the extra to install."""

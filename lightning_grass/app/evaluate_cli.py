@@ -79,6 +79,16 @@ def _parser() -> _Parser:
     )
     parser.add_argument("--limit", type=_count, default=None, help="score only the first N examples of each set")
     parser.add_argument(
+        "--sets",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        help="comma-separated sets of the suite to score, e.g. boolq,ARC-Easy,openbookqa (default: all)",
+    )
+    parser.add_argument(
+        "--sample", type=_count, default=None, help="score a fixed random subset of N records of each set"
+    )
+    parser.add_argument("--sample-seed", type=int, default=0, help="the subset's seed (default 0)")
+    parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         default=None,
@@ -114,7 +124,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     with report_input_errors():
         args = _parser().parse_args(argv)
-        evaluation = SuiteEvaluation(args.suite, args.data_root, args.batch_size, args.max_new_tokens, args.limit)
+        evaluation = SuiteEvaluation(
+            args.suite,
+            args.data_root,
+            args.batch_size,
+            args.max_new_tokens,
+            args.limit,
+            args.sets,
+            args.sample,
+            args.sample_seed,
+        )
         module = _load(args.model, args.dtype)
         result = evaluation.run(module.model, module.tokenizer, args.out, str(args.model))
     print(result.markdown(str(args.model)), end="")

@@ -40,7 +40,7 @@ from torch import nn
 from lightning_grass.app.data import Example
 from lightning_grass.app.evaluation import generate_answers
 from lightning_grass.app.suite_answers import response_text
-from lightning_grass.app.suites import SUITES, Benchmark, load_suite
+from lightning_grass.app.suites import SUITES, Benchmark, load_suite, seeded_subset
 from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.setting_checks import check_int
@@ -50,7 +50,14 @@ MAX_NEW_TOKENS = {"arithmetic": 256, "commonsense": 32}
 
 #: The settings an ``evaluate_suite`` config node may hold, with the defaults of those it may leave out
 #: (``max_new_tokens=None``: the suite's :data:`MAX_NEW_TOKENS`).
-CONFIG_DEFAULTS: dict[str, Any] = {"batch_size": 16, "max_new_tokens": None, "limit": None}
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "batch_size": 16,
+    "max_new_tokens": None,
+    "limit": None,
+    "sets": None,
+    "sample": None,
+    "sample_seed": 0,
+}
 
 #: The settings an ``evaluate_suite`` config node must hold.
 CONFIG_REQUIRED = ("name", "data_root")
@@ -136,6 +143,7 @@ def score_suite(
     suite: str,
     sets: Mapping[Benchmark, Sequence[Example]],
     generate: Callable[[Sequence[Example]], Sequence[str]],
+    indices: Mapping[Benchmark, Sequence[int]] | None = None,
 ) -> SuiteResult:
     """Score the completions ``generate`` gives for every example of every set.
 
@@ -143,6 +151,7 @@ def score_suite(
         suite: The suite's name.
         sets: Each set's examples, their ``answer`` the label.
         generate: Completes a list of examples: one text per example, the generation after the prompt.
+        indices: Each example's index in its set's file, for the predictions; ``None``: their positions.
 
     Returns:
         The scores and predictions.
@@ -150,7 +159,8 @@ def score_suite(
     scores, predictions = [], []
     for benchmark, examples in sets.items():
         correct = 0
-        for index, (example, completion) in enumerate(zip(examples, generate(examples), strict=True)):
+        positions = indices[benchmark] if indices is not None else range(len(examples))
+        for index, example, completion in zip(positions, examples, generate(examples), strict=True):
             response = response_text(completion)
             prediction = benchmark.rule.extract(response)
             right = benchmark.rule.is_correct(prediction, example.answer)
@@ -186,9 +196,15 @@ class SuiteEvaluation:
         batch_size: Prompts per ``generate`` call.
         max_new_tokens: Longest completion; ``None`` for LLM-Adapters' (:data:`MAX_NEW_TOKENS`).
         limit: Score only the first ``limit`` examples of each set; ``None`` for all.
+        sets: LLM-Adapters' names of the suite's sets to score, e.g. ``["boolq", "ARC-Easy", "openbookqa"]``;
+            ``None`` for all.
+        sample: Score a fixed random subset of this many records of each set
+            (:func:`~lightning_grass.app.suites.seeded_subset`), the same for every model; ``None`` for all.
+        sample_seed: The subset's seed.
 
     Raises:
         SettingValueError, MissingPathError, DataFormatError: As :func:`~lightning_grass.app.suites.load_suite`.
+        SettingValueError: For ``limit`` and ``sample`` given together.
     """
 
     def __init__(
@@ -198,8 +214,25 @@ class SuiteEvaluation:
         batch_size: int = 16,
         max_new_tokens: int | None = None,
         limit: int | None = None,
+        sets: Sequence[str] | None = None,
+        sample: int | None = None,
+        sample_seed: int = 0,
     ) -> None:
-        self.sets = load_suite(name, data_root, limit)
+        if limit is not None and sample is not None:
+            raise SettingValueError(
+                f"limit={limit} and sample={sample} both choose the records to score; give one of them"
+            )
+        check_int("sample_seed", sample_seed, minimum=0)
+        everything = load_suite(name, data_root, limit, sets)
+        self.indices = {
+            benchmark: seeded_subset(len(examples), sample, sample_seed, benchmark.name)
+            if sample is not None
+            else list(range(len(examples)))
+            for benchmark, examples in everything.items()
+        }
+        self.sets = {benchmark: [everything[benchmark][i] for i in self.indices[benchmark]] for benchmark in everything}
+        self.sample = sample
+        self.sample_seed = sample_seed
         self.name = name
         self.data_root = Path(data_root)
         self.batch_size = batch_size
@@ -212,7 +245,8 @@ class SuiteEvaluation:
 
         Args:
             node: ``None``, or a mapping (a ``DictConfig`` too) of ``name`` and ``data_root`` (required) and
-                ``batch_size``, ``max_new_tokens`` and ``limit`` (see :data:`CONFIG_DEFAULTS`).
+                ``batch_size``, ``max_new_tokens``, ``limit``, ``sets``, ``sample`` and ``sample_seed`` (see
+                :data:`CONFIG_DEFAULTS`).
 
         Returns:
             The evaluation, or ``None`` when ``node`` is ``None``.
@@ -243,7 +277,7 @@ class SuiteEvaluation:
             )
         if not isinstance(settings["data_root"], (str, os.PathLike)):
             raise SettingTypeError(f"evaluate_suite.data_root={settings['data_root']!r} must be a directory's path")
-        for key in ("batch_size", "max_new_tokens", "limit"):
+        for key in ("batch_size", "max_new_tokens", "limit", "sample"):
             if key == "batch_size" or settings[key] is not None:
                 check_int(f"evaluate_suite.{key}", settings[key], minimum=1)
         return cls(**settings)
@@ -264,6 +298,7 @@ class SuiteEvaluation:
             self.name,
             self.sets,
             lambda examples: generate_answers(model, tokenizer, examples, self.max_new_tokens, self.batch_size),
+            self.indices,
         )
         self.write(result, Path(out_dir), model_label)
         return result
@@ -285,6 +320,8 @@ class SuiteEvaluation:
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "limit": self.limit,
+            "sample": self.sample,
+            "sample_seed": self.sample_seed,
             "average_percent": result.average_percent,
             "sets": {
                 score.benchmark.name: {

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_grass.app.data import Example
+from lightning_grass.app.data.mixture import DATASET_DIR, check_set_names, sets_dir
 from lightning_grass.app.data.utf8 import read_utf8
 from lightning_grass.app.suite_answers import AnswerRule, FirstChoice, LastNumber
 from lightning_grass.errors import DataFormatError, MissingPathError, SettingValueError
-
-#: The folder of a checkout of LLM-Adapters that holds the test sets.
-DATASET_DIR = "dataset"
 
 #: The file each test set's folder holds.
 TEST_FILE = "test.json"
@@ -80,35 +80,71 @@ SUITES: dict[str, tuple[Benchmark, ...]] = {
 }
 
 
-def sets_dir(data_root: str | os.PathLike) -> Path:
-    """The folder that holds the test sets' folders: ``<data_root>/dataset`` when there is one, else ``data_root``.
+def select_benchmarks(name: str, sets: Sequence[str] | None = None) -> tuple[Benchmark, ...]:
+    """The sets of suite ``name`` that ``sets`` names, in the suite's order; all of them for ``None``.
 
     Args:
-        data_root: A checkout of LLM-Adapters, or its ``dataset`` folder.
+        name: A key of :data:`SUITES`.
+        sets: LLM-Adapters' folder names of some of the suite's sets, e.g. ``["boolq", "openbookqa"]``.
 
     Returns:
-        The folder.
+        The sets.
+
+    Raises:
+        SettingValueError: For an unknown suite, an empty list, a name given twice or a set not in the suite.
     """
-    root = Path(data_root)
-    nested = root / DATASET_DIR
-    return nested if nested.is_dir() else root
+    if name not in SUITES:
+        raise SettingValueError(f"unknown suite {name!r}; the suites are {list(SUITES)}")
+    if sets is None:
+        return SUITES[name]
+    wanted = check_set_names("sets", sets)
+    known = [benchmark.name for benchmark in SUITES[name]]
+    unknown = [set_name for set_name in wanted if set_name not in known]
+    if unknown:
+        raise SettingValueError(
+            f"sets={list(wanted)!r}: {unknown} are not sets of the {name} suite; its sets are {known}"
+        )
+    return tuple(benchmark for benchmark in SUITES[name] if benchmark.name in wanted)
 
 
-def load_suite(name: str, data_root: str | os.PathLike, limit: int | None = None) -> dict[Benchmark, list[Example]]:
-    """Read and check every test set of suite ``name``.
+def seeded_subset(count: int, size: int, seed: int, set_name: str) -> list[int]:
+    """The indices of a fixed random subset of one set's records, in file order.
+
+    The same ``(count, size, seed, set_name)`` gives the same subset on every machine and Python (the generator
+    is Python's Mersenne Twister seeded by a string, which it hashes with SHA-512).
+
+    Args:
+        count: The set's records.
+        size: How many to take; all of them when ``size >= count``.
+        seed: The subset's seed.
+        set_name: The set's name, so that sets of equal size get different subsets.
+
+    Returns:
+        Sorted indices.
+    """
+    if size >= count:
+        return list(range(count))
+    return sorted(random.Random(f"{seed}/{set_name}").sample(range(count), size))
+
+
+def load_suite(
+    name: str, data_root: str | os.PathLike, limit: int | None = None, sets: Sequence[str] | None = None
+) -> dict[Benchmark, list[Example]]:
+    """Read and check every test set of suite ``name``, or those ``sets`` names.
 
     Args:
         name: ``"arithmetic"`` or ``"commonsense"`` (a key of :data:`SUITES`).
         data_root: A checkout of LLM-Adapters (``<data_root>/dataset/<set>/test.json``) or its ``dataset``
             folder (``<data_root>/<set>/test.json``).
         limit: Read only the first ``limit`` records of each set (all are checked); ``None`` for all.
+        sets: LLM-Adapters' names of the sets to read (see :func:`select_benchmarks`); ``None`` for all.
 
     Returns:
         Each set's examples, in the order of :data:`SUITES`: ``answer`` holds the label as a string, ``output``
         is empty, and ``prompt_format`` is :data:`PROMPT_FORMAT`.
 
     Raises:
-        SettingValueError: For an unknown suite.
+        SettingValueError: For an unknown suite, or ``sets`` that :func:`select_benchmarks` refuses.
         MissingPathError: When ``data_root`` is not a directory, or a set's ``test.json`` is missing; the
             message names every missing set and where it was looked for.
         DataFormatError: For a file that is not UTF-8 or not JSON, not an array, empty, or with a record that
@@ -116,21 +152,20 @@ def load_suite(name: str, data_root: str | os.PathLike, limit: int | None = None
             ``null``, or an ``answer`` the set's rule cannot score. The message names the file, the record
             index (from 0), the field, the value and what is allowed.
     """
-    if name not in SUITES:
-        raise SettingValueError(f"unknown suite {name!r}; the suites are {list(SUITES)}")
+    benchmarks = select_benchmarks(name, sets)
     root = Path(data_root)
     if not root.is_dir():
         raise MissingPathError(
             f"test data root {str(root)!r} is not a directory: give a checkout of LLM-Adapters or its "
-            f"{DATASET_DIR!r} folder, holding <set>/{TEST_FILE} for the {name} sets {[b.name for b in SUITES[name]]}"
+            f"{DATASET_DIR!r} folder, holding <set>/{TEST_FILE} for the {name} sets {[b.name for b in benchmarks]}"
         )
     folder = sets_dir(root)
-    files = {benchmark: folder / benchmark.name / TEST_FILE for benchmark in SUITES[name]}
+    files = {benchmark: folder / benchmark.name / TEST_FILE for benchmark in benchmarks}
     missing = [benchmark.name for benchmark, file in files.items() if not file.is_file()]
     if missing:
         raise MissingPathError(
             f"the {name} suite's sets {missing} are missing from {folder}: expected <set>/{TEST_FILE} for each of "
-            f"{[b.name for b in SUITES[name]]} (LLM-Adapters' layout: <root>/{DATASET_DIR}/<set>/{TEST_FILE} or "
+            f"{[b.name for b in benchmarks]} (LLM-Adapters' layout: <root>/{DATASET_DIR}/<set>/{TEST_FILE} or "
             f"<root>/<set>/{TEST_FILE}; the names are case-sensitive)"
         )
     return {benchmark: _read_set(file, benchmark.rule)[:limit] for benchmark, file in files.items()}

@@ -41,6 +41,7 @@ from lightning_grass.app.checkpoints import (
 )
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
+from lightning_grass.app.gguf_base import ensure_gguf_base
 from lightning_grass.app.input_errors import report_input_errors, trainer_settings
 from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
@@ -104,10 +105,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, Any]:
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
     suite = SuiteEvaluation.from_config(cfg.get("evaluate_suite"))  # its test sets are read and checked now
-    base_seconds = None
-    pretrained_path = cfg.model.get("pretrained_path")
-    if pretrained_path is not None and cfg.base.build_if_missing and Path(pretrained_path) == Path(cfg.base.path):
-        _, base_seconds = ensure_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
+    base_seconds = _prepare_base(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     module = _build_module(cfg)
     ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
@@ -304,6 +302,22 @@ def _divergence(metrics: dict[str, Any]) -> str | None:
     skipped, steps = len(metrics["skipped_non_finite_steps"]), metrics["optimizer_steps"]
     if steps and skipped > steps / 2:
         return f"{skipped} of {steps} optimizer steps were skipped for non-finite gradients"
+    return None
+
+
+def _prepare_base(cfg: DictConfig) -> float | None:
+    """Build or convert the base model the run starts from, if it is not in the cache yet.
+
+    Returns:
+        The seconds it took, or ``None`` when the cached base was reused or the model is not the base.
+    """
+    pretrained_path = cfg.model.get("pretrained_path")
+    if pretrained_path is None or Path(pretrained_path) != Path(cfg.base.path):
+        return None
+    if cfg.base.get("gguf") is not None:
+        return ensure_gguf_base(cfg.base.path, **OmegaConf.to_container(cfg.base.gguf, resolve=True))[1]
+    if cfg.base.build_if_missing:
+        return ensure_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))[1]
     return None
 
 

@@ -21,6 +21,7 @@ from lightning_grass.app.data.chat import CHAT_TEMPLATE_MODES, resolve_chat_temp
 from lightning_grass.app.data.collate import collate_batch
 from lightning_grass.app.data.example import Example
 from lightning_grass.app.data.hf_dataset import check_columns, load_hf_dataset
+from lightning_grass.app.data.mixture import check_set_names, load_mixture
 from lightning_grass.app.data.prompt import (
     PROMPT_FORMATS,
     TRUNCATION_POLICIES,
@@ -70,6 +71,11 @@ class InstructionDataModule(pl.LightningDataModule):
       records, and a ``num_val`` above half of the records ``num_test`` leaves, so that at least as many
       remain for training. ``num_train`` is unused.
 
+    With ``sets``, ``task`` is a checkout of LLM-Adapters or its ``dataset`` folder, and the data is the mixture
+    of the named sets' training splits (``<set>/train.json``), shuffled together by ``seed``
+    (:func:`~lightning_grass.app.data.mixture.load_mixture`), then split as a local file is. Their test splits are
+    scored by ``evaluate_suite`` (:class:`~lightning_grass.app.suite_evaluation.SuiteEvaluation`).
+
     ``chat_template`` chooses how an example becomes text. ``"auto"`` uses the tokenizer's chat template when
     ``tokenizer.chat_template`` is set and the Alpaca prompt of :func:`~lightning_grass.app.data.format_prompt`
     otherwise; ``"none"`` always uses the Alpaca prompt; any other value is a Jinja template used instead of
@@ -113,6 +119,8 @@ class InstructionDataModule(pl.LightningDataModule):
         split: The split of a ``DatasetDict`` folder.
         chat_template: ``"auto"``, ``"none"`` or a Jinja chat template, as described above.
         prompt_format: ``"compact"`` or ``"alpaca"``: the Alpaca prompt used without a chat template.
+        sets: LLM-Adapters sets whose training splits are mixed, e.g. ``["boolq", "ARC-Easy", "openbookqa"]``;
+            ``None`` reads ``task`` as one dataset.
 
     Raises:
         SettingTypeError: For a count or ``seed`` that is not an integer (a string, a bool, a float such as
@@ -143,6 +151,7 @@ class InstructionDataModule(pl.LightningDataModule):
         split: str = "train",
         chat_template: str = "auto",
         prompt_format: str = "compact",
+        sets: list[str] | None = None,
     ) -> None:
         super().__init__()
         _check_settings(
@@ -167,6 +176,15 @@ class InstructionDataModule(pl.LightningDataModule):
             raise SettingTypeError(
                 f"task={task!r} must be a task name or the path of a data file or folder, not {type(task).__name__}"
             )
+        if sets is not None:
+            sets = list(check_set_names("sets", sets))
+            if not Path(task).is_dir():
+                raise SettingValueError(
+                    f"task={task!r} must be a directory with sets={sets!r}: a checkout of LLM-Adapters or its "
+                    "'dataset' folder, holding <set>/train.json for each set"
+                )
+            if columns is not None:
+                raise SettingValueError(f"columns={columns!r} do not apply to sets={sets!r}, which are Alpaca records")
         if task not in TASKS and not Path(task).exists():
             raise SettingValueError(
                 f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing data file "
@@ -180,7 +198,7 @@ class InstructionDataModule(pl.LightningDataModule):
             raise SettingValueError(f"columns={columns!r} apply only to local datasets, not to generated task {task!r}")
         if columns is not None:
             check_columns(columns)
-        if split != "train" and not Path(task).is_dir():
+        if split != "train" and (sets is not None or not Path(task).is_dir()):
             raise SettingValueError(
                 f"split={split!r} chooses a split of a DatasetDict folder written by save_to_disk; "
                 f"task={task!r} is not a folder, so leave split='train'"
@@ -211,6 +229,7 @@ class InstructionDataModule(pl.LightningDataModule):
         self.split = split
         self.chat_template = chat_template
         self.prompt_format = prompt_format
+        self.sets = sets
         self.num_truncated = 0
         self.num_skipped = 0
         self._train: list[TokenizedExample] | None = None
@@ -235,7 +254,9 @@ class InstructionDataModule(pl.LightningDataModule):
             examples = TASKS[self.task](total, seed=self.seed, **self.task_options)
             first_test = self.num_train + self.num_val
             return examples[: self.num_train], examples[self.num_train : first_test], examples[first_test:]
-        if self.columns is None and Path(self.task).suffix.lower() in SUFFIXES:
+        if self.sets is not None:
+            examples = load_mixture(self.task, self.sets, self.seed, self.answer_pattern or None)
+        elif self.columns is None and Path(self.task).suffix.lower() in SUFFIXES:
             examples = load_alpaca(self.task, self.answer_pattern or None)
         else:
             examples = load_hf_dataset(self.task, self.columns, self.split, self.answer_pattern or None)
