@@ -38,6 +38,7 @@ from reporting import write_results
 from reporting.deep_report import write_deep_results
 from reporting.long_report import write_long_results
 from reporting.pilot import write_pilot_results
+from reporting.real_report import write_real_results
 from reporting.sensitivity import write_sensitivity_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> Path:
         "deep_sensitivity": write_sensitivity_results,
         "long": write_long_results,
         "long_pilot": write_pilot_results,
+        "real": write_real_results,
         "real_pilot": partial(write_pilot_results, preset="real", criterion="val_loss"),
     }
     writer = writers.get(args.preset, write_results)

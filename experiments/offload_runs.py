@@ -1,11 +1,12 @@
-"""One training configuration per fresh process, measured: what bench_offload.py and bench_gpu.py share.
+"""One training configuration per fresh process, measured: what bench_offload, bench_gpu and bench_real_memory share.
 
-A run builds a Llama from a config (random weights: memory and speed do not depend on them), trains it for a
-few steps with the run's sampler, offload tier, budget, overlap and precision, and prints its measurements as
-JSON on its last line of output. It trains under ``GRASSStrategy`` on one device, or under ``GRASSFSDPStrategy``
-on one rank, where it also saves a sharded checkpoint at its last step and resumes from it. Each run is its own
-process, so its peak memory (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU)
-is its own, and a run that fails or hangs costs only its own row.
+A run builds a Llama from a config (random weights: memory and speed do not depend on them) or loads a pretrained
+one from a Hugging Face directory (``ModelShape.from_pretrained``), trains it for a few steps with the run's sampler,
+offload tier, budget, overlap and precision, and prints its measurements as JSON on its last line of output. It
+trains under ``GRASSStrategy`` on one device, or under ``GRASSFSDPStrategy`` on one rank, where it also saves a
+sharded checkpoint at its last step and resumes from it. Each run is its own process, so its peak memory
+(``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU) is its own, and a run that fails
+or hangs costs only its own row.
 
     python experiments/offload_runs.py '{"shape": {...}, "run": {...}, "accelerator": "cpu"}'
 """
@@ -50,7 +51,23 @@ LR, WEIGHT_DECAY = 1e-5, 0.01
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A Llama's size and the batch it trains on."""
+    """A Llama's size and the batch it trains on.
+
+    Attributes:
+        layers: Transformer blocks.
+        hidden: Hidden size.
+        intermediate: The MLP's intermediate size.
+        heads: Attention heads (each ``hidden // heads`` wide).
+        vocab: Vocabulary size.
+        seq_len: Tokens per sequence.
+        batch_size: Sequences per batch.
+        steps: Optimizer steps a run trains.
+        kv_heads: Key and value heads (grouped-query attention); ``None`` is ``heads``.
+        tied_embeddings: The LM head shares the token embedding's weight.
+        weights_dir: A Hugging Face directory (``config.json`` and ``model.safetensors``) whose pretrained weights
+            the model is built from, instead of random ones; its config must have this shape (build the shape with
+            :meth:`from_pretrained`).
+    """
 
     layers: int
     hidden: int
@@ -60,11 +77,72 @@ class ModelShape:
     seq_len: int
     batch_size: int
     steps: int
+    kv_heads: int | None = None
+    tied_embeddings: bool = False
+    weights_dir: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, seq_len: int, batch_size: int, steps: int) -> ModelShape:
+        """The shape of the Llama in a Hugging Face directory, whose weights a run then loads.
+
+        Raises:
+            ValueError: When the directory's model is not a Llama (``model_type`` other than ``"llama"``).
+        """
+        directory = Path(directory).resolve()
+        config = LlamaConfig.from_pretrained(directory)
+        if config.model_type != "llama":
+            raise ValueError(f"{str(directory)!r} holds a {config.model_type!r} model; offload_runs trains a Llama")
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=config.num_attention_heads,
+            vocab=config.vocab_size,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            steps=steps,
+            kv_heads=config.num_key_value_heads,
+            tied_embeddings=bool(config.tie_word_embeddings),
+            weights_dir=str(directory),
+        )
 
     def parameters(self) -> int:
-        """The parameter count (no tied embeddings, no biases)."""
-        layer = 4 * self.hidden * self.hidden + 3 * self.hidden * self.intermediate + 2 * self.hidden
-        return self.layers * layer + 2 * self.vocab * self.hidden + self.hidden
+        """The parameter count (no biases)."""
+        kv_width = (self.kv_heads or self.heads) * (self.hidden // self.heads)
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv_width
+        layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.layers * layer + (1 if self.tied_embeddings else 2) * self.vocab * self.hidden + self.hidden
+
+    def llama_config(self) -> LlamaConfig:
+        """The model's config: the pretrained one from ``weights_dir``, else one of this shape.
+
+        Raises:
+            ValueError: When ``weights_dir``'s config does not have this shape; the message names each field that
+                differs.
+        """
+        if self.weights_dir is None:
+            return LlamaConfig(
+                num_hidden_layers=self.layers,
+                hidden_size=self.hidden,
+                intermediate_size=self.intermediate,
+                num_attention_heads=self.heads,
+                num_key_value_heads=self.kv_heads or self.heads,
+                vocab_size=self.vocab,
+                max_position_embeddings=self.seq_len,
+                tie_word_embeddings=self.tied_embeddings,
+            )
+        stored = ModelShape.from_pretrained(self.weights_dir, self.seq_len, self.batch_size, self.steps)
+        differ = [
+            f"{name}={getattr(self, name)!r} but the directory's is {getattr(stored, name)!r}"
+            for name in ("layers", "hidden", "intermediate", "heads", "vocab", "kv_heads", "tied_embeddings")
+            if getattr(self, name) != getattr(stored, name)
+        ]
+        if differ:
+            raise ValueError(
+                f"ModelShape does not match the model in {self.weights_dir!r}: {'; '.join(differ)}; build the shape "
+                "with ModelShape.from_pretrained"
+            )
+        return LlamaConfig.from_pretrained(self.weights_dir)
 
 
 @dataclass(frozen=True)
@@ -240,22 +318,20 @@ def _run_job(job: str, timeout_s: float) -> dict[str, Any]:
 
 
 class CausalLM(pl.LightningModule):
-    """A Llama of ``shape`` with random weights (seed 0), in ``dtype`` on ``device``, trained with AdamW."""
+    """A Llama of ``shape`` in ``dtype`` on ``device``, trained with AdamW.
+
+    Its weights are random (seed 0), or, with ``shape.weights_dir``, that directory's, read into the model's own
+    memory by :func:`load_safetensors`.
+    """
 
     def __init__(self, shape: ModelShape, dtype: torch.dtype, device: str) -> None:
         super().__init__()
-        config = LlamaConfig(
-            num_hidden_layers=shape.layers,
-            hidden_size=shape.hidden,
-            intermediate_size=shape.intermediate,
-            num_attention_heads=shape.heads,
-            num_key_value_heads=shape.heads,
-            vocab_size=shape.vocab,
-            max_position_embeddings=shape.seq_len,
-        )
+        config = shape.llama_config()
         torch.manual_seed(0)
         with torch.device(device):
             self.model = LlamaForCausalLM(config).to(dtype)
+        if shape.weights_dir is not None:
+            load_safetensors(self.model, Path(shape.weights_dir) / "model.safetensors")
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The causal language-modelling loss of the batch."""
@@ -265,6 +341,75 @@ class CausalLM(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over every parameter."""
         return _adamw(self.parameters())
+
+
+#: safetensors' names of the dtypes a checkpoint's weights come in.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def load_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Read a ``.safetensors`` file into ``model``'s parameters, one tensor at a time, with plain file reads.
+
+    ``from_pretrained`` keeps the weights in a memory map of the file, whose pages count in the process's RSS
+    as they are read and turn into private copies as they are written; loading a state dict first holds the weights
+    twice. Here each tensor is read straight into its parameter (through a temporary of the file's dtype when the
+    dtypes differ, or when the parameter is not in CPU memory), so the process's RSS after loading is the model's
+    own memory and loading leaves no peak above it (the page cache is not RSS). A tied weight is read once, under
+    whichever of its names the file holds.
+
+    Args:
+        model: The model, built with the file's config.
+        path: The file.
+
+    Raises:
+        ValueError: When the file holds a tensor that is not one of the model's parameters, or of another shape,
+            or in a dtype not in ``SAFETENSORS_DTYPES``, or misses one of the model's parameters.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[int] = set()
+    with open(path, "rb") as handle:
+        header_bytes = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_bytes))
+        data_start = 8 + header_bytes
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            param = params.get(name)
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if param is None or dtype is None or list(param.shape) != entry["shape"]:
+                expected = "not a parameter" if param is None else f"the parameter is {list(param.shape)}"
+                raise ValueError(
+                    f"{str(path)!r}: tensor {name!r} ({entry['dtype']}, {entry['shape']}) does not fit the model "
+                    f"({expected}; dtypes read: {', '.join(SAFETENSORS_DTYPES)})"
+                )
+            begin, end = entry["data_offsets"]
+            direct = param.dtype == dtype and param.device.type == "cpu" and param.is_contiguous()
+            target = param.detach() if direct else torch.empty(param.shape, dtype=dtype)
+            handle.seek(data_start + begin)
+            read = handle.readinto(target.reshape(-1).view(torch.uint8).numpy())
+            if read != end - begin:
+                raise ValueError(f"{str(path)!r}: tensor {name!r} is cut short ({read} of {end - begin} bytes)")
+            if not direct:
+                with torch.no_grad():
+                    param.copy_(target)
+            loaded.add(id(param))
+    missing = [name for name, param in model.named_parameters() if id(param) not in loaded]
+    if missing:
+        raise ValueError(f"{str(path)!r} holds no weights for {len(missing)} parameters: {', '.join(missing[:5])}")
+
+
+def rss_bytes() -> int | None:
+    """The process's resident set size now (``VmRSS``), or ``None`` where ``/proc`` does not say (not Linux)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``ru_maxrss``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 class Meter(Callback):
@@ -319,16 +464,15 @@ def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
         ``peak_memory_bytes``, ``step_seconds`` (each step of the first fit), ``stats`` (the strategy's offload
         counters at the end of the first fit), ``max_resident_bytes`` (the budget used, or ``None``),
         ``largest_tensor_bytes``, ``largest_tensor_chunks`` and ``chunked_tensors`` (see :func:`_budget`),
-        and ``device``; a ``grass_fsdp`` run adds ``saved_at_step``, ``resumed_at_step`` and
-        ``final_step``.
+        ``device``, and the process's host memory just before the (first) fit starts, after the imports and the
+        model are built and loaded: ``rss_before_fit_bytes`` (its RSS then, ``None`` where unknown) and
+        ``peak_rss_before_fit_bytes`` (its peak RSS until then); a ``grass_fsdp`` run adds ``saved_at_step``,
+        ``resumed_at_step`` and ``final_step``.
     """
     cuda = accelerator == "gpu"
     fit = _fit_fsdp if run.strategy == "grass_fsdp" else _fit_single_device
     measured = fit(shape, run, accelerator)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {
         **measured,
         "peak_memory_bytes": peak,
@@ -352,8 +496,10 @@ def _fit_single_device(shape: ModelShape, run: Run, accelerator: str) -> dict[st
             overlap=run.overlap,
         )
         trainer = _trainer(accelerator, strategy, run, shape.steps, [*_sampler(run), meter])
-        trainer.fit(module, _batches(shape))
-    return {"step_seconds": meter.seconds, "stats": meter.stats, **budget}
+        batches = _batches(shape)
+        before = _host_memory_now()
+        trainer.fit(module, batches)
+    return {"step_seconds": meter.seconds, "stats": meter.stats, **budget, **before}
 
 
 def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
@@ -380,7 +526,9 @@ def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
             process_group_backend=backend,
         )
         trainer = _trainer(accelerator, GRASSFSDPStrategy(**settings), run, shape.steps, [*_sampler(run), meter, saver])
-        trainer.fit(module, _batches(shape))
+        batches = _batches(shape)
+        before = _host_memory_now()
+        trainer.fit(module, batches)
         del trainer, module
         gc.collect()  # the first fit's sharded weights and states, before the second one builds its own
 
@@ -392,10 +540,15 @@ def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
         "step_seconds": meter.seconds,
         "stats": meter.stats,
         **budget,
+        **before,
         "saved_at_step": saver.saved_at,
         "resumed_at_step": resumed.first_step,
         "final_step": trainer.global_step,
     }
+
+
+def _host_memory_now() -> dict[str, int | None]:
+    return {"rss_before_fit_bytes": rss_bytes(), "peak_rss_before_fit_bytes": peak_rss_bytes()}
 
 
 def _adamw(params: Any) -> torch.optim.AdamW:

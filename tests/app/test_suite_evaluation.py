@@ -8,7 +8,7 @@ from suite_files import write_suite
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_grass.app.suite_evaluation import SuiteEvaluation, score_suite
-from lightning_grass.app.suites import SUITES
+from lightning_grass.app.suites import SUITES, seeded_subset
 from lightning_grass.errors import SettingTypeError, SettingValueError
 
 # (instruction, label, the stub's response) per set, and how many of each set are right, worked out by hand.
@@ -109,7 +109,7 @@ def test_the_config_node(tmp_path):
             {"name": "arithmetic", "data_root": "x", "batchsize": 8},
             SettingValueError,
             "evaluate_suite: unknown settings ['batchsize']; the settings are "
-            "['name', 'data_root', 'batch_size', 'max_new_tokens', 'limit']",
+            "['name', 'data_root', 'batch_size', 'max_new_tokens', 'limit', 'sets', 'sample', 'sample_seed']",
         ),
         (
             {"name": "maths", "data_root": "x"},
@@ -135,6 +135,11 @@ def test_the_config_node(tmp_path):
             {"name": "arithmetic", "data_root": "x", "limit": 0},
             SettingValueError,
             "evaluate_suite.limit=0 must be an integer >= 1",
+        ),
+        (
+            {"name": "arithmetic", "data_root": "x", "sample": 0},
+            SettingValueError,
+            "evaluate_suite.sample=0 must be an integer >= 1",
         ),
     ],
 )
@@ -164,3 +169,46 @@ def test_a_tiny_llama_scored_on_the_commonsense_suite(tmp_path, tiny_pretrained_
             assert line["correct"] == rules[name].is_correct(line["prediction"], line["label"])
     assert summary["average_percent"] == pytest.approx(result.average_percent)
     assert summary["average_percent"] == pytest.approx(sum(s["accuracy_percent"] for s in summary["sets"].values()) / 8)
+
+
+def test_a_seeded_sample_of_some_sets_is_the_same_records_for_every_model(tmp_path):
+    records = {
+        name: [{"instruction": f"{name} {i}", "input": "", "output": "", "answer": label} for i in range(9)]
+        for name, label in (("boolq", "true"), ("openbookqa", "answer1"), ("ARC-Easy", "answer2"))
+    }
+    root = str(write_suite(tmp_path, "commonsense", records))
+    node = {"name": "commonsense", "data_root": root, "sets": ["openbookqa", "boolq"], "sample": 4, "sample_seed": 3}
+    evaluation = SuiteEvaluation.from_config(OmegaConf.create(node))
+    assert [b.name for b in evaluation.sets] == ["boolq", "openbookqa"]
+    for benchmark, examples in evaluation.sets.items():
+        indices = seeded_subset(9, 4, 3, benchmark.name)
+        assert evaluation.indices[benchmark] == indices
+        assert [e.instruction for e in examples] == [f"{benchmark.name} {i}" for i in indices]
+    again = SuiteEvaluation.from_config(node)
+    assert {b.name: [e.instruction for e in x] for b, x in again.sets.items()} == {
+        b.name: [e.instruction for e in x] for b, x in evaluation.sets.items()
+    }
+
+
+def test_the_predictions_name_each_records_index_in_its_file(tmp_path):
+    records = {"boolq": [{"instruction": f"q{i}", "input": "", "output": "", "answer": "true"} for i in range(6)]}
+    root = write_suite(tmp_path, "commonsense", records)
+    evaluation = SuiteEvaluation("commonsense", root, sets=["boolq"], sample=3, sample_seed=0)
+    (benchmark,) = evaluation.sets
+    result = score_suite(
+        "commonsense", evaluation.sets, lambda examples: ["true" for _ in examples], evaluation.indices
+    )
+    evaluation.write(result, tmp_path / "out", "stub")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "commonsense_predictions.jsonl").read_text().splitlines()]
+    assert [(line["index"], line["instruction"]) for line in lines] == [
+        (i, f"q{i}") for i in seeded_subset(6, 3, 0, "boolq")
+    ]
+    summary = json.loads((tmp_path / "out" / "commonsense.json").read_text())
+    assert (summary["sample"], summary["sample_seed"], summary["sets"]["boolq"]["correct"]) == (3, 0, 3)
+
+
+def test_limit_and_sample_together_are_refused(tmp_path):
+    root = write_suite(tmp_path, "commonsense")
+    with pytest.raises(SettingValueError) as raised:
+        SuiteEvaluation("commonsense", root, limit=2, sample=2)
+    assert str(raised.value) == "limit=2 and sample=2 both choose the records to score; give one of them"

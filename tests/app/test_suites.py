@@ -1,12 +1,13 @@
 """Reading the paper's suites from LLM-Adapters' layout, and what a missing set or a malformed record says."""
 
 import json
+import shutil
 
 import pytest
 from suite_files import write_suite
 
 from lightning_grass.app.data import format_prompt
-from lightning_grass.app.suites import SUITES, load_suite
+from lightning_grass.app.suites import SUITES, load_suite, seeded_subset, select_benchmarks
 from lightning_grass.errors import DataFormatError, MissingPathError, SettingValueError
 
 
@@ -136,3 +137,31 @@ def test_a_file_that_is_not_utf8(tmp_path):
     file.write_bytes(json.dumps([{"instruction": "caf", "answer": "A"}]).encode().replace(b"caf", b"caf\xe9"))
     with pytest.raises(DataFormatError, match=r"line 1: byte 0xe9 at byte offset \d+ \(from 0\) is not valid UTF-8"):
         load_suite("arithmetic", tmp_path)
+
+
+def test_some_sets_of_a_suite_in_the_suites_order(tmp_path):
+    root = write_suite(tmp_path, "commonsense")
+    for benchmark in SUITES["commonsense"]:
+        if benchmark.name not in ("boolq", "openbookqa", "ARC-Easy"):
+            shutil.rmtree(root / "dataset" / benchmark.name)  # the other sets need not be there
+    sets = load_suite("commonsense", root, sets=["openbookqa", "boolq", "ARC-Easy"])
+    assert [benchmark.title for benchmark in sets] == ["BoolQ", "ARC-e", "OBQA"]
+    assert select_benchmarks("commonsense") == SUITES["commonsense"]
+
+
+def test_a_set_outside_the_suite_is_named():
+    with pytest.raises(SettingValueError) as raised:
+        select_benchmarks("arithmetic", ["gsm8k", "boolq"])
+    assert str(raised.value) == (
+        "sets=['gsm8k', 'boolq']: ['boolq'] are not sets of the arithmetic suite; its sets are "
+        "['AddSub', 'MultiArith', 'SingleEq', 'gsm8k', 'AQuA', 'SVAMP']"
+    )
+
+
+def test_a_seeded_subset_is_fixed_sorted_and_differs_between_sets_and_seeds():
+    subset = seeded_subset(1000, 100, seed=0, set_name="boolq")
+    assert subset == sorted(set(subset)) and len(subset) == 100 and 0 <= subset[0] and subset[-1] < 1000
+    assert seeded_subset(1000, 100, seed=0, set_name="boolq") == subset
+    assert seeded_subset(1000, 100, seed=1, set_name="boolq") != subset
+    assert seeded_subset(1000, 100, seed=0, set_name="openbookqa") != subset
+    assert seeded_subset(7, 100, seed=0, set_name="boolq") == list(range(7))  # a set smaller than the sample
