@@ -379,7 +379,8 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     if metrics["non_finite_tensors"]:
         lines.append(f"  non-finite        {metrics['non_finite_tensors']} weight tensors hold NaN or Inf")
     if metrics.get("base_build_seconds") is not None:
-        lines.append(f"  base model        built or converted in {metrics['base_build_seconds']:.0f} s (first run only)")
+        seconds = metrics["base_build_seconds"]
+        lines.append(f"  base model        built or converted in {seconds:.0f} s (first run only)")
     if "layer_selection_counts" in metrics:
         lines.append(f"  layer activity    windows active per layer: {metrics['layer_selection_counts']}")
     if metrics.get("effective_layers_mean") is not None:

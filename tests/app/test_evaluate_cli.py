@@ -82,8 +82,11 @@ def test_a_seeded_sample_of_some_sets(tmp_path, tiny_pretrained_dir, capsys):
     root = write_suite(tmp_path / "LLM-Adapters", "commonsense", records)
     out = tmp_path / "out"
     evaluate_cli.main(
-        ["--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root), "--out", str(out)]
-        + ["--sets", "openbookqa,boolq", "--sample", "2", "--sample-seed", "4", "--max-new-tokens", "2"]
+        [
+            *("--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root)),
+            *("--out", str(out), "--sets", "openbookqa,boolq", "--sample", "2", "--sample-seed", "4"),
+            *("--max-new-tokens", "2"),
+        ]
     )
     assert "| Model | BoolQ | OBQA | Avg. |\n" in capsys.readouterr().out
     summary = json.loads((out / "commonsense.json").read_text())

@@ -194,7 +194,6 @@ def test_the_predictions_name_each_records_index_in_its_file(tmp_path):
     records = {"boolq": [{"instruction": f"q{i}", "input": "", "output": "", "answer": "true"} for i in range(6)]}
     root = write_suite(tmp_path, "commonsense", records)
     evaluation = SuiteEvaluation("commonsense", root, sets=["boolq"], sample=3, sample_seed=0)
-    (benchmark,) = evaluation.sets
     result = score_suite(
         "commonsense", evaluation.sets, lambda examples: ["true" for _ in examples], evaluation.indices
     )

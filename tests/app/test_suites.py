@@ -160,7 +160,7 @@ def test_a_set_outside_the_suite_is_named():
 
 def test_a_seeded_subset_is_fixed_sorted_and_differs_between_sets_and_seeds():
     subset = seeded_subset(1000, 100, seed=0, set_name="boolq")
-    assert subset == sorted(set(subset)) and len(subset) == 100 and 0 <= subset[0] and subset[-1] < 1000
+    assert subset == sorted(set(subset)) and len(subset) == 100 and subset[0] >= 0 and subset[-1] < 1000
     assert seeded_subset(1000, 100, seed=0, set_name="boolq") == subset
     assert seeded_subset(1000, 100, seed=1, set_name="boolq") != subset
     assert seeded_subset(1000, 100, seed=0, set_name="openbookqa") != subset

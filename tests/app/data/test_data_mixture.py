@@ -15,7 +15,7 @@ def write_training_sets(root, sets=SETS, nested=True):
     folder = root / "dataset" if nested else root
     for name, (label, count) in sets.items():
         records = [
-            {"instruction": f"{name} question {i}", "input": "", "output": f"the correct answer is {label}", "answer": label}
+            {"instruction": f"{name} question {i}", "output": f"the correct answer is {label}", "answer": label}
             for i in range(count)
         ]
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def test_a_missing_set_is_named_with_the_sets_that_are_there(tmp_path):
 
 
 def test_a_root_that_is_not_a_directory(tmp_path):
-    with pytest.raises(MissingPathError, match="data root .* is not a directory: give a checkout of LLM-Adapters"):
+    with pytest.raises(MissingPathError, match=r"data root .* is not a directory: give a checkout of LLM-Adapters"):
         load_mixture(tmp_path / "nowhere", ["boolq"], seed=0)
 
 
