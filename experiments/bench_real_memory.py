@@ -204,7 +204,9 @@ def report(
             "- **RSS before training**: the process's RSS (`VmRSS`) just before `trainer.fit`: the Python "
             "interpreter, torch, Lightning and transformers, the weights (read into the model's own memory with "
             "plain file reads, so no memory map of the file counts in it) and the batches; no gradient or optimizer "
-            "state yet. Loading left no peak above it where `peak before training` in the second table equals it.",
+            "state yet. `peak before training` (second table) is the peak RSS until then: building the model "
+            "initialises random weights (which the file's then overwrite) and can leave a transient peak above "
+            "the RSS before training (on SmolLM2, about one embedding's size); reading the file leaves none.",
             "- **Peak RSS**: the process's `ru_maxrss` at its end (the median over its runs): all of the above, "
             "gradients, optimizer states, AdamW's temporaries, the host tier's buffer, activations and logits (one "
             f"fp32 copy of the logits is {shape.batch_size * shape.seq_len * shape.vocab * 4 / MIB:.0f} MiB; the "

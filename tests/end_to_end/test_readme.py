@@ -11,9 +11,11 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    # The fourth, grass_fsdp on 16 GPUs, needs devices; tests/strategies/test_fsdp.py trains the same set-up
-    # (a plain LightningModule, no configure_model) on 2 CPU processes.
-    assert len(blocks) == 4 and 'strategy="grass_fsdp"' in blocks[3]
+    # The fourth converts the real SmolLM2 file, which CI does not install: tests/app/test_gguf_base.py makes the
+    # same call on a tiny GGUF file it writes, and on the real file in its slow test. The fifth, grass_fsdp on 16
+    # GPUs, needs devices; tests/strategies/test_fsdp.py trains the same set-up (a plain LightningModule, no
+    # configure_model) on 2 CPU processes.
+    assert len(blocks) == 5 and "ensure_gguf_base(" in blocks[3] and 'strategy="grass_fsdp"' in blocks[4]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
