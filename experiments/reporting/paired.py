@@ -92,7 +92,7 @@ def learning_rate_of(run: Run) -> float:
     return float(run.config["model"]["lr"])
 
 
-def test_score(run: Run) -> float | None:
+def held_out_score(run: Run) -> float | None:
     """A run's test score in points: its suite's average when it scored one (``evaluate_suite``), else its exact
     match on the held-out test split; ``None`` when it has neither."""
     if run.metrics.get("suite_average_percent") is not None:
@@ -103,12 +103,12 @@ def test_score(run: Run) -> float | None:
 
 
 def select(runs: Sequence[Run]) -> dict[str, list[Selection]]:
-    """Per task, each variant's learning rate chosen on validation and its test scores (:func:`test_score`) at it.
+    """Per task, each variant's learning rate chosen on validation and its test scores (:func:`held_out_score`) at it.
 
     Raises:
         ValueError: If a run has no test score (the sweep was run without ``data.num_test`` or ``evaluate_suite``).
     """
-    missing = [run.directory for run in runs if test_score(run) is None]
+    missing = [run.directory for run in runs if held_out_score(run) is None]
     if missing:
         raise ValueError(
             f"{missing[0]} has no exact_match_test nor suite score: the benchmark needs data.num_test > 0 or "
@@ -136,7 +136,7 @@ def select(runs: Sequence[Run]) -> dict[str, list[Selection]]:
             chosen = Selection(variant, best, validation)
             for run in own:
                 if learning_rate_of(run) == best:
-                    chosen.test_by_seed[run.seed] = test_score(run)
+                    chosen.test_by_seed[run.seed] = held_out_score(run)
             table.setdefault(task, []).append(chosen)
     return table
 

@@ -60,7 +60,10 @@ def test_a_tie_on_validation_takes_the_smaller_rate():
 
 def test_a_sweep_without_a_test_split_is_refused():
     run = deep_run("full", 0, 0.003, 0.5, None)
-    with pytest.raises(ValueError, match=r"has no exact_match_test: the deep benchmark needs data.num_test > 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no exact_match_test nor suite score: the benchmark needs data.num_test > 0 or evaluate_suite",
+    ):
         select([run])
 
 
