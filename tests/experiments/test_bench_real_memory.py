@@ -32,6 +32,9 @@ def smoke_report(tmp_path_factory):
     return output.read_text()
 
 
+# The smoke run starts 7 processes (about 60 s on 2 cores), so its two tests are in the slow set; the default run
+# keeps the loader's test below, and tests/experiments/test_offload_runs.py covers the runner they share.
+@pytest.mark.slow
 def test_the_smoke_run_measures_every_configuration(smoke_report):
     names = [run.name for run in bench_real_memory.runs()]
     measured = table(smoke_report, "Memory and speed")
@@ -49,6 +52,7 @@ def test_the_smoke_run_measures_every_configuration(smoke_report):
     assert "Command: `python experiments/bench_real_memory.py --smoke" in smoke_report
 
 
+@pytest.mark.slow
 def test_the_estimate_column_is_estimate_memory_of_the_model(smoke_report):
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SMOKE_CONFIG))
