@@ -73,7 +73,10 @@ def write_real_results(sweep_dir: str | Path, out_dir: str | Path, title: str, c
     check_one_rate_each(table)
     summary = long_summary(runs, table)
     for task, selections in table.items():
-        summary["tasks"][task]["paired"] = paired_comparisons(selections, COMPARISONS)
+        paired = paired_comparisons(selections, COMPARISONS)
+        if len({s.variant.n_active for s in selections if s.variant.n_active is not None}) == 1:
+            paired = {name: gap for name, gap in paired.items() if "(gamma=" not in name}  # pooled is the same
+        summary["tasks"][task]["paired"] = paired
         for selection in selections:
             own = sorted((r for r in runs if r.task == task and variant_of(r) == selection.variant), key=_seed)
             entry = summary["tasks"][task]["methods"][selection.variant.label]
@@ -110,7 +113,13 @@ def _cost(runs: Sequence[Run]) -> dict[str, float]:
     """Mean over seeds of the median step time, the peak memory and the trainable parameters per step."""
     return {
         key: statistics.fmean(float(run.metrics[key]) for run in runs)
-        for key in ("median_step_seconds", "peak_memory_bytes", "trainable_parameters_per_step", "run_seconds")
+        for key in (
+            "median_step_seconds",
+            "peak_memory_bytes",
+            "trainable_parameters_per_step",
+            "run_seconds",
+            "effective_layers_mean",
+        )
         if all(run.metrics.get(key) is not None for run in runs)
     }
 
@@ -187,8 +196,8 @@ def _cost_lines(selections: Sequence[Selection], methods: Mapping[str, Any]) -> 
         "times carry the machine's noise; `real/memory.md` measures memory and speed side by side):",
         "",
         "| method | trainable parameters per step | median step (s) | step / full fine-tuning | peak RSS (GiB) "
-        "| run (s) |",
-        "|---|---|---|---|---|---|",
+        "| run (s) | effective layers |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, cost in costs.items():
         ratio = (
@@ -199,7 +208,8 @@ def _cost_lines(selections: Sequence[Selection], methods: Mapping[str, Any]) -> 
         lines.append(
             f"| {label} | {cost.get('trainable_parameters_per_step', 0):,.0f} | "
             f"{cost.get('median_step_seconds', math.nan):.2f} | {ratio} | "
-            f"{cost.get('peak_memory_bytes', math.nan) / 2**30:.2f} | {cost.get('run_seconds', math.nan):.0f} |"
+            f"{cost.get('peak_memory_bytes', math.nan) / 2**30:.2f} | {cost.get('run_seconds', math.nan):.0f} | "
+            + (f"{cost['effective_layers_mean']:.1f} |" if "effective_layers_mean" in cost else "- |")
         )
     return lines
 
