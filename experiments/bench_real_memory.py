@@ -50,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_grass import estimate_memory
 from lightning_grass.app.gguf_base import ensure_gguf_base
+from lightning_grass.app.machine import describe_machine
 from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.memory_estimate import MemoryEstimate
@@ -355,36 +356,19 @@ def _signed_bytes(difference: int) -> str:
     return exact if abs(difference) < MIB else f"{exact} ({difference / MIB:+.1f} MiB)"
 
 
-def _ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _load() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def _machine(start: float, start_load: str, run_loads: dict[str, str], done: bool) -> str:
     """The machine, the load average during the benchmark, and its wall time so far."""
-    ram = _ram_bytes()
+    machine = describe_machine(torch.device("cpu"))
+    ram = machine["memory_gib"]
     per_run = "; ".join(f"{name} {load}" for name, load in run_loads.items()) or "no run has ended yet"
     progress = "in all" if done else "so far (still running)"
     return (
-        f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores, "
-        f"{'unknown' if ram is None else f'{ram / 2**30:.1f} GiB'} RAM, {platform.system()}; Python "
+        f"{platform.machine()} {machine['cpu']}, {machine['cpu_count']} cores, "
+        f"{'unknown' if ram is None else f'{ram} GiB'} RAM, {platform.system()}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, Lightning {lightning.__version__}, transformers "
         f"{transformers.__version__}. Load average (1, 5, 15 min): {start_load} at the start; at the end of each "
         f"run: {per_run}; {_load()} when this was written. Wall time: {time.monotonic() - start:.0f} s {progress}"

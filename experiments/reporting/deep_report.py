@@ -14,7 +14,13 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lightning_grass.plots import save_figure
-from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
+from reporting.markdown import (
+    describe_machine,
+    hyperparameter_lines,
+    paired_gap_lines,
+    report_header,
+    sweep_minutes,
+)
 from reporting.paired import Selection, learning_rate_of, paired_comparisons, select, variant_of
 from reporting.runs import Run, load_runs
 from reporting.summary import shared_hyperparameters
@@ -106,17 +112,9 @@ def _markdown(
                 f"| {s.variant.label} | {s.learning_rate:g} | {s.validation_by_rate[s.learning_rate]:.1f} "
                 f"| {s.test_mean:.1f} ± {s.test_std:.1f} |"
             )
-        parts += ["", "| paired gap, test (points) | mean | 95% interval | pairs |", "|---|---|---|---|"]
-        for name, gap in summary["tasks"][task]["paired"].items():
-            low, high = gap["ci95"]
-            interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
-            parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
+        parts += paired_gap_lines(summary["tasks"][task]["paired"])
         parts += draw_share_table(runs, task, selections)
-    common, per_task = split_common(shared)
-    parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
-    parts += yaml_block(common)
-    for task, config in per_task.items():
-        parts += [f"and on `{task}`:", "", *yaml_block(config)]
+    parts += hyperparameter_lines(shared)
     parts += [
         "## Figures",
         "",

@@ -26,7 +26,13 @@ from reporting.deep_report import (
     run_record,
     scores_figure,
 )
-from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
+from reporting.markdown import (
+    describe_machine,
+    hyperparameter_lines,
+    paired_gap_lines,
+    report_header,
+    sweep_minutes,
+)
 from reporting.paired import Selection, select, variant_of
 from reporting.runs import Run, load_runs
 from reporting.summary import shared_hyperparameters
@@ -177,46 +183,48 @@ def _markdown(
     ]
     for task, selections in table.items():
         methods = summary["tasks"][task]["methods"]
-        parts += [
-            "",
-            f"## {task}",
-            "",
-            "| method | learning rate | windows per run | final validation loss | test (%) |",
-            "|---|---|---|---|---|",
-        ]
-        for s in selections:
-            entry = methods[s.variant.label]
-            parts.append(
-                f"| {s.variant.label} | {s.learning_rate:g} | {windows_cell(entry)} | {final_loss_cell(entry)} "
-                f"| {s.test_mean:.1f} ± {s.test_std:.1f} |"
-            )
-        parts += ["", "| paired gap, test (points) | mean | 95% interval | pairs |", "|---|---|---|---|"]
-        for name, gap in summary["tasks"][task]["paired"].items():
-            low, high = gap["ci95"]
-            interval = "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
-            parts.append(f"| {name} | {gap['mean']:+.1f} | {interval} | {gap['n']} |")
+        parts += [*method_table_lines(task, selections, methods), *paired_gap_lines(summary["tasks"][task]["paired"])]
         parts += curve_table(methods)
         parts += draw_share_table(
             runs, task, selections, "Layers drawn: each layer's share of the draws (%), mean over seeds."
         )
-    common, per_task = split_common(shared)
-    parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
-    parts += yaml_block(common)
-    for task, config in per_task.items():
-        parts += [f"and on `{task}`:", "", *yaml_block(config)]
-    parts += [
+    parts += hyperparameter_lines(shared)
+    parts += figure_lines("Test exact match per method")
+    return "\n".join(parts)
+
+
+def method_table_lines(task: str, selections: Sequence[Selection], methods: Mapping[str, Any]) -> list[str]:
+    """A task's heading and its table: each method's rate, windows, final validation loss and test score."""
+    lines = [
+        "",
+        f"## {task}",
+        "",
+        "| method | learning rate | windows per run | final validation loss | test (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in selections:
+        entry = methods[s.variant.label]
+        lines.append(
+            f"| {s.variant.label} | {s.learning_rate:g} | {windows_cell(entry)} | {final_loss_cell(entry)} "
+            f"| {s.test_mean:.1f} ± {s.test_std:.1f} |"
+        )
+    return lines
+
+
+def figure_lines(scores_caption: str) -> list[str]:
+    """The Figures section: the learning curves, the scores (captioned ``scores_caption``), gaps and shares."""
+    return [
         "## Figures",
         "",
         f"![Validation loss over training, mean and range over seeds]({FIGURES['curves']})",
         "",
-        f"![Test exact match per method]({FIGURES['scores']})",
+        f"![{scores_caption}]({FIGURES['scores']})",
         "",
         f"![Paired gaps with 95% intervals]({FIGURES['paired']})",
         "",
         f"![Each layer's share of the draws]({FIGURES['shares']})",
         "",
     ]
-    return "\n".join(parts)
 
 
 def curve_table(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:

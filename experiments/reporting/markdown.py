@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,29 @@ def split_common(shared: Mapping[str, dict[str, Any]]) -> tuple[dict[str, Any], 
 def yaml_block(config: Mapping[str, Any]) -> list[str]:
     """``config`` as the lines of a fenced YAML block, keys sorted, with a blank line after it."""
     return ["```yaml", OmegaConf.to_yaml(OmegaConf.create(dict(config)), sort_keys=True).rstrip(), "```", ""]
+
+
+def interval_cell(gap: Mapping[str, Any]) -> str:
+    """A paired gap's 95% interval as ``[-1.0, +2.0]``, or ``n/a`` with fewer than two pairs."""
+    low, high = gap["ci95"]
+    return "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
+
+
+def paired_gap_lines(paired: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The table of paired gaps: name, mean, 95% interval and pairs, after a blank line."""
+    lines = ["", "| paired gap, test (points) | mean | 95% interval | pairs |", "|---|---|---|---|"]
+    lines += [f"| {name} | {gap['mean']:+.1f} | {interval_cell(gap)} | {gap['n']} |" for name, gap in paired.items()]
+    return lines
+
+
+def hyperparameter_lines(shared: Mapping[str, dict[str, Any]]) -> list[str]:
+    """The Hyperparameters section: what every task shares, then each task's own entries."""
+    common, per_task = split_common(shared)
+    lines = ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
+    lines += yaml_block(common)
+    for task, config in per_task.items():
+        lines += [f"and on `{task}`:", "", *yaml_block(config)]
+    return lines
 
 
 def describe_machine(machine: Mapping[str, Any]) -> str:

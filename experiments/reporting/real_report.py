@@ -23,13 +23,20 @@ from reporting.long_report import (
     check_one_rate_each,
     curve_table,
     curves_figure,
-    final_loss_cell,
+    figure_lines,
     long_summary,
+    method_table_lines,
     shares_figure,
-    windows_cell,
     windows_of,
 )
-from reporting.markdown import describe_machine, report_header, split_common, sweep_minutes, yaml_block
+from reporting.markdown import (
+    describe_machine,
+    hyperparameter_lines,
+    interval_cell,
+    paired_gap_lines,
+    report_header,
+    sweep_minutes,
+)
 from reporting.paired import Selection, paired_comparisons, paired_difference, select, variant_of
 from reporting.runs import Run, load_runs
 from reporting.summary import shared_hyperparameters
@@ -135,11 +142,6 @@ def _run_extras(run: Run) -> dict[str, Any]:
     }
 
 
-def _interval(gap: Mapping[str, Any]) -> str:
-    low, high = gap["ci95"]
-    return "n/a" if math.isnan(low) else f"[{low:+.1f}, {high:+.1f}]"
-
-
 def _base_lines(base: Mapping[str, Any] | None, tasks: Sequence[str]) -> list[str]:
     if base is None:
         return ["", f"The base model's own scores were not collected (`{BASE_SCORES}` is missing)."]
@@ -182,7 +184,7 @@ def _per_set_lines(selections: Sequence[Selection], methods: Mapping[str, Any]) 
                 {int(k): v for k, v in grass["per_set"][name].items()},
                 {int(k): v for k, v in lisa["per_set"][name].items()},
             )
-            gaps.append(f"{gap['mean']:+.1f} {_interval(gap)}")
+            gaps.append(f"{gap['mean']:+.1f} {interval_cell(gap)}")
         lines.append("| GRASS - LISA (paired, 95%) | " + " | ".join(gaps) + " |")
     return lines
 
@@ -242,43 +244,13 @@ def _markdown(
     ]
     for task, selections in table.items():
         methods = summary["tasks"][task]["methods"]
-        parts += [
-            "",
-            f"## {task}",
-            "",
-            "| method | learning rate | windows per run | final validation loss | test (%) |",
-            "|---|---|---|---|---|",
-        ]
-        for s in selections:
-            entry = methods[s.variant.label]
-            parts.append(
-                f"| {s.variant.label} | {s.learning_rate:g} | {windows_cell(entry)} | {final_loss_cell(entry)} "
-                f"| {s.test_mean:.1f} ± {s.test_std:.1f} |"
-            )
-        parts += ["", "| paired gap, test (points) | mean | 95% interval | pairs |", "|---|---|---|---|"]
-        for name, gap in summary["tasks"][task]["paired"].items():
-            parts.append(f"| {name} | {gap['mean']:+.1f} | {_interval(gap)} | {gap['n']} |")
+        parts += [*method_table_lines(task, selections, methods), *paired_gap_lines(summary["tasks"][task]["paired"])]
         parts += _per_set_lines(selections, methods)
         parts += _cost_lines(selections, methods)
         parts += curve_table(methods)
         parts += draw_share_table(
             runs, task, selections, "Layers drawn: each layer's share of the draws (%), mean over seeds."
         )
-    common, per_task = split_common(shared)
-    parts += ["", "## Hyperparameters", "", "Shared by every method (checked across all runs):", ""]
-    parts += yaml_block(common)
-    for task, config in per_task.items():
-        parts += [f"and on `{task}`:", "", *yaml_block(config)]
-    parts += [
-        "## Figures",
-        "",
-        f"![Validation loss over training, mean and range over seeds]({FIGURES['curves']})",
-        "",
-        f"![Test score per method]({FIGURES['scores']})",
-        "",
-        f"![Paired gaps with 95% intervals]({FIGURES['paired']})",
-        "",
-        f"![Each layer's share of the draws]({FIGURES['shares']})",
-        "",
-    ]
+    parts += hyperparameter_lines(shared)
+    parts += figure_lines("Test score per method")
     return "\n".join(parts)
