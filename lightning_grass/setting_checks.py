@@ -74,3 +74,23 @@ def check_flag(name: str, value: object) -> None:
     """
     if not isinstance(value, bool):
         raise SettingTypeError(f"{name}={value!r} must be True or False")
+
+
+#: The largest seed ``lightning.seed_everything`` (and NumPy's generator) accepts: seeds are unsigned 32-bit.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: object) -> None:
+    """Refuse ``value`` unless it is an integer seed in ``[0, 2**32 - 1]``, the range every generator accepts.
+
+    Args:
+        name: The setting, as the user writes it (``seed``, ``--seed_everything``).
+        value: Its value.
+
+    Raises:
+        SettingTypeError: If ``value`` is not an int (a string, a float or a bool).
+        SettingValueError: If it is negative or above ``2**32 - 1``.
+    """
+    check_int(name, value, minimum=0)
+    if value > MAX_SEED:
+        raise SettingValueError(f"{name}={value!r} must be an integer in [0, {MAX_SEED}]")
