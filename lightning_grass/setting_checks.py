@@ -91,6 +91,8 @@ def check_seed(name: str, value: object) -> None:
         SettingTypeError: If ``value`` is not an int (a string, a float or a bool).
         SettingValueError: If it is negative or above ``2**32 - 1``.
     """
-    check_int(name, value, minimum=0)
-    if value > MAX_SEED:
-        raise SettingValueError(f"{name}={value!r} must be an integer in [0, {MAX_SEED}]")
+    allowed = f"an integer in [0, {MAX_SEED}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingTypeError(f"{name}={value!r} must be {allowed}")
+    if not 0 <= value <= MAX_SEED:
+        raise SettingValueError(f"{name}={value!r} must be {allowed}")

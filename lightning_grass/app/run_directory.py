@@ -9,6 +9,12 @@ Sweeps reuse output directories and schedulers restart jobs. ``grass-train`` the
 - A new run (no ``ckpt_path``) into a directory that already holds a checkpoint is refused: its periodic
   checkpoints would otherwise go beside, or over, the other run's, and ``ckpt_path=last`` could later resume
   the wrong one.
+- A run that would start from step 0 in a directory holding a finished run's results (``metrics.json`` or
+  ``model/``) is refused too, checkpoint or not: it would replace them. Only a resume from that run's own
+  checkpoint continues it (and then rewrites its results).
+
+:func:`check_output_dir` runs earlier still, before Hydra creates the directory or writes into it: a path that
+is a file, or a directory that cannot be created or written, is refused in one line.
 
 Under data parallelism only the launching process (global rank 0) claims the directory; the processes that
 Lightning or ``torchrun`` start for the other ranks share it.
@@ -19,16 +25,20 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_grass.errors import SettingValueError
+from lightning_grass.errors import SettingValueError, StorageError
 
 #: The lock file inside an output directory.
 LOCK_FILE = ".grass-train.lock"
+
+#: What a finished run leaves in its output directory, which a run from step 0 would replace.
+RESULT_NAMES = ("metrics.json", "model")
 
 
 @contextmanager
@@ -42,7 +52,8 @@ def claim_output_dir(output_dir: str | os.PathLike, checkpoint_dir: str, resumin
             holds checkpoints.
 
     Raises:
-        SettingValueError: When another live process holds the directory, or a fresh run finds checkpoints.
+        SettingValueError: When another live process holds the directory, when a fresh run finds checkpoints,
+            or when a run that would start from step 0 finds a finished run's results.
     """
     if getattr(rank_zero_only, "rank", 0) != 0:
         yield
@@ -62,19 +73,59 @@ def claim_output_dir(output_dir: str | os.PathLike, checkpoint_dir: str, resumin
             ) from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        if not resuming:
-            _refuse_existing_checkpoints(output_dir, output_dir / checkpoint_dir)
+        checkpoints = _checkpoints(output_dir / checkpoint_dir)
+        if not resuming and checkpoints:
+            _refuse_existing_checkpoints(output_dir, output_dir / checkpoint_dir, checkpoints)
+        if not (resuming and checkpoints):
+            _refuse_existing_results(output_dir)
         yield
     finally:
         os.close(descriptor)
 
 
-def _refuse_existing_checkpoints(output_dir: Path, checkpoint_dir: Path) -> None:
-    existing = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
-    if existing:
-        names = ", ".join(p.name for p in existing[:3])
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Create ``output_dir`` if needed and make sure a file can be written in it, or refuse in one line.
+
+    Args:
+        output_dir: The run's ``paths.output_dir``.
+
+    Raises:
+        StorageError: When it is an existing file, or cannot be created or written (no permission, a read-only
+            filesystem); the message names the path and the reason.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise StorageError(f"paths.output_dir={output_dir} is a file, not a directory; give a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise StorageError(
+            f"paths.output_dir={output_dir} cannot be written ({error.strerror or error}); give a directory this "
+            "user can write"
+        ) from error
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    return sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+
+
+def _refuse_existing_checkpoints(output_dir: Path, checkpoint_dir: Path, existing: list[Path]) -> None:
+    names = ", ".join(p.name for p in existing[:3])
+    raise SettingValueError(
+        f"paths.output_dir={output_dir} already holds a checkpoint of an earlier run ({checkpoint_dir.name}/"
+        f"{names}); resume that run with ckpt_path=last, or start a fresh one with another paths.output_dir"
+    )
+
+
+def _refuse_existing_results(output_dir: Path) -> None:
+    results = [
+        f"{name}/" if (output_dir / name).is_dir() else name for name in RESULT_NAMES if (output_dir / name).exists()
+    ]
+    if results:
         raise SettingValueError(
-            f"paths.output_dir={output_dir} already holds a checkpoint of an earlier run ({checkpoint_dir.name}/"
-            f"{names}); resume that run with ckpt_path=last, or start a fresh one with another paths.output_dir "
-            f"(or delete {checkpoint_dir})"
+            f"paths.output_dir={output_dir} already holds the results of an earlier run ({', '.join(results)}) "
+            "and no checkpoint to resume it from; give this run another paths.output_dir (or move those results "
+            "away first)"
         )
