@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_grass.importance import grouped_sq_norms
+from lightning_grass.offload.sharded_tensors import local_part
 
 
 class LayerGradientMeter:
@@ -221,7 +222,8 @@ class LayerGradientMeter:
         """Fold one parameter's accumulated gradient into the probe norms, then free it."""
         if not self.micro_batch_closes_step:
             return
-        self._probe_sq[layer] += torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        # Hooks measure only on one process, where a DTensor's (FSDP2's) local part is the whole gradient.
+        self._probe_sq[layer] += torch.linalg.vector_norm(local_part(param.grad), dtype=torch.float32).square()
         if self._free_probe_grads:
             param.grad = None
 

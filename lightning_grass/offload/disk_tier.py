@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,8 +20,16 @@ from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingTypeError, SettingValueError, StorageError
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
+log = logging.getLogger(__name__)
+
 # Ending of the name a state file is written under before it is renamed into place.
 _TEMPORARY_SUFFIX = ".tmp"
+
+#: How the name of each tier's folder starts, in the parent folder (``offload_dir``).
+FOLDER_PREFIX = "grass-offload-"
+
+#: The file in each tier's folder that its owner holds an exclusive ``flock`` on while the tier is open.
+OWNER_LOCK = ".owner.lock"
 
 #: Reads and writes the disk tier runs at once: a few tensors of prefetch and their write-backs.
 DEFAULT_IO_THREADS = 4
@@ -54,6 +66,16 @@ class DiskTier:
     deleted at teardown and never read after a crash (checkpoints hold every state), and an fsync per tensor
     per write-back would add disk latency that the step waits on.
 
+    Each tier makes its own folder, ``grass-offload-*`` in ``directory``, and holds an exclusive ``flock`` on the
+    lock file in it (:data:`OWNER_LOCK`) until :meth:`close` deletes the folder. A process killed before then
+    (SIGKILL, an out-of-memory kill) leaves its folder behind, but the operating system releases its lock. So a
+    new tier first deletes every ``grass-offload-*`` folder in ``directory`` that a process of this machine made
+    and whose lock it can take: that of a dead process, which no run reads again (checkpoints hold every
+    state). It keeps those whose lock is held (a live run, another rank's tier), those without a lock file (a
+    tier being created, which locks its file before giving it that name, or one left by a version without
+    locks), and those of other machines (on a shared filesystem, locks may not reach across machines). Then it
+    refuses a disk without room for ``unit_bytes``.
+
     A read or write that fails (a full disk, a folder deleted while the run uses it) raises
     :class:`~lightning_grass.errors.StorageError` from its transfer's ``wait()``, on the thread that waits,
     naming the folder, the bytes and the operating system's reason. :meth:`close` never raises it again.
@@ -65,20 +87,30 @@ class DiskTier:
     Args:
         directory: Where to create this run's folder of state files. ``None`` uses the system temp folder.
         io_threads: Reads and writes in flight at once.
+        unit_bytes: The bytes of each unit's state once it has been written, as for :class:`HostTier`; their sum
+            must fit in the free space of ``directory``'s disk.
 
     Raises:
         SettingTypeError: If ``directory`` is not a path.
-        SettingValueError: If ``directory`` cannot be created or written to, or ``io_threads`` is below 1.
+        SettingValueError: If ``directory`` cannot be created or written to, its disk has less free space than
+            ``unit_bytes`` add up to, or ``io_threads`` is below 1.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, io_threads: int = DEFAULT_IO_THREADS) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
+        unit_bytes: Sequence[int] = (),
+    ) -> None:
         check_offload_dir(directory)
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise SettingValueError(f"io_threads={io_threads!r} must be an int >= 1 (reads and writes at once)")
         parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="grass-offload-", dir=parent))
+            _remove_abandoned_folders(parent)
+            _check_free_space(parent, sum(unit_bytes))
+            self.directory, self._lock = _make_locked_folder(parent)
         except OSError as error:
             raise SettingValueError(
                 f"offload_dir={str(parent)!r} is not a writable directory ({error.strerror}); choose a folder this "
@@ -141,6 +173,9 @@ class DiskTier:
         """
         self._executor.shutdown(wait=True)
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)  # after the folder is gone: no other tier takes it for a dead run's meanwhile
+            self._lock = None
         self._layouts.clear()
 
     def _path(self, unit: int) -> Path:
@@ -191,6 +226,83 @@ class DiskTier:
         return StorageError(
             f"{action} {nbytes} bytes of optimizer state {preposition} the offload folder {self.directory} "
             f"failed: {reason}; {fix}"
+        )
+
+
+def _make_locked_folder(parent: Path) -> tuple[Path, int]:
+    """Create a tier folder in ``parent`` with its lock file held, and the descriptor that holds it until closed.
+
+    The lock file is locked under a temporary name and then renamed into place, so a tier cleaning up never finds
+    the lock file of a live tier unlocked. On failure the folder is deleted again.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))
+    temporary = folder / (OWNER_LOCK + _TEMPORARY_SUFFIX)
+    try:
+        descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(descriptor, _owner().encode())
+            os.rename(temporary, folder / OWNER_LOCK)
+        except OSError:
+            os.close(descriptor)
+            raise
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, descriptor
+
+
+def _owner() -> str:
+    """What a lock file says about its owner: ``"pid 1234 on node-7"``."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _remove_abandoned_folders(parent: Path) -> None:
+    """Delete the tier folders in ``parent`` that a dead process of this machine left: their lock is not held."""
+    for folder in sorted(parent.glob(FOLDER_PREFIX + "*")):
+        try:
+            descriptor = os.open(folder / OWNER_LOCK, os.O_RDONLY)
+        except OSError:
+            continue  # not a tier's folder, one being created, one without a lock, or one deleted meanwhile
+        try:
+            owner = _dead_owner(descriptor)
+            if owner is not None:
+                _remove_folder(folder, owner)
+        finally:
+            os.close(descriptor)
+
+
+def _dead_owner(descriptor: int) -> str | None:
+    """The owner a lock file names if it was a process of this machine that has died (its lock is free)."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        owner = os.pread(descriptor, 256, 0).decode(errors="replace")
+    except OSError:
+        return None  # held by a live tier, or the filesystem cannot lock
+    return owner if owner.endswith(f" on {socket.gethostname()}") else None
+
+
+def _remove_folder(folder: Path, owner: str) -> None:
+    """Delete the folder a dead tier left; a folder that cannot be deleted is logged, never raised."""
+    try:
+        size = sum(path.stat().st_size for path in folder.iterdir())
+        shutil.rmtree(folder)
+    except OSError as error:
+        log.warning("could not delete the offload folder %s that a killed run (%s) left: %s", folder, owner, error)
+    else:
+        log.info(
+            "deleted the offload folder %s that a killed run (%s) left, freeing %s", folder, owner, format_bytes(size)
+        )
+
+
+def _check_free_space(parent: Path, needed: int) -> None:
+    """Refuse a disk tier in ``parent`` when its disk has less free space than the ``needed`` bytes."""
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise SettingValueError(
+            f"offload_dir={str(parent)!r} has {format_bytes(free)} free, but the offloaded optimizer states need "
+            f"about {format_bytes(needed)} once every offloaded tensor has been trained; free space there or "
+            "choose another offload_dir"
         )
 
 

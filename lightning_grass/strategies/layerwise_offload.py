@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -169,6 +167,7 @@ class LayerwiseOffloadMixin:
                 f"{type(self).__name__} is used without GRASSCallback: every parameter trains at every step and no "
                 f"optimizer state is offloaded, as with Lightning's own strategy{masters}"
             )
+        _refuse_overflowing_learning_rates(optimizer)
         store = offloaded.store if offloaded is not None else None
         if offloaded is not None:
             offloaded.prefetch()
@@ -258,8 +257,7 @@ class LayerwiseOffloadMixin:
             for p, chunk in zip(units, rows, strict=True)
         ]
         if self.offload_tier == "disk":
-            tier = DiskTier(self.offload_dir)
-            _check_free_space(tier.directory, sum(sizes))
+            tier = DiskTier(self.offload_dir, unit_bytes=sizes)
         else:
             tier = HostTier(self.root_device, sizes)
         budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
@@ -344,9 +342,10 @@ class LayerwiseOffloadMixin:
         self._stats = {"resident_bytes": resident, "peak_resident_bytes": peak}
 
     def _log_stats(self) -> None:
+        """Log the offload stats every ``log_every_n_steps`` steps; 0 (and ``barebones=True``) logs nothing."""
         trainer = self.lightning_module.trainer
         step = trainer.global_step + 1
-        if step % trainer.log_every_n_steps:
+        if trainer.log_every_n_steps == 0 or step % trainer.log_every_n_steps:
             return
         metrics = {f"offload/{name}": float(value) for name, value in self.offload_stats.items()}
         for logger in trainer.loggers:
@@ -381,13 +380,39 @@ def refuse_float16(module: nn.Module, precision_plugin: Precision) -> None:
         )
 
 
-def _check_free_space(directory: os.PathLike, needed: int) -> None:
-    """Refuse a disk tier that cannot hold every offloaded tensor's optimizer state."""
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise SettingValueError(
-            f"offload_dir={str(Path(directory).parent)!r} has {free / 2**30:.2f} GiB free, but the layers' optimizer "
-            f"states need about {needed / 2**30:.2f} GiB once every layer has been trained; free space or choose "
-            "another offload_dir"
-        )
+def _refuse_overflowing_learning_rates(optimizer: Optimizer) -> None:
+    """Refuse a learning rate whose update the optimizer cannot compute in float32, before the step.
+
+    torch's optimizers scale each update by a Python number: ``lr`` (SGD), or ``lr / (1 - beta1 ** step)`` for
+    the Adam family, which is largest at the first step, ``lr / (1 - beta1)``. Applied to float32 weights (or
+    fp32 masters), a number beyond the largest float32 makes the step raise ``RuntimeError: value cannot be
+    converted to type float without overflow`` (under Lightning's own strategies too): AdamW at ``lr=1e38`` (a
+    first-step scale of 1e39). A learning rate whose scale fits is stepped as torch steps it, however large.
+    The learning rate is read at every step, as a scheduler may raise it; the message names the scheduler's
+    ``initial_lr`` too when it differs.
+
+    Args:
+        optimizer: The optimizer about to step.
+
+    Raises:
+        SettingValueError: If a parameter group's scale exceeds the largest float32; the message names its
+            ``lr``.
+    """
+    largest = torch.finfo(torch.float32).max
+    name = type(optimizer.optimizer if isinstance(optimizer, OffloadedOptimizer) else optimizer).__name__
+    for index, group in enumerate(optimizer.param_groups):
+        if "lr" not in group:
+            continue
+        lr = float(group["lr"])
+        betas = group.get("betas")
+        beta1 = float(betas[0]) if betas else 0.0
+        divisor = 1 - beta1 if 0 < beta1 < 1 else 1.0
+        if lr / divisor > largest:
+            scale = f"its first update by lr / (1 - beta1) = {lr / divisor:.3g}" if divisor < 1 else "its updates by lr"
+            initial = float(group.get("initial_lr", lr))
+            where = f"parameter group {index}" + (f", scheduled from initial_lr={initial:g}" if initial != lr else "")
+            raise SettingValueError(
+                f"lr={lr:g} ({where}) is too large: {name} scales {scale}, beyond the largest "
+                f"float32 ({largest:.3g}), so torch cannot compute the step. Use a learning rate below "
+                f"{largest * divisor:.3g}; fine-tuning uses about 1e-5 to 1e-3"
+            )

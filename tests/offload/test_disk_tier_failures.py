@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_grass.errors import InputError, StorageError
 from lightning_grass.offload import DiskTier, OffloadedOptimizer, TensorStateStore, disk_tier
+from lightning_grass.offload.disk_tier import OWNER_LOCK
 from lightning_grass.offload.transfer import TensorSpec
 
 NUMEL = 16
@@ -54,7 +55,7 @@ def test_a_write_failing_half_way_keeps_the_previous_file_and_leaves_no_temporar
     assert isinstance(raised.value, InputError), "grass-train reports it as one error: line"
     assert raised.value.__cause__.errno == errno.ENOSPC
     assert path.read_bytes() == saved, "the previous state file is intact"
-    assert [p.name for p in tier.directory.iterdir()] == ["state_00000.bin"], "no temporary file is left"
+    assert sorted(p.name for p in tier.directory.iterdir()) == [OWNER_LOCK, "state_00000.bin"], "no temporary file"
     read, transfer = tier.read(0, [TensorSpec.of(previous[0])])
     transfer.wait()
     assert torch.equal(read[0], previous[0])
@@ -131,7 +132,7 @@ def test_a_full_disk_raises_once_in_the_step_that_waits_for_the_write(tmp_path, 
         f"device; free at least {STATE_BYTES} B there, or pass an offload_dir on a disk with more room"
     )
     assert (folder / "state_00000.bin").read_bytes() == saved
-    assert sorted(p.name for p in folder.iterdir()) == [f"state_0000{unit}.bin" for unit in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == [OWNER_LOCK] + [f"state_0000{unit}.bin" for unit in range(4)]
     with caplog.at_level(logging.WARNING):
         store.close()  # what the strategy's teardown does: it must not raise the error a second time
         store.close()

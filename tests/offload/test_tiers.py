@@ -5,6 +5,7 @@ import torch
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.offload import DiskTier, HostTier
+from lightning_grass.offload.disk_tier import OWNER_LOCK
 from lightning_grass.offload.transfer import TensorSpec
 
 TENSORS = [
@@ -36,7 +37,7 @@ def test_disk_tier_writes_one_file_per_unit_and_deletes_them_on_close(tmp_path):
     tier = DiskTier(tmp_path)
     tier.write(0, TENSORS[:1]).wait()
     tier.write(1, TENSORS[1:]).wait()
-    assert sorted(p.name for p in tier.directory.iterdir()) == ["state_00000.bin", "state_00001.bin"]
+    assert sorted(p.name for p in tier.directory.iterdir()) == [OWNER_LOCK, "state_00000.bin", "state_00001.bin"]
     assert tier.directory.parent == tmp_path
     tier.close()
     assert not tier.directory.exists()
@@ -48,6 +49,20 @@ def test_unwritable_offload_dir_is_refused_with_the_path(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match=rf"offload_dir='{blocker / 'sub'}' is not a writable directory"):
         DiskTier(blocker / "sub")
+
+
+@pytest.mark.parametrize(("free", "shown"), [(1000, "1000 B"), (3 * 2**30 + 2**29, "3.50 GiB")])
+def test_a_disk_without_room_for_the_states_is_refused_in_human_units_before_a_folder_is_made(
+    tmp_path, monkeypatch, free, shown
+):
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("Usage", (), {"free": free})())
+    with pytest.raises(SettingValueError) as refused:
+        DiskTier(tmp_path, unit_bytes=[2**32, 2**31])
+    assert str(refused.value) == (
+        f"offload_dir='{tmp_path}' has {shown} free, but the offloaded optimizer states need about 6.00 GiB once "
+        "every offloaded tensor has been trained; free space there or choose another offload_dir"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_host_tier_holds_every_state_in_one_buffer_sized_up_front(monkeypatch):

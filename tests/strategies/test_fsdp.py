@@ -5,15 +5,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from conftest import TinyCausalLM, tiny_llama_config
+import torch.distributed as dist
+from conftest import TinyCausalLM, make_trainer, tiny_llama_config, token_batches
 from tolerances import fp32_sum_rtol
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import LlamaForCausalLM
 
-from lightning_grass import GRASSFSDPStrategy, estimate_memory
+from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy, estimate_memory
 from lightning_grass.errors import SettingValueError
 from lightning_grass.layer_discovery import discover_layers
 
@@ -244,3 +246,21 @@ def test_a_callback_sampling_another_container_than_the_sharded_one_is_refused_n
     )
     strategy.on_layer_map(discover_layers(module, "encoder"))
     assert strategy._layer_map.path == "encoder"
+
+
+def test_grass_fsdp_on_one_process_probes_and_draws_as_grass_does():
+    def fit(strategy):
+        callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+        trainer = make_trainer(max_steps=4, strategy=strategy, callbacks=[callback])
+        trainer.fit(TinyCausalLM(lr=LR, weight_decay=0.1), token_batches())
+        return trainer, callback
+
+    _, reference = fit(GRASSStrategy(offload="none"))
+    with mock.patch.dict(os.environ):  # Lightning sets MASTER_ADDR and MASTER_PORT for the process group
+        try:
+            trainer, sharded = fit(GRASSFSDPStrategy(offload="none", process_group_backend="gloo"))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    assert trainer.global_step == 4
+    assert sharded.active_layers == reference.active_layers
