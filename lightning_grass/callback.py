@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,8 +66,11 @@ class GRASSCallback(Callback):
 
     Two failures that would otherwise train nothing in silence are caught. A probe or a sampling window at whose
     end no active layer received any gradient (all missing or exactly zero; typically reentrant gradient
-    checkpointing without input gradients) raises :class:`~lightning_grass.errors.NothingToTrainError`. A
-    ``max_steps`` too short for probing plus one window gets a warning at fit start.
+    checkpointing without input gradients) raises :class:`~lightning_grass.errors.NothingToTrainError`. A run
+    whose last step (``trainer.max_steps``, or ``trainer.estimated_stepping_batches`` where ``max_epochs`` ends
+    it) is at or before the end of probing, so that no step would train, raises
+    :class:`~lightning_grass.errors.SettingValueError` at train start, before any step; one that ends within
+    the first sampling window gets a warning.
 
     Gradients are measured on optimizer-step boundaries, after gradient accumulation and AMP unscaling, before
     clipping (:class:`~lightning_grass.gradient_measurement.LayerGradientMeter`). The measurement uses batched
@@ -116,7 +120,11 @@ class GRASSCallback(Callback):
         phase: ``"probe"`` or ``"train"``.
         history: One record per resample or refresh: ``step``, ``active_layers``, ``importance``,
             ``probabilities``, ``resampled``, ``refreshed``, ``effective_layers`` (``exp(entropy(p))``, ``None``
-            in ``fixed`` mode) and ``draw_share`` (each layer's share of every draw so far).
+            in ``fixed`` mode), ``draw_share`` (each layer's share of the draws so far, this record's included)
+            and ``trained`` (whether an optimizer step ran after the record, with its ``active_layers``; ``False``
+            for a draw at the run's last step). Only the windows of resampled records that trained count in
+            :func:`~lightning_grass.sampling.selection_counts`, :attr:`draw_share` and
+            :meth:`trainable_parameters_per_step`.
         skipped_steps: The optimizer steps (1-based, as in the warnings) skipped because a layer's gradient was
             non-finite; kept in checkpoints.
 
@@ -197,6 +205,36 @@ class GRASSCallback(Callback):
         return "probe" if self._train_start is None else "train"
 
     @property
+    def draw_share(self) -> list[float] | None:
+        """Each layer's share of the draws whose window trained, over the whole run; ``None`` before one trained.
+
+        A draw made at the run's last step, after which no step ran, is left out (its record has
+        ``trained=False``). A history record's own ``draw_share`` counts its draw as soon as it is made.
+        """
+        total = sum(self._draw_counts)
+        return [count / total for count in self._draw_counts] if total else None
+
+    def trainable_parameters_per_step(self) -> int:
+        """The most parameters trained at one optimizer step of this run.
+
+        That is the always-on parameters this callback trains (embeddings, head and final norm as
+        ``train_embeddings``, ``train_head`` and ``train_final_norm`` say; a tied head once, with the embeddings),
+        plus the largest active set among the windows that trained (the resampled records of :attr:`history`
+        with ``trained``). It is the maximum over the windows actually drawn rather than the ``n_active`` largest
+        layers: the two differ where layers differ in size, or where the user froze part of a layer. Parameters
+        frozen before fit count nowhere. Probing steps update nothing and are not counted.
+
+        Returns:
+            The count, equal to the parameters that require grad at that step; 0 before fit and while no window
+            has trained (a run that ended while probing).
+        """
+        sizes = [sum(p.numel() for p in params) for params in self._layer_params]
+        windows = [sum(sizes[i] for i in r["active_layers"]) for r in self.history if r["resampled"] and r["trained"]]
+        if not windows:
+            return 0
+        return sum(p.numel() for p in self._always_on_params) + max(windows)
+
+    @property
     def _measures_steps(self) -> bool:
         return self.config.mode == "grass" or self.phase == "probe"
 
@@ -249,13 +287,12 @@ class GRASSCallback(Callback):
                 f"left out of probing and sampling, and n_active={self.config.n_active} is drawn from the other "
                 f"{len(self._trainable_layers)} layers"
             )
+        self._draw_counts = [0] * self.layer_map.num_layers
         if state is not None:
-            self._restore(state)
+            self._restore(trainer, state)
         else:
             self._start(trainer)
         self._window_start = self._optimizer_steps
-        if self.phase == "probe":
-            self._warn_if_too_short(trainer.max_steps)
         states = (
             f"{type(strategy).__name__} keeps the optimizer states of deactivated layers"
             if self._listener is not None
@@ -276,6 +313,9 @@ class GRASSCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here the training data is set up and its resumed state loaded, so the number of steps can be read.
+        if self.phase == "probe":
+            self._check_probing_ends_in_time(trainer)
         # A resume loads the optimizer state after on_fit_start; drop what it brought for inactive layers.
         if self._listener is None:
             self._drop_optimizer_states(set(range(self.layer_map.num_layers)) - set(self.active_layers))
@@ -317,6 +357,8 @@ class GRASSCallback(Callback):
             return
         self._step_pending = False
         self._optimizer_steps += 1
+        if self.phase == "train":
+            self._mark_window_trained()
         self._on_optimizer_step_done(trainer)
 
     @override
@@ -380,7 +422,13 @@ class GRASSCallback(Callback):
             self._resample(trainer)
         self._record(trainer, resampled=True, refreshed=False)
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, trainer: pl.Trainer, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (see :meth:`load_state_dict` for the formats it reads).
+
+        Records written before ``trained`` was kept get it from their step: every record but one made at the
+        checkpoint's own step was followed by a step. In ``fixed`` mode, other ``fixed_layers`` than the
+        checkpoint's are a new window, recorded at the resumed step.
+        """
         assert self._mgn is not None
         if state["mgn"] is not None:
             self._mgn.load_state_dict(state["mgn"])
@@ -388,11 +436,17 @@ class GRASSCallback(Callback):
         self._optimizer_steps = state["optimizer_steps"]
         self._train_start = _train_start_of(state)
         self.history = list(state["history"])
+        for record in self.history:
+            record.setdefault("trained", record["step"] < self._optimizer_steps)
         self._draw_counts = selection_counts(self.history, self.layer_map.num_layers)
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._generator.set_state(state["generator"])
         self.active_layers = list(state["active_layers"])
-        self._activate(list(self.config.fixed_layers) if self.config.mode == "fixed" else self.active_layers)
+        if self.config.mode == "fixed" and list(self.config.fixed_layers) != self.active_layers:
+            self._activate(list(self.config.fixed_layers))
+            self._record(trainer, resampled=True, refreshed=False)
+        else:
+            self._activate(self.active_layers)
         if self.phase == "probe":
             self._meter.start_probe_hooks()
         elif self.config.probes:
@@ -430,6 +484,16 @@ class GRASSCallback(Callback):
             self._resample(trainer)
         if refreshed or resampled:
             self._record(trainer, resampled=resampled, refreshed=refreshed)
+
+    def _mark_window_trained(self) -> None:
+        """After a training step: the window of the last record has trained; count its draw once."""
+        record = self.history[-1]
+        if record["trained"]:
+            return
+        record["trained"] = True
+        if record["resampled"]:
+            for layer in record["active_layers"]:
+                self._draw_counts[layer] += 1
 
     def _set_importance(self, importance: Tensor) -> None:
         config = self.config
@@ -482,27 +546,56 @@ class GRASSCallback(Callback):
             rank_zero_warn(non_finite_message(step, layers))
             self.skipped_steps.append(step)
 
-    def _warn_if_too_short(self, max_steps: int) -> None:
-        """Warn at fit start when ``max_steps`` ends the run before probing plus one sampling window.
+    def _check_probing_ends_in_time(self, trainer: pl.Trainer) -> None:
+        """Refuse a run that stops before a step after probing; warn about one that stops within the first window.
 
-        Only the probing modes are checked: ``lisa`` and ``fixed`` train from the first step.
+        Called at train start while probing (``lisa`` and ``fixed`` train from the first step), before any step
+        of this run. Probing ends at step ``probe_steps``, or at the next step of a run resumed past it, and
+        updates nothing; the first window's layers are drawn then and train from the step after. The run's last
+        step is ``trainer.max_steps``, or ``trainer.estimated_stepping_batches`` where ``max_epochs`` ends the
+        run first; a run with neither bound (or an iterable dataset without a length) is not checked. A
+        ``fast_dev_run``, a smoke test of the pipeline, is warned about rather than refused.
+
+        Raises:
+            SettingValueError: If the run's last step is at or before the end of probing, so that no parameter
+                would be updated.
         """
-        config = self.config
-        needed = config.probe_steps + config.sample_every
-        if not config.probes or max_steps <= 0 or max_steps >= needed:
+        bound = _last_step(trainer)
+        if bound is None:
             return
-        numbers = f"max_steps={max_steps} with probe_steps={config.probe_steps} and sample_every={config.sample_every}"
-        if max_steps <= config.probe_steps:
+        last_step, by_epochs = bound
+        config, step = self.config, self._optimizer_steps
+        probe_end = max(config.probe_steps, step + 1)
+        needed = probe_end + config.sample_every
+        if by_epochs:
+            limit = f"trainer.max_epochs={trainer.max_epochs} ({last_step} optimizer steps)"
+            fix = f"trainer.max_epochs (or the batches per epoch) so that the run takes at least {needed} steps"
+        else:
+            limit = f"trainer.max_steps={last_step}"
+            fix = f"trainer.max_steps to at least {needed}"
+        where = f", and this run resumes at step {step}" if step else ""
+        if last_step <= probe_end and trainer.fast_dev_run:
             rank_zero_warn(
-                f"GRASS: {numbers}: the run ends while probing, so no parameter will be updated. Set max_steps to "
-                f"at least probe_steps + sample_every = {needed}, or lower probe_steps"
+                f"GRASS: fast_dev_run ends the run while probing (probe_steps={config.probe_steps}): the steps run "
+                "the probe's hooks and update no parameter"
             )
             return
-        rank_zero_warn(
-            f"GRASS: {numbers}: only {max_steps - config.probe_steps} steps train after probing, fewer than one "
-            f"sampling window, so only the layers drawn at step {config.probe_steps} ever train. Set max_steps to at "
-            f"least probe_steps + sample_every = {needed}, or lower probe_steps or sample_every"
-        )
+        if last_step <= probe_end:
+            lower = f", or lower probe_steps to at most {last_step - 1}" if step + 1 < last_step else ""
+            raise SettingValueError(
+                f"GRASS: probe_steps={config.probe_steps} leaves no step to train within {limit}: probing updates "
+                f"no parameter and runs until optimizer step {probe_end}{where}. Probing must end before the run's "
+                f"last step: set {fix} (probing and one sampling window of sample_every={config.sample_every})"
+                f"{lower}"
+            )
+        if last_step < needed:
+            trained = last_step - probe_end
+            rank_zero_warn(
+                f"GRASS: {limit} with probe_steps={config.probe_steps} and sample_every={config.sample_every}: only "
+                f"{trained} {'step trains' if trained == 1 else 'steps train'} after probing, fewer than one sampling "
+                f"window, so only the layers drawn at step {probe_end} ever train. Set {fix}, or lower probe_steps "
+                "or sample_every"
+            )
 
     def _when_setting_applies(self, name: str) -> str:
         """When a setting that differs from the checkpoint's takes effect in this resumed run, as a clause."""
@@ -658,13 +751,13 @@ class GRASSCallback(Callback):
             "effective_layers": None if self.probabilities is None else effective_layers(self.probabilities),
         }
         self.history.append(record)
+        draws = list(self._draw_counts)  # the windows that trained, and this draw, whose window starts now
         if resampled:
-            if not self._draw_counts:
-                self._draw_counts = [0] * self.layer_map.num_layers
             for layer in self.active_layers:
-                self._draw_counts[layer] += 1
-        total = sum(self._draw_counts)
-        record["draw_share"] = [count / total if total else 0.0 for count in self._draw_counts]
+                draws[layer] += 1
+        total = sum(draws)
+        record["draw_share"] = [count / total if total else 0.0 for count in draws]
+        record["trained"] = False
         metrics = {}
         if record["effective_layers"] is not None:
             metrics["grass/effective_layers"] = record["effective_layers"]
@@ -724,6 +817,23 @@ def _train_start_of(state: dict[str, Any]) -> int | None:
     if "train_start_step" in state:
         return state["train_start_step"]
     return saved["probe_steps"] if saved["mode"] in ("grass", "grass_static") else 0
+
+
+def _last_step(trainer: pl.Trainer) -> tuple[int, bool] | None:
+    """The optimizer step a fit stops at, and whether ``max_epochs`` decides it; ``None`` when there is no bound.
+
+    ``max_steps`` is read as given. The number of steps that ``max_epochs`` allows needs the training data, so it
+    is read only where ``max_epochs`` is set, from Lightning's ``estimated_stepping_batches`` (which counts
+    gradient accumulation and ``limit_train_batches``, and is ``max_steps`` when that comes first).
+    ``max_steps=0`` trains nothing whatever the callback does, and is not the callback's to report.
+    """
+    max_steps = trainer.max_steps
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        return (max_steps, False) if max_steps > 0 else None
+    estimated = trainer.estimated_stepping_batches
+    if not math.isfinite(estimated) or estimated <= 0:
+        return None
+    return int(estimated), estimated != max_steps
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:

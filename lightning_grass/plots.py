@@ -90,7 +90,10 @@ def _value_grid(history: Sequence[dict[str, Any]], value: str) -> tuple[list[int
 
 
 def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num_layers: int | None = None) -> Path:
-    """Draw a bar chart of how often each layer was active and save it as PNG.
+    """Draw a bar chart of how many windows each layer trained in and save it as PNG.
+
+    A draw made at the run's last step, after which nothing trained, is not counted
+    (:func:`~lightning_grass.sampling.selection_counts`).
 
     Args:
         history: ``GRASSCallback.history``.
@@ -112,8 +115,9 @@ def sampling_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, nu
     """Draw how spread out sampling was: the effective number of layers at each record, and each layer's share.
 
     The effective number of layers is ``exp(entropy(p))``: 1 when one layer takes all the probability, ``L``
-    when sampling is uniform. The share is each layer's part of all the draws over the run; under uniform
-    sampling every layer's share tends to ``1 / L`` (the dashed line).
+    when sampling is uniform. The share is each layer's part of the draws whose window trained, over the run (a
+    draw at the run's last step is left out); under uniform sampling every layer's share tends to ``1 / L`` (the
+    dashed line).
 
     Args:
         history: ``GRASSCallback.history``.

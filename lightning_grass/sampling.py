@@ -217,18 +217,22 @@ def sample_layers(
 
 
 def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:
-    """How many sampling windows each layer was active in, from the records where a resample happened.
+    """How many sampling windows each layer trained in, from the records where a resample happened.
+
+    A draw after which no optimizer step ran (one made at the run's last step) trained nothing: its record has
+    ``trained=False`` and is not counted. A record without ``trained`` (a history from before the key was kept)
+    counts.
 
     Args:
         history: ``GRASSCallback.history``.
         num_layers: Number of layers of the model.
 
     Returns:
-        ``counts[l]``: the number of resamples that made layer ``l`` active.
+        ``counts[l]``: the number of resamples that made layer ``l`` active for at least one step.
     """
     counts = [0] * num_layers
     for record in history:
-        if record["resampled"]:
+        if record["resampled"] and record.get("trained", True):
             for layer in record["active_layers"]:
                 counts[layer] += 1
     return counts

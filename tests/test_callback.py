@@ -4,15 +4,17 @@ import copy
 import csv
 import itertools
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyCausalLM, make_trainer, token_batches
+from conftest import TinyCausalLM, make_trainer, tiny_llama_config, token_batches
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from tolerances import fp32_sum_rtol
+from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSCallback
 from lightning_grass.errors import SettingValueError
@@ -121,11 +123,32 @@ def fit(module, callback, max_steps, loader=None, **trainer_kwargs):
     return trainer
 
 
+class StopAfter(Callback):
+    """Ends the fit after optimizer step ``step``, the way an interrupted run ends.
+
+    It stops a run at the end of probing, which ``max_steps`` may not: GRASSCallback refuses a run whose last step
+    comes before a step after probing.
+    """
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def probe_only(module, callback, probe_steps, **trainer_kwargs):
+    """Fit through probing and the first draw at step ``probe_steps``, and no further."""
+    extra = [*trainer_kwargs.pop("extra_callbacks", []), StopAfter(probe_steps)]
+    return fit(module, callback, max_steps=probe_steps + 1, extra_callbacks=extra, **trainer_kwargs)
+
+
 def test_probing_updates_nothing_and_frees_block_gradients():
     module = TinyCausalLM(weight_decay=0.1, scheduler=True)
     before = snapshot(module)
     spy = GradSpy()
-    trainer = make_trainer(max_steps=3, callbacks=[spy, GRASSCallback(probe_steps=3)])
+    trainer = make_trainer(max_steps=4, callbacks=[spy, GRASSCallback(probe_steps=3), StopAfter(3)])
     trainer.fit(module, token_batches())
 
     assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
@@ -140,7 +163,7 @@ def test_probe_mgn_matches_hand_computation(accumulate):
     module = TinyCausalLM()
     expected = reference_probe_mgn(module, token_batches(), steps=3, accumulate=accumulate)
     callback = GRASSCallback(probe_steps=3)
-    fit(module, callback, max_steps=3, accumulate_grad_batches=accumulate)
+    probe_only(module, callback, 3, accumulate_grad_batches=accumulate)
 
     assert callback.phase == "train"
     assert callback.history[0]["step"] == 3
@@ -228,7 +251,7 @@ def test_mixed_precision_probes_and_trains(precision):
     before = snapshot(module)
     expected = reference_probe_mgn(module, token_batches(), steps=3, precision=precision)
     callback = GRASSCallback(probe_steps=3, sample_every=2, seed=0)
-    fit(module, callback, max_steps=3, **precision_settings(precision))
+    probe_only(module, callback, 3, **precision_settings(precision))
     assert all(torch.equal(before[name], p) for name, p in module.named_parameters())
     # The same autocast gradients, unscaled: only the float32 norm's rounding separates MGN from the reference.
     assert torch.allclose(callback.importance.double(), expected, rtol=mgn_rtol(3), atol=0)
@@ -283,7 +306,7 @@ class InjectInf(Callback):
 def test_a_step_with_a_non_finite_layer_gradient_contributes_nothing():
     # A probe-only run tells which layers the first window trains (same model, data and seed).
     first_window = GRASSCallback(probe_steps=1, seed=0)
-    fit(TinyCausalLM(), first_window, max_steps=1)
+    probe_only(TinyCausalLM(), first_window, 1)
     broken = first_window.active_layers[0]
 
     spy = GradSpy()
@@ -446,7 +469,7 @@ def test_resume_is_bit_exact(tmp_path, interrupt_at):
 
 def test_a_non_finite_layer_gradient_skips_the_step_with_a_warning_and_training_goes_on():
     first_window = GRASSCallback(probe_steps=1, seed=0)
-    fit(TinyCausalLM(), first_window, max_steps=1)
+    probe_only(TinyCausalLM(), first_window, 1)
     broken = first_window.active_layers[0]
 
     snapshots = {}
@@ -499,7 +522,7 @@ def test_relative_importance_is_the_gradient_norm_over_the_weight_norm():
         per_step.append([layer_relative_norm(layer) for layer in layers_of(reference)])
     expected = torch.tensor(per_step, dtype=torch.float64).mean(0)
     callback = GRASSCallback(probe_steps=3, importance="relative")
-    fit(module, callback, max_steps=3)
+    probe_only(module, callback, 3)
     # Two float32 sums over at most a layer's elements (gradient and weight), then the division, root and mean.
     rtol = fp32_sum_rtol(2 * LAYER_NUMEL + 3, extra_operations=12)
     assert torch.allclose(callback.importance.double(), expected, rtol=rtol, atol=0)
@@ -539,3 +562,66 @@ def test_under_a_grad_scaler_the_skip_is_the_scalers_own_and_read_with_the_windo
     assert all(torch.equal(snapshots[4][name], snapshots[5][name]) for name in snapshots[4]), "the scaler skipped it"
     # Read when the windows closed (after steps 3 and 6) and at teardown: three reads for seven steps.
     assert reads == [3, 3, 1]
+
+
+class TrainableSpy(Callback):
+    """The number of parameters that require grad at each optimizer step after probing."""
+
+    def __init__(self, grass):
+        self.grass, self.counts = grass, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grass.phase == "train":
+            self.counts.append(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+
+
+# The tiny Llama: a layer holds 9,280 parameters, the token embedding 2,048, the head 2,048 (one tensor with the
+# embedding when tied) and the final norm 32. Two layers train at a time.
+@pytest.mark.parametrize(
+    ("tied", "train_embeddings", "train_head", "expected"),
+    [
+        (False, True, True, 2 * 9280 + 2048 + 2048 + 32),
+        (False, True, False, 2 * 9280 + 2048 + 32),
+        (False, False, True, 2 * 9280 + 2048 + 32),
+        (False, False, False, 2 * 9280 + 32),
+        (True, True, True, 2 * 9280 + 2048 + 32),
+        (True, True, False, 2 * 9280 + 2048 + 32),
+        (True, False, True, 2 * 9280 + 32),
+        (True, False, False, 2 * 9280 + 32),
+    ],
+)
+def test_trainable_parameters_per_step_counts_what_requires_grad_at_a_training_step(
+    tied, train_embeddings, train_head, expected
+):
+    module = TinyCausalLM()
+    if tied:
+        module.model = LlamaForCausalLM(tiny_llama_config(NUM_LAYERS, tie_word_embeddings=True))
+        module.model.tie_weights()
+    callback = GRASSCallback(
+        n_active=2, probe_steps=2, sample_every=2, seed=0, train_embeddings=train_embeddings, train_head=train_head
+    )
+    assert callback.trainable_parameters_per_step() == 0, "nothing trained before fit"
+    spy = TrainableSpy(callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tied head whose setting disagrees with train_embeddings is warned about
+        fit(module, callback, max_steps=6, extra_callbacks=[spy])
+    assert spy.counts == [expected] * 4
+    assert callback.trainable_parameters_per_step() == expected
+
+
+def test_trainable_parameters_per_step_is_the_largest_window_drawn_not_the_largest_layers():
+    module = TinyCausalLM()
+    layers_of(module)[0].mlp.requires_grad_(False)  # 6,144 of layer 0's 9,280 parameters, frozen by the user
+    callback = GRASSCallback(mode="fixed", fixed_layers=[0, 1])
+    spy = TrainableSpy(callback)
+    fit(module, callback, max_steps=2, extra_callbacks=[spy])
+    expected = (9280 - 6144) + 9280 + 2048 + 2048 + 32
+    assert spy.counts == [expected] * 2
+    assert callback.trainable_parameters_per_step() == expected
+
+
+def test_trainable_parameters_per_step_is_0_when_the_run_ended_while_probing():
+    callback = GRASSCallback(probe_steps=3, sample_every=2, seed=0)
+    probe_only(TinyCausalLM(), callback, 3)
+    assert [(record["step"], record["trained"]) for record in callback.history] == [(3, False)]
+    assert callback.trainable_parameters_per_step() == 0

@@ -172,34 +172,122 @@ def test_non_reentrant_checkpointing_with_frozen_embeddings_trains():
 
 
 @pytest.mark.parametrize(
-    ("mode", "max_steps", "expected"),
+    ("mode", "probe_steps", "max_steps", "expected"),
     [
         (
             "grass",
             3,
-            "GRASS: max_steps=3 with probe_steps=3 and sample_every=4: the run ends while probing, so no parameter "
-            "will be updated. Set max_steps to at least probe_steps + sample_every = 7, or lower probe_steps",
+            3,
+            "GRASS: probe_steps=3 leaves no step to train within trainer.max_steps=3: probing updates no parameter "
+            "and runs until optimizer step 3. Probing must end before the run's last step: set trainer.max_steps to "
+            "at least 7 (probing and one sampling window of sample_every=4), or lower probe_steps to at most 2",
         ),
         (
             "grass_static",
-            5,
-            "GRASS: max_steps=5 with probe_steps=3 and sample_every=4: only 2 steps train after probing, fewer than "
-            "one sampling window, so only the layers drawn at step 3 ever train. Set max_steps to at least "
-            "probe_steps + sample_every = 7, or lower probe_steps or sample_every",
+            10**12,
+            3,
+            "GRASS: probe_steps=1000000000000 leaves no step to train within trainer.max_steps=3: probing updates no "
+            "parameter and runs until optimizer step 1000000000000. Probing must end before the run's last step: set "
+            "trainer.max_steps to at least 1000000000004 (probing and one sampling window of sample_every=4), or "
+            "lower probe_steps to at most 2",
         ),
-        ("grass", 7, None),
-        ("lisa", 2, None),
     ],
 )
-def test_a_max_steps_too_short_for_probing_and_one_window_is_warned_at_fit_start(mode, max_steps, expected):
+def test_a_max_steps_that_ends_the_run_while_probing_is_refused_before_any_step(mode, probe_steps, max_steps, expected):
     module = TinyCausalLM()
     before = [p.detach().clone() for p in module.parameters()]
+    callback = GRASSCallback(mode=mode, probe_steps=probe_steps, sample_every=4, seed=0)
+    with pytest.raises(SettingValueError) as raised:
+        fit_recording_warnings(callback, max_steps=max_steps, module=module)
+    assert str(raised.value) == expected
+    assert callback._optimizer_steps == 0, "no step ran"
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    assert all(p.requires_grad for p in module.parameters()), "every parameter is trainable again"
+
+
+def test_fast_dev_run_while_probing_is_warned_not_refused():
+    module = TinyCausalLM()
+    callback = GRASSCallback(probe_steps=10, seed=0)
+    trainer = make_trainer(max_steps=-1, fast_dev_run=True, callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, token_batches())
+    messages = [str(w.message) for w in caught if str(w.message).startswith("GRASS:")]
+    assert messages == [
+        "GRASS: fast_dev_run ends the run while probing (probe_steps=10): the steps run the probe's hooks and update "
+        "no parameter"
+    ]
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_steps", "expected"),
+    [
+        (
+            "grass_static",
+            5,
+            "GRASS: trainer.max_steps=5 with probe_steps=3 and sample_every=4: only 2 steps train after probing, "
+            "fewer than one sampling window, so only the layers drawn at step 3 ever train. Set trainer.max_steps to "
+            "at least 7, or lower probe_steps or sample_every",
+        ),
+        ("grass", 4, "GRASS: trainer.max_steps=4 with probe_steps=3 and sample_every=4: only 1 step trains after"),
+        ("grass", 7, None),
+        ("lisa", 2, None),
+        ("lisa", 1, None),
+    ],
+)
+def test_a_max_steps_that_ends_the_run_within_the_first_window_is_warned_at_train_start(mode, max_steps, expected):
     callback = GRASSCallback(mode=mode, probe_steps=3, sample_every=4, seed=0)
-    messages, _ = fit_recording_warnings(callback, max_steps=max_steps, module=module)
-    short = [m for m in messages if m.startswith("GRASS: max_steps=")]
-    assert short == ([] if expected is None else [expected])
-    if max_steps <= 3 and mode != "lisa":
-        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True)), "nothing updated"
+    messages, trainer = fit_recording_warnings(callback, max_steps=max_steps)
+    short = [m for m in messages if m.startswith("GRASS: trainer.max_steps=")]
+    assert [m[: len(expected)] for m in short] == ([] if expected is None else [expected])
+    assert trainer.global_step == max_steps
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "max_steps", "expected"),
+    [
+        (
+            1,
+            -1,
+            "GRASS: probe_steps=4 leaves no step to train within trainer.max_epochs=1 (4 optimizer steps): probing "
+            "updates no parameter and runs until optimizer step 4. Probing must end before the run's last step: set "
+            "trainer.max_epochs (or the batches per epoch) so that the run takes at least 6 steps (probing and one "
+            "sampling window of sample_every=2), or lower probe_steps to at most 3",
+        ),
+        (
+            2,
+            -1,
+            "GRASS: probe_steps=4 leaves no step to train within trainer.max_epochs=1 (2 optimizer steps): probing "
+            "updates no parameter and runs until optimizer step 4. Probing must end before the run's last step: set "
+            "trainer.max_epochs (or the batches per epoch) so that the run takes at least 6 steps (probing and one "
+            "sampling window of sample_every=2), or lower probe_steps to at most 1",
+        ),
+        (
+            1,
+            3,
+            "GRASS: probe_steps=4 leaves no step to train within trainer.max_steps=3: probing updates no parameter "
+            "and runs until optimizer step 4. Probing must end before the run's last step: set trainer.max_steps to "
+            "at least 6 (probing and one sampling window of sample_every=2), or lower probe_steps to at most 2",
+        ),
+    ],
+    ids=["epochs", "epochs-accumulated", "max-steps-first"],
+)
+def test_where_max_epochs_bounds_the_run_its_estimated_steps_are_the_limit(accumulate, max_steps, expected):
+    callback = GRASSCallback(probe_steps=4, sample_every=2, seed=0)
+    trainer = make_trainer(max_epochs=1, max_steps=max_steps, accumulate_grad_batches=accumulate, callbacks=[callback])
+    with pytest.raises(SettingValueError) as raised:
+        trainer.fit(TinyCausalLM(), token_batches(num_batches=4))
+    assert str(raised.value) == expected
+    assert trainer.global_step == 0
+
+
+def test_two_epochs_with_a_step_after_probing_train():
+    callback = GRASSCallback(probe_steps=4, sample_every=2, seed=0)
+    trainer = make_trainer(max_epochs=2, callbacks=[callback])
+    trainer.fit(TinyCausalLM(), token_batches(num_batches=3))
+    assert trainer.global_step == 6
+    assert [(r["step"], r["trained"]) for r in callback.history] == [(4, True), (6, False)]
 
 
 def _checkpointed_fit(tmp_path, callback, max_steps, lr=1e-2, resume_from=None, num_batches=1):
@@ -210,6 +298,53 @@ def _checkpointed_fit(tmp_path, callback, max_steps, lr=1e-2, resume_from=None, 
         warnings.simplefilter("always")
         trainer.fit(TinyCausalLM(lr=lr), token_batches(num_batches=num_batches), ckpt_path=resume_from)
     return [str(w.message) for w in caught if str(w.message).startswith("GRASS:")]
+
+
+@pytest.mark.parametrize(
+    ("probe_steps", "max_steps", "expected"),
+    [
+        (
+            3,
+            3,
+            "GRASS: probe_steps=3 leaves no step to train within trainer.max_steps=3: probing updates no parameter "
+            "and runs until optimizer step 3, and this run resumes at step 2. Probing must end before the run's last "
+            "step: set trainer.max_steps to at least 5 (probing and one sampling window of sample_every=2)",
+        ),
+        (
+            1,
+            3,
+            "GRASS: probe_steps=1 leaves no step to train within trainer.max_steps=3: probing updates no parameter "
+            "and runs until optimizer step 3, and this run resumes at step 2. Probing must end before the run's last "
+            "step: set trainer.max_steps to at least 5 (probing and one sampling window of sample_every=2)",
+        ),
+        (
+            5,
+            4,
+            "GRASS: probe_steps=5 leaves no step to train within trainer.max_steps=4: probing updates no parameter "
+            "and runs until optimizer step 5, and this run resumes at step 2. Probing must end before the run's last "
+            "step: set trainer.max_steps to at least 7 (probing and one sampling window of sample_every=2), or lower "
+            "probe_steps to at most 3",
+        ),
+        (3, 4, None),
+    ],
+    ids=["probing-ends-at-max-steps", "lowered-probe-steps-end-at-the-next-step", "raised-probe-steps", "one-step"],
+)
+def test_a_resume_while_probing_is_checked_against_the_steps_left(tmp_path, probe_steps, max_steps, expected):
+    _checkpointed_fit(tmp_path, GRASSCallback(probe_steps=3, sample_every=2, seed=0), max_steps=5)
+    resumed = GRASSCallback(probe_steps=probe_steps, sample_every=2, seed=0)
+    if expected is None:
+        messages = _checkpointed_fit(tmp_path / "resumed", resumed, max_steps, resume_from=tmp_path / "step=2.ckpt")
+        assert [m for m in messages if m.startswith("GRASS: trainer.max_steps")] == [
+            "GRASS: trainer.max_steps=4 with probe_steps=3 and sample_every=2: only 1 step trains after probing, "
+            "fewer than one sampling window, so only the layers drawn at step 3 ever train. Set trainer.max_steps to "
+            "at least 5, or lower probe_steps or sample_every"
+        ]
+        assert [(r["step"], r["trained"]) for r in resumed.history] == [(3, True)]
+        return
+    with pytest.raises(SettingValueError) as raised:
+        _checkpointed_fit(tmp_path / "resumed", resumed, max_steps, resume_from=tmp_path / "step=2.ckpt")
+    assert str(raised.value) == expected
+    assert resumed._optimizer_steps == 2, "no step ran after the checkpoint's"
 
 
 def test_skipped_non_finite_steps_are_counted_and_kept_across_a_resume(tmp_path):
@@ -271,7 +406,7 @@ def test_resuming_with_changed_settings_prints_one_line_per_setting_and_when_it_
 
 
 def test_resuming_while_probing_with_changed_schedule_applies_it_at_once(tmp_path):
-    _checkpointed_fit(tmp_path, GRASSCallback(probe_steps=2, sample_every=3, seed=0), max_steps=1)
+    _checkpointed_fit(tmp_path, GRASSCallback(probe_steps=2, sample_every=3, seed=0), max_steps=3)
     callback = GRASSCallback(probe_steps=3, sample_every=2, seed=0)
     lines = resume_lines(_checkpointed_fit(tmp_path / "resumed", callback, 7, resume_from=tmp_path / "step=1.ckpt"))
     assert lines == [
@@ -297,6 +432,8 @@ def test_resuming_fixed_mode_with_other_fixed_layers_trains_them_from_the_first_
         "value applies from step 3, the first of this run"
     ]
     assert callback.active_layers == [2, 3]
+    windows = [(record["step"], record["active_layers"], record["trained"]) for record in callback.history]
+    assert windows == [(0, [0, 1], True), (2, [2, 3], True)], "the new fixed layers are a window of their own"
     in_state = {id(p) for p in trainer.optimizers[0].state}
     trained_layers = [i for i in range(NUM_LAYERS) if any(id(p) in in_state for p in layers_of(module)[i].parameters())]
     assert trained_layers == [2, 3], "the checkpoint's moments of layers 0 and 1 were dropped, 2 and 3 have their own"

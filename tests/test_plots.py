@@ -45,6 +45,11 @@ def test_selection_counts_count_resamples_only():
     assert plots.selection_counts(HISTORY, 3) == [1, 1, 2]
 
 
+def test_selection_counts_leave_out_a_draw_after_which_no_step_ran():
+    history = [{**record, "trained": True} for record in HISTORY[:2]] + [{**HISTORY[2], "trained": False}]
+    assert plots.selection_counts(history, 3) == [1, 0, 1]
+
+
 @pytest.mark.parametrize("value", ["importance", "probabilities"])
 def test_heatmap_is_written_as_png(tmp_path, value):
     path = plots.importance_heatmap(HISTORY, tmp_path / "deep" / "heatmap.png", value=value)
