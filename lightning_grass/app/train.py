@@ -7,13 +7,17 @@ Any config value can be overridden on the command line (``trainer.max_steps=50 s
 one line, ``error: <message>``, and exit status 2 (see :mod:`lightning_grass.app.input_errors`).
 
 Exit statuses: 0, the run trained and wrote its outputs; 2, bad input (nothing was trained or damaged);
-3, training diverged (weights not finite, or more than half the steps skipped for non-finite gradients),
-written anyway; 130 and 143, stopped by SIGINT or SIGTERM, with the resume command printed.
+3, training diverged (weights not finite, the last loss not finite, or more than half the steps skipped for
+non-finite gradients), written anyway; 130 and 143, stopped by SIGINT or SIGTERM (during training, as it
+ended, or during the final evaluation), with the resume command printed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import signal
 import sys
 import time
@@ -28,6 +32,7 @@ from hydra.core.plugins import Plugins
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 
 from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
 from lightning_grass import plots
@@ -42,6 +47,7 @@ from lightning_grass.app.checkpoints import (
 from lightning_grass.app.data import build_char_tokenizer, vocabulary_config
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.gguf_base import ensure_gguf_base
+from lightning_grass.app.hydra_output import write_hydra_record
 from lightning_grass.app.input_errors import report_input_errors, trainer_settings
 from lightning_grass.app.machine import describe_machine
 from lightning_grass.app.pretrain import build_base_model, ensure_base_model
@@ -49,10 +55,12 @@ from lightning_grass.app.run_directory import claim_output_dir
 from lightning_grass.app.run_stats import RunStats
 from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
 from lightning_grass.app.suite_evaluation import SuiteEvaluation
+from lightning_grass.app.trainer_checks import check_trainer_settings
 from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.callback import GRASSCallback
 from lightning_grass.preemption import CheckpointOnSigterm
+from lightning_grass.setting_checks import check_seed
 
 # The `process` launcher ships in this package. Hydra finds plugins by scanning the directories of the
 # hydra_plugins namespace, which misses it in an editable install run from outside the checkout; registering
@@ -92,7 +100,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
     if cfg.stage != "pretrain":
         check_checkpoint_settings(ckpt_every_n_steps, cfg.get("ckpt_path"))
+        check_seed("seed", cfg.seed)
     with claim_output_dir(output_dir, CHECKPOINT_DIR, resuming=resumes_in_place(cfg.get("ckpt_path"), output_dir)):
+        write_hydra_record(cfg, output_dir)
         if cfg.stage == "pretrain":
             path = build_base_model(cfg.base.path, **OmegaConf.to_container(cfg.base.build, resolve=True))
             metrics = {"stage": "pretrain", "base_model_dir": str(path), "seconds": time.perf_counter() - run_start}
@@ -135,17 +145,19 @@ def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, 
             default_root_dir=str(output_dir),
             enable_checkpointing=ckpt_every_n_steps > 0,
         )
+    check_trainer_settings(trainer)
 
     eval_examples = datamodule.val_examples[: cfg.model.get("eval_examples", 64)]
     pattern = cfg.model.get("answer_pattern") or cfg.data.get("answer_pattern")
     exact_match_before = None
     if cfg.get("evaluate_before", True):
-        exact_match_before = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+        exact_match_before = _exact_match(module, eval_examples, pattern)
     start = time.perf_counter()
     _fit(trainer, module, datamodule, cfg, output_dir, ckpt_path)
     fit_seconds = time.perf_counter() - start
     try:
         with stop_signals_raise():
+            _stop_if_signalled_as_fit_ended(trainer, cfg, output_dir)
             metrics = _evaluate_and_write(
                 cfg, output_dir, trainer, module, datamodule, sampler, stats, eval_examples, pattern, suite
             )
@@ -183,9 +195,9 @@ def _evaluate_and_write(
     With ``suite``, the saved model is scored on it too, into ``<output_dir>/suite/``.
     """
     module.to(trainer.strategy.root_device)
-    exact_match_after = exact_match(module.model, module.tokenizer, eval_examples, pattern)
+    exact_match_after = _exact_match(module, eval_examples, pattern)
     test_examples = datamodule.test_examples[: cfg.model.get("eval_examples", 64)]
-    exact_match_test = exact_match(module.model, module.tokenizer, test_examples, pattern) if test_examples else None
+    exact_match_test = _exact_match(module, test_examples, pattern) if test_examples else None
 
     model_dir = output_dir / "model"
     skipped_steps = list(sampler.skipped_steps) if sampler is not None else []
@@ -211,11 +223,11 @@ def _evaluate_and_write(
         metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
         spreads = [r["effective_layers"] for r in sampler.history if r.get("effective_layers") is not None]
         metrics["effective_layers_mean"] = sum(spreads) / len(spreads) if spreads else None
-        metrics["draw_share"] = sampler.history[-1]["draw_share"] if sampler.history else None
+        metrics["draw_share"] = sampler.draw_share
         metrics["history"] = sampler.history
     if not trainer.is_global_zero:
         return metrics
-    replace_directory_atomically(model_dir, module.save_pretrained)
+    replace_directory_atomically(model_dir, lambda staging: _save_pretrained(module, staging))
     if suite is not None:
         metrics.update(suite.run(module.model, module.tokenizer, output_dir / "suite", str(model_dir)).metrics())
     _write_config(cfg, output_dir)
@@ -255,6 +267,24 @@ def _fit(
         raise SystemExit(128 + signal.Signals[stop].value) from None
 
 
+def _stop_if_signalled_as_fit_ended(trainer: pl.Trainer, cfg: DictConfig, output_dir: Path) -> None:
+    """Exit ``128 + signal`` when SIGTERM or SIGINT arrived during the last step, or after it, while ``fit`` ended.
+
+    Lightning stops at the next step boundary; after the last step there is none, and ``fit`` returns as if
+    nothing had arrived. The job was still told to stop, and the final evaluation can take long.
+    """
+    if not trainer.received_sigterm:
+        return
+    stop = next((c.stop_signal for c in trainer.callbacks if isinstance(c, CheckpointOnSigterm)), None) or "SIGTERM"
+    if trainer.is_global_zero:
+        print(
+            f"stopped by {stop} as training ended (step {trainer.global_step}), before the final evaluation; "
+            f"{_resume_hint(cfg, output_dir)}",
+            flush=True,
+        )
+    raise SystemExit(128 + signal.Signals[stop].value)
+
+
 def _resume_hint(cfg: DictConfig, output_dir: Path) -> str:
     if cfg.get("ckpt_every_n_steps", 0) == 0:
         return "no checkpoint was written (ckpt_every_n_steps=0)"
@@ -289,6 +319,26 @@ def _write_config(cfg: DictConfig, output_dir: Path) -> None:
     write_text_atomically(output_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def _exact_match(module: pl.LightningModule, examples: list[Any], pattern: str | None) -> float:
+    """Exact match of ``module`` on ``examples``, generating up to the model's own ``max_new_tokens``."""
+    return exact_match(module.model, module.tokenizer, examples, pattern, module.hparams.max_new_tokens)
+
+
+def _save_pretrained(module: pl.LightningModule, directory: Path) -> None:
+    """``module.save_pretrained(directory)``, with safetensors' write errors raised as the ``OSError`` they are.
+
+    safetensors reports a full disk as ``SafetensorError`` ("... No space left on device (os error 28)"); as an
+    ``OSError`` it becomes the one-line :class:`~lightning_grass.errors.StorageError` that names the directory.
+    """
+    try:
+        module.save_pretrained(directory)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(directory)) from error
+
+
 def _non_finite_tensors(module: pl.LightningModule) -> int:
     """How many of the module's weight tensors hold NaN or Inf."""
     with torch.no_grad():
@@ -299,6 +349,9 @@ def _divergence(metrics: dict[str, Any]) -> str | None:
     """Why the run counts as diverged, or ``None``."""
     if metrics["non_finite_tensors"]:
         return f"{metrics['non_finite_tensors']} weight tensors hold NaN or Inf"
+    last_loss = metrics.get("train/loss")
+    if last_loss is not None and not math.isfinite(last_loss):
+        return f"the last training loss is {last_loss}"
     skipped, steps = len(metrics["skipped_non_finite_steps"]), metrics["optimizer_steps"]
     if steps and skipped > steps / 2:
         return f"{skipped} of {steps} optimizer steps were skipped for non-finite gradients"
@@ -341,13 +394,10 @@ def _method_name(cfg: DictConfig, sampler: GRASSCallback | None) -> str:
 
 
 def _trainable_per_step(module: pl.LightningModule, sampler: GRASSCallback | None) -> int:
-    if sampler is None or sampler.layer_map is None:
-        return sum(p.numel() for p in module.parameters() if p.requires_grad)
-    layer_map = sampler.layer_map
-    per_layer = [sum(p.numel() for p in layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
-    in_layers = {id(p) for i in range(layer_map.num_layers) for p in layer_map.layer_parameters(i)}
-    always_on = sum(p.numel() for p in module.parameters() if id(p) not in in_layers)
-    return always_on + sum(sorted(per_layer, reverse=True)[: sampler.config.n_active])
+    """The most parameters trained at one optimizer step: the sampler's count, or every trainable parameter."""
+    if sampler is not None:
+        return sampler.trainable_parameters_per_step()
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -370,6 +420,8 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"  optimizer state   {metrics['optimizer_state_bytes_peak'] / mib:.1f} MiB at peak on the device",
         f"  median step       {metrics['median_step_seconds'] * 1e3:.0f} ms; fit took {metrics['fit_seconds']:.0f} s",
     ]
+    if metrics["optimizer_steps"] == 0:
+        lines.append("  optimizer steps   0: nothing was trained; model/ holds the base model")
     if metrics["skipped_non_finite_steps"]:
         skipped = metrics["skipped_non_finite_steps"]
         lines.append(
@@ -383,7 +435,7 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         lines.append(f"  base model        built or converted in {seconds:.0f} s (first run only)")
     if "layer_selection_counts" in metrics:
         lines.append(f"  layer activity    windows active per layer: {metrics['layer_selection_counts']}")
-    if metrics.get("effective_layers_mean") is not None:
+    if metrics.get("effective_layers_mean") is not None and metrics["draw_share"] is not None:
         shares = ", ".join(f"{share:.0%}" for share in metrics["draw_share"])
         lines.append(
             f"  sampling          {metrics['effective_layers_mean']:.1f} effective layers on average; "

@@ -40,7 +40,7 @@ def test_grass_train_writes_metrics_model_and_plots(tmp_path):
     assert 0.0 <= metrics["exact_match_before"] <= 1.0 and 0.0 <= metrics["exact_match_after"] <= 1.0
     assert metrics["peak_memory_bytes"] > 0 and metrics["optimizer_state_bytes_peak"] > 0
     assert metrics["median_step_seconds"] > 0
-    assert sum(metrics["layer_selection_counts"]) == 3 * 2, "resamples at steps 2, 4 and 6, two layers each"
+    assert sum(metrics["layer_selection_counts"]) == 2 * 2, "the draws at steps 2 and 4 trained; step 6's did not"
     assert "val/perplexity" in metrics and "val/token_accuracy" in metrics
     assert (out / "importance.png").stat().st_size > 0 and (out / "sampling.png").stat().st_size > 0
     assert 1.0 <= metrics["effective_layers_mean"] <= 2.0 and sum(metrics["draw_share"]) == pytest.approx(1.0)
@@ -65,7 +65,7 @@ def test_a_config_directory_of_your_own_adds_options(tmp_path):
     run([*command, *overrides], cwd=tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "lisa"
-    assert sum(metrics["layer_selection_counts"]) == 7, "one layer drawn at the start and after each of 6 steps"
+    assert sum(metrics["layer_selection_counts"]) == 6, "one layer drawn at the start and after steps 1 to 5"
 
 
 def test_multirun_writes_one_directory_per_job(tmp_path):
@@ -88,6 +88,7 @@ def test_grass_cli_fit_and_print_config(tmp_path, tiny_pretrained_dir):
     overrides = [
         f"--model.pretrained_path={tiny_pretrained_dir}",
         "--trainer.max_steps=4",
+        "--trainer.callbacks.init_args.probe_steps=2",
         "--trainer.val_check_interval=2",
         f"--trainer.default_root_dir={tmp_path}",
         "--data.num_train=32",
