@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_grass.app.base_cache import check_cache_writable
 from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.errors import DataFormatError, MissingPackageError, MissingPathError
 
@@ -117,13 +118,15 @@ def convert_gguf(
         MissingPathError: When ``gguf_path`` is not a file.
         DataFormatError: When the file cannot be read as a GGUF checkpoint of a model transformers knows (a
             damaged or truncated file); nothing is written.
-        StorageError: When the disk fills or the directory is not writable; nothing is left behind.
+        StorageError: When the directory is not writable, before the file is read
+            (:func:`~lightning_grass.app.base_cache.check_cache_writable`), or the disk fills; nothing is left behind.
     """
     _require_conversion_packages()
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise MissingPathError(f"GGUF file {str(gguf_path)!r} not found")
     output_dir = Path(output_dir)
+    check_cache_writable(output_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # A file cut short inside its metadata fails in struct.unpack_from (struct.error) and a damaged count can

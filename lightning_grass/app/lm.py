@@ -6,13 +6,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import transformers
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from safetensors import SafetensorError, safe_open
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -21,8 +23,15 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 
 from lightning_grass.app.data import DEFAULT_ANSWER_PATTERN
 from lightning_grass.app.evaluation import exact_match
+from lightning_grass.app.input_errors import one_line
 from lightning_grass.app.lora import apply_lora, check_lora_settings, save_merged
-from lightning_grass.errors import DataFormatError, MissingPathError, SettingTypeError, SettingValueError
+from lightning_grass.errors import (
+    DataFormatError,
+    InputError,
+    MissingPathError,
+    SettingTypeError,
+    SettingValueError,
+)
 from lightning_grass.setting_checks import check_flag, check_int, check_number, is_number
 
 IGNORE_INDEX = -100
@@ -32,6 +41,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 #: The weight files ``from_pretrained`` reads from a local directory, one of which must be there.
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+#: The files a saved tokenizer is read from: ``tokenizer_config.json`` beside ``tokenizer.json`` (a fast
+#: tokenizer, what ``save_pretrained`` writes) or the vocabulary of a slow one (``tokenizer.model``, ``vocab.json``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+#: How many names of missing or unexpected tensors a message lists.
+_NAMES_SHOWN = 3
 
 _SAVED_MODEL_HINT = "point it at a directory written by save_pretrained (models are never downloaded)"
 
@@ -48,10 +64,15 @@ class CausalLMModule(pl.LightningModule):
     Every setting is checked here, before a model is loaded: a learning rate that is not a finite number above
     0, a count given as text, a fraction or NaN, or NaN or infinity in any other number raises a
     :class:`~lightning_grass.errors.SettingValueError` or :class:`~lightning_grass.errors.SettingTypeError` that
-    names the setting and the value. A model directory that is missing, holds no ``config.json`` or weights, or
-    whose ``config.json``, ``model.safetensors`` or tokenizer files are corrupt or truncated raises a
-    :class:`~lightning_grass.errors.MissingPathError` or :class:`~lightning_grass.errors.DataFormatError` that
-    names the file.
+    names the setting and the value. A model directory that is missing, holds no ``config.json``, weights or
+    tokenizer, or whose ``config.json``, ``model.safetensors`` or tokenizer files are corrupt or truncated raises
+    a :class:`~lightning_grass.errors.MissingPathError` or :class:`~lightning_grass.errors.DataFormatError` that
+    names the file. So do weights that do not fill the model ``config.json`` describes: a tensor of another shape
+    (a size edited in ``config.json``), or any tensor missing (weights saved under other names, such as with a
+    ``base_model.`` prefix, or from another model family); a tied tensor, such as an output layer that shares the
+    input embedding, is not missing when the tensor it shares is there. Tensors of the files that the model does
+    not have are ignored, with a warning. The tokenizer is loaded before the weights, so a missing tokenizer
+    is reported at once.
 
     Validation logs ``val/loss``, ``val/token_accuracy`` (micro-averaged over response tokens, padding and
     prompt ignored), ``val/perplexity`` (exp of the token-weighted mean NLL) and, when the datamodule has
@@ -114,8 +135,9 @@ class CausalLMModule(pl.LightningModule):
         if pretrained_path is not None:
             # from_pretrained returns the model in eval mode, and Lightning's fit does not call train() (it only
             # warns about modules in eval mode): without this, dropout would stay off while fine-tuning.
-            self.model = _load_model(Path(pretrained_path), dtype).train()
+            _check_model_directory(Path(pretrained_path))
             self.tokenizer = _load_tokenizer(Path(pretrained_path))
+            self.model = _load_model(Path(pretrained_path), dtype).train()
         elif config is not None:
             if not isinstance(config, Mapping):
                 raise SettingTypeError(f"config={config!r} must be a dict of model config fields")
@@ -270,8 +292,13 @@ def _read_json(file: Path) -> Any:
         ) from error
 
 
-def _load_model(path: Path, dtype: str | None) -> PreTrainedModel:
-    """``from_pretrained`` of a local model directory, its files checked first so that errors name them."""
+def _check_model_directory(path: Path) -> None:
+    """Refuse a model directory that is missing, or lacks a ``config.json`` of a known model type or weights.
+
+    Raises:
+        MissingPathError: When ``path`` is not a directory, or has no ``config.json`` or no weights file.
+        DataFormatError: When ``config.json`` is not JSON or names no ``model_type`` that transformers knows.
+    """
     if not path.exists():
         raise MissingPathError(f"pretrained_path={str(path)!r} does not exist: {_SAVED_MODEL_HINT}")
     if not path.is_dir():
@@ -289,15 +316,106 @@ def _load_model(path: Path, dtype: str | None) -> PreTrainedModel:
         raise MissingPathError(
             f"pretrained_path={str(path)!r} has no weights: expected one of {list(WEIGHT_FILES)}; {_SAVED_MODEL_HINT}"
         )
+
+
+@contextmanager
+def _without_transformers_warnings() -> Iterator[None]:
+    """Silence transformers' warnings in the block: :func:`_check_loading_info` reports what its load report says."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=DTYPES[dtype] if dtype else "auto"
-        )
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _load_model(path: Path, dtype: str | None) -> PreTrainedModel:
+    """``from_pretrained`` of a checked model directory, refused unless the weights fill every tensor of the model.
+
+    Raises:
+        DataFormatError: For unreadable safetensors weights, or weights that :func:`_check_loading_info` refuses.
+    """
+    try:
+        with _without_transformers_warnings():
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                dtype=DTYPES[dtype] if dtype else "auto",
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by _check_loading_info, which names the first one
+            )
     except SafetensorError as error:
         raise DataFormatError(
             f"{_unreadable_safetensors(path)}: unreadable safetensors weights ({error}); the file is truncated or "
             "not a safetensors file: save the model again"
         ) from error
+    _check_loading_info(path, model, loading_info)
+    return model
+
+
+def _expected_tensors(model: PreTrainedModel) -> list[str]:
+    """The names of the tensors a checkpoint of ``model`` holds, in the model's order; tied ones named once."""
+    parameters = [name for name, _ in model.named_parameters()]  # a parameter shared by two modules comes once
+    every_parameter = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [name for name in model.state_dict() if name not in every_parameter]  # the persistent ones
+    return parameters + buffers
+
+
+def _tensors(count: int) -> str:
+    """``"1 tensor"`` or ``"<count> tensors"``."""
+    return f"{count} tensor{'' if count == 1 else 's'}"
+
+
+def _check_loading_info(path: Path, model: PreTrainedModel, loading_info: dict[str, Any]) -> None:
+    """Refuse weights that left a tensor of ``model`` at its random initialisation; warn of unused ones.
+
+    transformers fills a tensor whose shape differs from the file's, or that the files lack, with random values
+    and goes on. A tied tensor (an output layer sharing the input embedding) is not reported missing when the
+    tensor it shares was loaded.
+
+    Args:
+        path: The model directory, for messages.
+        model: The model ``from_pretrained`` returned.
+        loading_info: Its ``output_loading_info``: ``missing_keys``, ``unexpected_keys`` and ``mismatched_keys``
+            (``(name, shape in the files, shape in the model)``).
+
+    Raises:
+        DataFormatError: For a tensor whose shape differs (the message names the first, in the model's order,
+            with both shapes), or any missing tensor (the message gives how many of how many, and a few names
+            of missing and of unexpected tensors).
+    """
+    order = {name: index for index, name in enumerate(model.state_dict())}
+    mismatched = sorted(loading_info["mismatched_keys"], key=lambda item: order.get(item[0], len(order)))
+    expected = _expected_tensors(model)
+    if mismatched:
+        name, stored, built = mismatched[0]
+        raise DataFormatError(
+            f"pretrained_path={str(path)!r}: its weights do not fit the sizes in {CONFIG_NAME}: {name} is "
+            f"{list(stored)} in the weights but {list(built)} in the model {CONFIG_NAME} describes ({len(mismatched)} "
+            f"of {len(expected)} tensors differ); {CONFIG_NAME} was edited or comes from another model: restore it, "
+            "or save the model again with save_pretrained"
+        )
+    missing = sorted(loading_info["missing_keys"], key=lambda name: order.get(name, len(order)))
+    unexpected = sorted(loading_info["unexpected_keys"])
+    if missing:
+        total = len(set(expected) | set(missing))
+        unused = (
+            f"{_tensors(len(unexpected))} it does not use, such as {unexpected[:_NAMES_SHOWN]}"
+            if unexpected
+            else "no other tensor"
+        )
+        raise DataFormatError(
+            f"pretrained_path={str(path)!r}: {len(missing)} of the {total} tensors of the {type(model).__name__} "
+            f"that {CONFIG_NAME} describes are missing from its weights, such as {missing[:_NAMES_SHOWN]}, and the "
+            f"weights hold {unused}; they were saved under other names (a prefix such as 'base_model.') or from "
+            f"another model family than {CONFIG_NAME}'s model_type={model.config.model_type!r}: save the model "
+            "with save_pretrained of the model itself (for peft, merge_and_unload first)"
+        )
+    if unexpected:
+        rank_zero_warn(
+            f"pretrained_path={str(path)!r}: ignoring {_tensors(len(unexpected))} of the weights that the "
+            f"{type(model).__name__} does not have, such as {unexpected[:_NAMES_SHOWN]}"
+        )
 
 
 def _unreadable_safetensors(path: Path) -> Path:
@@ -316,6 +434,11 @@ def _load_tokenizer(path: Path) -> Any:
 
     A tokenizer without a pad token (Llama-2's, for one) pads with its eos token: padding is masked out of
     attention and labels, so the choice changes no loss and no completion.
+
+    Raises:
+        DataFormatError: For a tokenizer file that is not JSON, or files that transformers cannot build a
+            tokenizer from.
+        MissingPathError: When the directory holds none of the vocabulary files of :data:`TOKENIZER_FILES`.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -326,9 +449,36 @@ def _load_tokenizer(path: Path) -> Any:
             except DataFormatError as corrupt:
                 raise corrupt from error
         raise
+    except (ValueError, OSError) as error:
+        raise _tokenizer_error(path, error) from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_error(path: Path, error: Exception) -> InputError:
+    """Why transformers could not build a tokenizer from ``path``, in one line that names the files.
+
+    Args:
+        path: The model directory.
+        error: What ``AutoTokenizer.from_pretrained`` raised.
+
+    Returns:
+        A :class:`MissingPathError` when no vocabulary file is there (transformers' own message then suggests
+        installing sentencepiece, which would not help), else a :class:`DataFormatError` with its message.
+    """
+    present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    saved = "save the model's tokenizer into it with tokenizer.save_pretrained"
+    if not set(present) - {"tokenizer_config.json"}:
+        return MissingPathError(
+            f"pretrained_path={str(path)!r} has no tokenizer: it holds {present or 'none'} of {list(TOKENIZER_FILES)}, "
+            "and a tokenizer is read from tokenizer.json (or the tokenizer.model or vocab.json of a slow one) beside "
+            f"tokenizer_config.json; {saved}"
+        )
+    return DataFormatError(
+        f"pretrained_path={str(path)!r}: transformers cannot build a tokenizer from its {present} "
+        f"({type(error).__name__}: {one_line(str(error))}); {saved}"
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int | float, min_ratio: float = 0.1) -> Any:

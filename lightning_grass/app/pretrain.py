@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_grass.app.base_cache import check_cache_writable
 from lightning_grass.app.data import build_char_tokenizer, pretraining_corpus, vocabulary_config
 from lightning_grass.app.lm import CausalLMModule
 from lightning_grass.atomic_files import replace_directory_atomically
@@ -76,6 +77,8 @@ def build_base_model(
         SettingTypeError, SettingValueError: Before any work, for a count that is not an integer of at least 1
             (``seq_len``: 2, ``seed``: 0), a ``lettered_share`` outside [0, 1], or a setting the model refuses
             (``lr``).
+        StorageError: Before any work, when ``output_dir`` cannot be written
+            (:func:`~lightning_grass.app.base_cache.check_cache_writable`); or when the disk fills as it is saved.
     """
     for name, value, minimum in (
         ("num_documents", num_documents, 1),
@@ -87,6 +90,7 @@ def build_base_model(
         check_int(f"base model build: {name}", value, minimum)
     check_number("base model build: lettered_share", lettered_share, "in [0, 1]", lambda v: 0 <= v <= 1)
     output_dir = Path(output_dir)
+    check_cache_writable(output_dir)
     pl.seed_everything(seed, verbose=False)
     tokenizer = build_char_tokenizer()
     config = {
@@ -129,6 +133,9 @@ def ensure_base_model(output_dir: str | os.PathLike, **build_args: Any) -> tuple
 
     Returns:
         The directory, and the seconds the build took (``None`` when the cached base was reused).
+
+    Raises:
+        SettingTypeError, SettingValueError, StorageError: As :func:`build_base_model`, before it builds.
     """
     output_dir = Path(output_dir)
     if (output_dir / "config.json").is_file():

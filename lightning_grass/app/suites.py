@@ -13,7 +13,6 @@ set.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_grass.app.data import Example
+from lightning_grass.app.data.json_text import check_unicode, parse_json
 from lightning_grass.app.data.mixture import DATASET_DIR, check_set_names, sets_dir
 from lightning_grass.app.data.utf8 import read_utf8
 from lightning_grass.app.suite_answers import AnswerRule, FirstChoice, LastNumber
@@ -130,7 +130,7 @@ def seeded_subset(count: int, size: int, seed: int, set_name: str) -> list[int]:
 def load_suite(
     name: str, data_root: str | os.PathLike, limit: int | None = None, sets: Sequence[str] | None = None
 ) -> dict[Benchmark, list[Example]]:
-    """Read and check every test set of suite ``name``, or those ``sets`` names.
+    r"""Read and check every test set of suite ``name``, or those ``sets`` names.
 
     Args:
         name: ``"arithmetic"`` or ``"commonsense"`` (a key of :data:`SUITES`).
@@ -145,12 +145,13 @@ def load_suite(
 
     Raises:
         SettingValueError: For an unknown suite, or ``sets`` that :func:`select_benchmarks` refuses.
-        MissingPathError: When ``data_root`` is not a directory, or a set's ``test.json`` is missing; the
-            message names every missing set and where it was looked for.
-        DataFormatError: For a file that is not UTF-8 or not JSON, not an array, empty, or with a record that
-            is not an object, lacks a string ``instruction``, has an ``input`` that is neither a string nor
-            ``null``, or an ``answer`` the set's rule cannot score. The message names the file, the record
-            index (from 0), the field, the value and what is allowed.
+        MissingPathError: When ``data_root`` is not a directory, or a set's ``test.json`` is missing (the
+            message names every missing set and where it was looked for) or not readable.
+        DataFormatError: For a file that is not UTF-8 or not JSON, nests too deeply to parse, is not an array,
+            is empty, or has a record that is not an object, lacks a string ``instruction``, has an ``input`` that
+            is neither a string nor ``null``, a string holding a lone surrogate (a ``\ud800`` escape), or an
+            ``answer`` the set's rule cannot score. The message names the file, the record index (from 0), the
+            field, the value and what is allowed.
     """
     benchmarks = select_benchmarks(name, sets)
     root = Path(data_root)
@@ -182,12 +183,9 @@ def _read_set(path: Path, rule: AnswerRule) -> list[Example]:
         One example per record, in file order.
 
     Raises:
-        DataFormatError: As :func:`load_suite`.
+        MissingPathError, DataFormatError: As :func:`load_suite`.
     """
-    try:
-        records = json.loads(read_utf8(path))
-    except json.JSONDecodeError as error:
-        raise DataFormatError(f"{path}: invalid JSON: {error}") from error
+    records = parse_json(read_utf8(path), str(path))
     if not isinstance(records, list) or not records:
         got = f"{len(records)} records" if isinstance(records, list) else type(records).__name__
         raise DataFormatError(f"{path}: expected a non-empty JSON array of records at the top level, got {got}")
@@ -201,11 +199,14 @@ def _to_example(record: Any, where: str, rule: AnswerRule) -> Example:
     instruction = record.get("instruction")
     if not isinstance(instruction, str):
         raise DataFormatError(f"{where}: field 'instruction' must be a string, got {instruction!r}")
+    check_unicode(instruction, where, "instruction")
     context = record.get("input")
     if context is not None and not isinstance(context, str):
         raise DataFormatError(f"{where}: field 'input' must be a string or null, got {context!r}")
+    check_unicode(context or "", where, "input")
     if "answer" not in record:
         raise DataFormatError(f"{where}: missing field 'answer' (the label)")
+    check_unicode(str(record["answer"]), where, "answer")
     problem = rule.label_error(record["answer"])
     if problem is not None:
         raise DataFormatError(f"{where}: field 'answer' {problem}")

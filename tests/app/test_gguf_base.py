@@ -198,6 +198,19 @@ def test_a_damaged_file_is_named_and_nothing_is_written(tmp_path, tiny_gguf, dam
     assert list(cache.iterdir()) == [], "neither the directory nor a temporary sibling"
 
 
+def test_a_cache_that_is_a_file_is_named_before_the_file_is_read(tmp_path, tiny_gguf):
+    path, _ = tiny_gguf
+    path.write_bytes(_cut_in_half(path.read_bytes()))  # reading it first would be a DataFormatError
+    (tmp_path / "cache").write_text("notes")
+    output_dir = tmp_path / "cache" / "base" / "smollm2"
+    with pytest.raises(StorageError) as refused:
+        ensure_gguf_base(output_dir, str(path))
+    assert str(refused.value) == (
+        f"cannot build the base model in {output_dir}: {tmp_path / 'cache'} is a file, not a directory; set "
+        "paths.cache_dir (grass-train) to a directory this user can write, or fix its permissions"
+    )
+
+
 @pytest.mark.parametrize("previous", [False, True], ids=["first conversion", "over a complete one"])
 def test_a_full_disk_while_saving_leaves_nothing_and_keeps_a_previous_conversion(tmp_path, monkeypatch, previous):
     old_file, new_file = tmp_path / "old.gguf", tmp_path / "new.gguf"
@@ -310,6 +323,21 @@ def test_grass_train_names_a_damaged_gguf_file_in_one_line(tmp_path, tiny_gguf, 
     assert last.endswith("the file is damaged or truncated: reinstall the package that ships it, or give another file")
     assert "Traceback" not in err
     assert not (cache / "base").exists()
+
+
+def test_grass_train_names_an_unusable_cache_in_one_line_before_converting(tmp_path, tiny_gguf, grass_train, capsys):
+    path, _ = tiny_gguf
+    (tmp_path / "cache").write_text("notes")
+    with pytest.raises(SystemExit) as exit_info:
+        grass_train(*smollm2_overrides(path, tmp_path / "cache", tmp_path / "run"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"error: cannot build the base model in {tmp_path / 'cache' / 'base' / 'smollm2-135m-instruct'}: "
+        f"{tmp_path / 'cache'} is a file, not a directory; set paths.cache_dir (grass-train) to a directory this "
+        "user can write, or fix its permissions"
+    )
+    assert "Traceback" not in err
 
 
 # Slow: about 55 s and 1.9 GB of memory here (2 cores). The 93 MB Q4_1 file is dequantized into 538 MB of float32

@@ -9,10 +9,11 @@ from conftest import MODULE_CONFIG as CONFIG
 from conftest import make_trainer
 from lightning.pytorch.callbacks import Callback
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tolerances import FP32_UNIT_ROUNDOFF, fp32_sum_rtol
 from torch.nn import functional
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from lightning_grass import GRASSStrategy
 from lightning_grass.app.lm import CausalLMModule, warmup_cosine
@@ -358,3 +359,143 @@ def test_a_loaded_model_fine_tunes_in_training_mode_with_its_dropout_on(tmp_path
     assert seen.all_training == [True]
     # The first step's weights are the checkpoint's: only attention dropout (p=0.5) can move its loss.
     assert abs(seen.losses[0] - eval_loss) > 1e-3 * eval_loss
+
+
+def _refuse_loading_weights(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the weights were read before the tokenizer was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+
+
+@pytest.mark.parametrize("kept", [[], ["tokenizer_config.json"]])
+def test_a_directory_without_a_tokenizer_is_named_before_the_weights_are_read(model_dir, monkeypatch, kept):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if name not in kept:
+            (model_dir / name).unlink()
+    _refuse_loading_weights(monkeypatch)
+    with pytest.raises(MissingPathError) as missing:
+        CausalLMModule(pretrained_path=model_dir)
+    holds = kept or "none"
+    assert str(missing.value) == (
+        f"pretrained_path='{model_dir}' has no tokenizer: it holds {holds} of ['tokenizer.json', "
+        "'tokenizer_config.json', 'tokenizer.model', 'vocab.json'], and a tokenizer is read from tokenizer.json (or "
+        "the tokenizer.model or vocab.json of a slow one) beside tokenizer_config.json; save the model's tokenizer "
+        "into it with tokenizer.save_pretrained"
+    )
+
+
+def test_tokenizer_files_that_transformers_cannot_read_are_named_in_one_line(model_dir, monkeypatch):
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    _refuse_loading_weights(monkeypatch)
+    with pytest.raises(DataFormatError) as unreadable:
+        CausalLMModule(pretrained_path=model_dir)
+    message = str(unreadable.value)
+    assert message.startswith(
+        f"pretrained_path='{model_dir}': transformers cannot build a tokenizer from its ['tokenizer_config.json', "
+        "'tokenizer.model'] ("
+    )
+    assert message.endswith("); save the model's tokenizer into it with tokenizer.save_pretrained")
+    assert "\n" not in message
+
+
+def _edit_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_a_config_whose_sizes_do_not_match_the_weights_names_the_first_tensor_that_differs(model_dir):
+    _edit_config(model_dir, intermediate_size=128)
+    with pytest.raises(DataFormatError) as mismatch:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(mismatch.value) == (
+        f"pretrained_path='{model_dir}': its weights do not fit the sizes in config.json: "
+        "model.layers.0.mlp.gate_proj.weight is [64, 32] in the weights but [128, 32] in the model config.json "
+        "describes (6 of 21 tensors differ); config.json was edited or comes from another model: restore it, or save "
+        "the model again with save_pretrained"
+    )
+
+
+def _rename_weights(model_dir, rename):
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({rename(name): tensor for name, tensor in tensors.items()}, weights, metadata={"format": "pt"})
+
+
+def test_weights_saved_under_other_names_are_refused_not_replaced_by_random_ones(model_dir):
+    _rename_weights(model_dir, lambda name: f"base_model.{name}")
+    with pytest.raises(DataFormatError) as refused:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(refused.value) == (
+        f"pretrained_path='{model_dir}': 21 of the 21 tensors of the LlamaForCausalLM that config.json describes are "
+        "missing from its weights, such as ['model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight', "
+        "'model.layers.0.self_attn.k_proj.weight'], and the weights hold 21 tensors it does not use, such as "
+        "['base_model.lm_head.weight', 'base_model.model.embed_tokens.weight', "
+        "'base_model.model.layers.0.input_layernorm.weight']; they were saved under other names (a prefix such as "
+        "'base_model.') or from another model family than config.json's model_type='llama': save the model with "
+        "save_pretrained of the model itself (for peft, merge_and_unload first)"
+    )
+
+
+def test_weights_of_another_model_family_are_refused(model_dir):
+    _edit_config(model_dir, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(DataFormatError) as refused:
+        CausalLMModule(pretrained_path=model_dir)
+    # Only lm_head.weight has the same name and shape in both families.
+    assert str(refused.value) == (
+        f"pretrained_path='{model_dir}': 28 of the 29 tensors of the GPT2LMHeadModel that config.json describes are "
+        "missing from its weights, such as ['transformer.wte.weight', 'transformer.wpe.weight', "
+        "'transformer.h.0.ln_1.weight'], and the weights hold 20 tensors it does not use, such as "
+        "['model.embed_tokens.weight', 'model.layers.0.input_layernorm.weight', "
+        "'model.layers.0.mlp.down_proj.weight']; they were saved under other names (a prefix such as 'base_model.') "
+        "or from another model family than config.json's model_type='gpt2': save the model with save_pretrained of "
+        "the model itself (for peft, merge_and_unload first)"
+    )
+
+
+@pytest.fixture
+def tied_model_dir(tmp_path, tiny_pretrained_dir):
+    """A tiny Llama whose output layer shares the input embedding: save_pretrained writes the embedding once."""
+    config = AutoConfig.from_pretrained(tiny_pretrained_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_pretrained_dir).save_pretrained(tmp_path / "tied")
+    return tmp_path / "tied"
+
+
+def test_a_tied_output_layer_is_not_missing_unless_the_embedding_it_shares_is(tied_model_dir):
+    assert "lm_head.weight" not in load_file(tied_model_dir / "model.safetensors")
+    model = CausalLMModule(pretrained_path=tied_model_dir).model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = load_file(tied_model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    _rename_weights(tied_model_dir, lambda name: "lm_head.weight" if name == "model.embed_tokens.weight" else name)
+    model = CausalLMModule(pretrained_path=tied_model_dir).model  # the shared tensor, under the output layer's name
+    assert (
+        torch.equal(model.model.embed_tokens.weight, embedding)
+        and model.lm_head.weight is model.model.embed_tokens.weight
+    )
+    _rename_weights(tied_model_dir, lambda name: "unused.weight" if name == "lm_head.weight" else name)
+    with pytest.raises(DataFormatError) as refused:
+        CausalLMModule(pretrained_path=tied_model_dir)
+    assert str(refused.value).startswith(
+        f"pretrained_path='{tied_model_dir}': 2 of the 21 tensors of the LlamaForCausalLM that config.json describes "
+        "are missing from its weights, such as ['model.embed_tokens.weight', 'lm_head.weight'], and the weights hold "
+        "1 tensor it does not use, such as ['unused.weight']; "
+    )
+
+
+def test_tensors_the_model_does_not_have_are_ignored_with_a_warning(model_dir):
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({**tensors, "value_head.weight": torch.zeros(1, 32)}, weights, metadata={"format": "pt"})
+    verbosity = transformers.logging.get_verbosity()
+    with pytest.warns(UserWarning) as warned:
+        module = CausalLMModule(pretrained_path=model_dir)
+    assert [str(w.message) for w in warned if "ignoring" in str(w.message)] == [
+        f"pretrained_path='{model_dir}': ignoring 1 tensor of the weights that the LlamaForCausalLM does not have, "
+        "such as ['value_head.weight']"
+    ]
+    assert torch.equal(module.model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    assert transformers.logging.get_verbosity() == verbosity

@@ -1,7 +1,10 @@
 """Reading the paper's suites from LLM-Adapters' layout, and what a missing set or a malformed record says."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from suite_files import write_suite
@@ -165,3 +168,58 @@ def test_a_seeded_subset_is_fixed_sorted_and_differs_between_sets_and_seeds():
     assert seeded_subset(1000, 100, seed=1, set_name="boolq") != subset
     assert seeded_subset(1000, 100, seed=0, set_name="openbookqa") != subset
     assert seeded_subset(7, 100, seed=0, set_name="boolq") == list(range(7))  # a set smaller than the sample
+
+
+def test_a_file_nested_too_deeply_is_named(tmp_path):
+    write_suite(tmp_path, "commonsense")
+    file = tmp_path / "dataset" / "piqa" / "test.json"
+    file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataFormatError) as error:
+        load_suite("commonsense", tmp_path)
+    assert str(error.value) == (
+        f"{file}: JSON nested too deeply to read (arrays or objects inside one another, deeper than Python's JSON "
+        "reader allows, about a thousand levels); a record is one object of strings, so the file is damaged or not "
+        "instruction data"
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "at"),
+    [
+        ({"instruction": "Is it?\ud800", "answer": "true"}, "instruction", 6),
+        ({"instruction": "Is it?", "input": "\ud800 passage", "answer": "true"}, "input", 0),
+        ({"instruction": "Is it?", "answer": "tr\ud800ue"}, "answer", 2),
+    ],
+)
+def test_a_lone_surrogate_names_the_file_the_record_and_the_field(tmp_path, record, field, at):
+    write_suite(tmp_path, "commonsense", {"boolq": [{"instruction": "Q?", "answer": "false"}, record]})
+    file = tmp_path / "dataset" / "boolq" / "test.json"
+    assert "\\ud800" in file.read_text()
+    with pytest.raises(DataFormatError) as error:
+        load_suite("commonsense", tmp_path)
+    assert str(error.value) == (
+        f"{file}, record index 1: field {field!r} holds the lone surrogate \\ud800 at character {at} (from 0), which "
+        "is not a character: a JSON \\u escape between \\ud800 and \\udfff must be half of a surrogate pair. Replace "
+        "it with the character meant, or remove it"
+    )
+
+
+def test_a_file_without_read_permission_is_named(tmp_path, monkeypatch):
+    write_suite(tmp_path, "commonsense")
+    file = tmp_path / "dataset" / "hellaswag" / "test.json"
+    file.chmod(0)
+    if os.access(file, os.R_OK):  # as root: refuse it as the system refuses another user
+        read_bytes = Path.read_bytes
+
+        def refuse(path):
+            if path == file:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return read_bytes(path)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(MissingPathError) as error:
+        load_suite("commonsense", tmp_path)
+    assert str(error.value) == (
+        f"{file} is not readable (Permission denied): give the user running this read permission on it (chmod a+r), "
+        "or point to a readable copy"
+    )

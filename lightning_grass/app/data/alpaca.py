@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from lightning_grass.app.data.answers import DEFAULT_ANSWER_PATTERN, extract_answer
 from lightning_grass.app.data.example import Example
+from lightning_grass.app.data.json_text import check_unicode, parse_json
 from lightning_grass.app.data.utf8 import read_utf8
 from lightning_grass.errors import DataFormatError, MissingPathError
 
@@ -29,7 +29,8 @@ def _string_field(record: dict[str, Any], field: str, where: str, default: str |
         The field's value.
 
     Raises:
-        DataFormatError: When the field is required and missing, or is not a string (a required one ``null``).
+        DataFormatError: When the field is required and missing, is not a string (a required one ``null``), or
+            holds a lone surrogate (:func:`~lightning_grass.app.data.json_text.check_unicode`).
     """
     value = record.get(field)
     if value is None and default is not None:
@@ -38,7 +39,7 @@ def _string_field(record: dict[str, Any], field: str, where: str, default: str |
         raise DataFormatError(f"{where}: missing required field {field!r}; expected a string")
     if not isinstance(value, str):
         raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}")
-    return value
+    return check_unicode(value, where, field)
 
 
 def _to_example(record: Any, where: str, answer_pattern: str | None) -> Example:
@@ -53,7 +54,7 @@ def _to_example(record: Any, where: str, answer_pattern: str | None) -> Example:
         The example. An explicit string ``answer`` field wins over the extracted answer.
 
     Raises:
-        DataFormatError: For a record that is not an object, or a missing or non-string field.
+        DataFormatError: For a record that is not an object, or a missing, non-string or non-Unicode field.
     """
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: record must be a JSON object, got {type(record).__name__}")
@@ -80,12 +81,10 @@ def _parse_json(text: str, path: Path) -> list[tuple[Any, str]]:
         ``(record, "file, record index i")`` pairs.
 
     Raises:
-        DataFormatError: For invalid JSON or a top-level value that is not an array.
+        DataFormatError: For invalid JSON, JSON nested too deeply to parse, or a top-level value that is not an
+            array.
     """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataFormatError(f"{path}: invalid JSON: {error}") from error
+    data = parse_json(text, str(path))
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON array of records at the top level, got {type(data).__name__}")
     return [(record, f"{path}, record index {index}") for index, record in enumerate(data)]
@@ -106,17 +105,14 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[Any, str]]:
         ``(record, "file, line n")`` pairs, ``n`` counted from 1.
 
     Raises:
-        DataFormatError: For a line that is not valid JSON.
+        DataFormatError: For a line that is not valid JSON, or nests too deeply to parse.
     """
     records = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
-        try:
-            records.append((json.loads(line), where))
-        except json.JSONDecodeError as error:
-            raise DataFormatError(f"{where}: invalid JSON: {error}") from error
+        records.append((parse_json(line, where), where))
     return records
 
 
@@ -138,11 +134,12 @@ def load_alpaca(path: str | os.PathLike, answer_pattern: str | None = DEFAULT_AN
         The examples, in file order.
 
     Raises:
-        MissingPathError: When ``path`` does not exist.
+        MissingPathError: When ``path`` does not exist or is not readable.
         DataFormatError: For another suffix, a byte that is not UTF-8 (the message names the line and the
-            byte offset), invalid JSON, a record that is not an object, a missing or non-string field, or a
-            file without records. The message names the file and the record index (``.json``) or the line,
-            counted from 1 (``.jsonl``).
+            byte offset), invalid JSON or JSON nested too deeply to parse, a record that is not an object, a
+            missing or non-string field or one holding a lone surrogate (a ``\ud800`` escape), or a file without
+            records. The message names the file and the record index (``.json``) or the line, counted from 1
+            (``.jsonl``).
     """
     path = Path(path)
     if not path.is_file():

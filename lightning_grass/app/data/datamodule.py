@@ -29,7 +29,7 @@ from lightning_grass.app.data.prompt import (
     check_special_tokens,
     tokenize_example,
 )
-from lightning_grass.app.data.synthetic import TASKS
+from lightning_grass.app.data.synthetic import EXAMPLE_BYTES, MAX_GENERATED_EXAMPLES, TASKS
 from lightning_grass.errors import DataFormatError, SettingTypeError, SettingValueError
 from lightning_grass.setting_checks import check_int
 
@@ -53,6 +53,28 @@ def _check_settings(counts: dict[str, tuple[object, int | None]], texts: dict[st
             raise SettingTypeError(f"{name}={value!r} must be a string, not {type(value).__name__}")
 
 
+def _check_generated_counts(counts: dict[str, int]) -> None:
+    """Refuse split sizes of a generated task that would not fit in memory, before anything is generated.
+
+    Args:
+        counts: ``num_train``, ``num_val`` and ``num_test``, each an integer >= 0.
+
+    Raises:
+        SettingValueError: When they add up to more than
+            :data:`~lightning_grass.app.data.synthetic.MAX_GENERATED_EXAMPLES`; the message names the largest.
+    """
+    total = sum(counts.values())
+    if total <= MAX_GENERATED_EXAMPLES:
+        return
+    name = max(counts, key=counts.__getitem__)
+    raise SettingValueError(
+        f"{name}={counts[name]} asks for more examples than a generated task holds in memory: num_train + num_val + "
+        f"num_test may be at most {MAX_GENERATED_EXAMPLES:,} (about {EXAMPLE_BYTES // 1000} KB each once tokenized, "
+        f"{MAX_GENERATED_EXAMPLES * EXAMPLE_BYTES / 1e9:.0f} GB in all) and is {total:,}; lower {name}, or train on a "
+        "local dataset"
+    )
+
+
 class InstructionDataModule(pl.LightningDataModule):
     r"""Train and validation batches of one instruction task, with the loss on the response only.
 
@@ -60,7 +82,8 @@ class InstructionDataModule(pl.LightningDataModule):
 
     - a generated task draws ``num_train + num_val + num_test`` examples from its generator with ``seed``
       (and ``task_options`` as keyword arguments); the first ``num_train`` are the training split, the next
-      ``num_val`` the validation split and the last ``num_test`` the test split;
+      ``num_val`` the validation split and the last ``num_test`` the test split; together they are at most
+      :data:`~lightning_grass.app.data.synthetic.MAX_GENERATED_EXAMPLES` (a million, about 4 GB of memory);
     - a ``.json`` or ``.jsonl`` Alpaca file without ``columns`` is read with
       :func:`~lightning_grass.app.data.load_alpaca` (errors name the file and line); with ``columns``, and for
       a ``.csv`` or ``.parquet`` file or a ``save_to_disk`` folder (its ``split``), the data is read with
@@ -130,7 +153,8 @@ class InstructionDataModule(pl.LightningDataModule):
             ``columns`` with a generated task, a ``split`` other than ``"train"`` for a task that is not a
             folder, ``columns`` that :func:`~lightning_grass.app.data.hf_dataset.check_columns` refuses, a
             ``chat_template`` that is neither a mode nor a Jinja template, an unknown ``truncation`` or
-            ``prompt_format``, or a count outside the ranges above.
+            ``prompt_format``, a count outside the ranges above, or split sizes of a generated task that add up
+            to more than :data:`~lightning_grass.app.data.synthetic.MAX_GENERATED_EXAMPLES`.
     """
 
     def __init__(
@@ -190,6 +214,8 @@ class InstructionDataModule(pl.LightningDataModule):
                 f"task={task!r} is neither a known task ({', '.join(sorted(TASKS))}) nor an existing data file "
                 "(.json, .jsonl, .csv, .parquet) or save_to_disk folder"
             )
+        if task in TASKS:
+            _check_generated_counts({"num_train": num_train, "num_val": num_val, "num_test": num_test})
         if task_options and task not in TASKS:
             raise SettingValueError(
                 f"task_options={task_options!r} apply only to generated tasks, not to file {task!r}"

@@ -419,6 +419,16 @@ def pretraining_corpus(
     return [_document(rng, kinds, lettered_share) for _ in range(num_documents)]
 
 
+#: About how many bytes of memory one generated example takes once it is tokenized and held for training: its
+#: texts, and its token ids and labels as Python lists (measured: 3.5 KB for the default arithmetic problems, less
+#: for the multiple-choice questions).
+EXAMPLE_BYTES = 4_000
+
+#: The most examples a run generates (training, validation and test splits together): about 4 GB of memory at
+#: :data:`EXAMPLE_BYTES` each, and minutes to generate and tokenize. The tasks are small stand-ins for real data,
+#: and a model that a million of them do not teach needs a real dataset, not more of these.
+MAX_GENERATED_EXAMPLES = 1_000_000
+
 #: Task name -> generator ``(num_examples, seed, **options) -> list[Example]``.
 TASKS: dict[str, Callable[..., list[Example]]] = {
     "arithmetic": arithmetic_examples,

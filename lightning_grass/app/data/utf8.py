@@ -1,11 +1,11 @@
-"""Checking that a data file is UTF-8, naming the line and byte offset of the first byte that is not."""
+"""Reading a data file as UTF-8: the line and byte offset of the first byte that is not, or why it is not readable."""
 
 from __future__ import annotations
 
 import codecs
 from pathlib import Path
 
-from lightning_grass.errors import DataFormatError
+from lightning_grass.errors import DataFormatError, MissingPathError
 
 #: The byte-order mark some editors write at the start of a UTF-8 file; the loaders accept and drop it.
 BOM = "\ufeff"
@@ -33,6 +33,22 @@ def _not_utf8(path: Path, error: UnicodeDecodeError, line: int, offset: int) -> 
     )
 
 
+def _not_readable(path: Path, error: PermissionError) -> MissingPathError:
+    """The error for a data file that this process may not read.
+
+    Args:
+        path: The file.
+        error: The error of opening it.
+
+    Returns:
+        The error to raise.
+    """
+    return MissingPathError(
+        f"{path} is not readable ({error.strerror}): give the user running this read permission on it "
+        "(chmod a+r), or point to a readable copy"
+    )
+
+
 def read_utf8(path: Path) -> str:
     """The text of a UTF-8 file, without the byte-order mark it may start with.
 
@@ -43,10 +59,14 @@ def read_utf8(path: Path) -> str:
         The decoded text, its line endings as they are.
 
     Raises:
+        MissingPathError: For a file without read permission.
         DataFormatError: For a byte that is not valid UTF-8; the message names the file, the line (from 1) and
             the byte offset (from 0) of the first such byte.
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except PermissionError as error:
+        raise _not_readable(path, error) from error
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -61,11 +81,15 @@ def check_utf8(path: Path) -> None:
         path: The file.
 
     Raises:
-        DataFormatError: As :func:`read_utf8`.
+        MissingPathError, DataFormatError: As :func:`read_utf8`.
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = newlines = 0
-    with path.open("rb") as file:
+    try:
+        file = path.open("rb")
+    except PermissionError as error:
+        raise _not_readable(path, error) from error
+    with file:
         while True:
             chunk = file.read(_CHUNK_BYTES)
             # The decoder keeps the first bytes of a character cut by the chunk's end; an error's position

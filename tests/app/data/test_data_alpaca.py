@@ -4,8 +4,10 @@ import json
 import re
 
 import pytest
+from unreadable_files import make_unreadable
 
 from lightning_grass.app.data import DataFormatError, Example, load_alpaca
+from lightning_grass.errors import MissingPathError
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5\n#### 5"},
@@ -158,3 +160,46 @@ def test_bom_and_null_input(tmp_path, suffix):
     text = json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(record) for record in records)
     path = _write_bytes(tmp_path / f"bom{suffix}", b"\xef\xbb\xbf" + text.encode())
     assert load_alpaca(path) == EXPECTED[:2]
+
+
+TOO_DEEP = (
+    "JSON nested too deeply to read (arrays or objects inside one another, deeper than Python's JSON reader allows, "
+    "about a thousand levels); a record is one object of strings, so the file is damaged or not instruction data"
+)
+
+
+def test_json_nested_too_deeply_names_the_file_and_the_line(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = _write(tmp_path / "deep.json", deep)
+    assert _error(path) == f"{path}: {TOO_DEEP}"
+    path = _write(tmp_path / "deep.jsonl", json.dumps(RECORDS[0]) + "\n\n" + deep + "\n")
+    assert _error(path) == f"{path}, line 3: {TOO_DEEP}"
+
+
+def _surrogate(where, field, at):
+    return (
+        f"{where}: field {field!r} holds the lone surrogate \\ud800 at character {at} (from 0), which is not a "
+        "character: a JSON \\u escape between \\ud800 and \\udfff must be half of a surrogate pair. Replace it with "
+        "the character meant, or remove it"
+    )
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "output", "answer"])
+def test_a_lone_surrogate_names_the_file_the_record_and_the_field(tmp_path, field):
+    record = {**RECORDS[3], "input": "", field: "ab\ud800"}
+    # json.dumps writes the lone surrogate as the escape \ud800, as a file holding one does.
+    path = _write(tmp_path / "surrogate.json", json.dumps([RECORDS[0], record]))
+    assert "\\ud800" in path.read_text()
+    assert _error(path) == _surrogate(f"{path}, record index 1", field, 2)
+    path = _write(tmp_path / "surrogate.jsonl", json.dumps(RECORDS[0]) + "\n" + json.dumps(record) + "\n")
+    assert _error(path) == _surrogate(f"{path}, line 2", field, 2)
+
+
+def test_a_file_without_read_permission_is_named(tmp_path, monkeypatch):
+    path = make_unreadable(_write(tmp_path / "train.json", json.dumps(RECORDS)), monkeypatch)
+    with pytest.raises(MissingPathError) as refused:
+        load_alpaca(path)
+    assert str(refused.value) == (
+        f"{path} is not readable (Permission denied): give the user running this read permission on it "
+        "(chmod a+r), or point to a readable copy"
+    )

@@ -338,3 +338,37 @@ def test_other_settings_of_the_wrong_type(tok, overrides, message):
     with pytest.raises(SettingTypeError) as info:
         _module(tok, **overrides)
     assert str(info.value) == message
+
+
+def _too_many(name, value, total):
+    return (
+        f"{name}={value} asks for more examples than a generated task holds in memory: num_train + num_val + "
+        f"num_test may be at most 1,000,000 (about 4 KB each once tokenized, 4 GB in all) and is {total:,}; lower "
+        f"{name}, or train on a local dataset"
+    )
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides", "message"),
+    [
+        ("arithmetic", {"num_train": 10**11}, _too_many("num_train", 10**11, 10**11 + 10)),
+        ("multiple_choice", {"num_test": 10**11}, _too_many("num_test", 10**11, 10**11 + 50)),
+        (
+            "arithmetic",
+            {"num_train": 600_000, "num_val": 400_000, "num_test": 1},
+            _too_many("num_train", 600_000, 1_000_001),
+        ),
+    ],
+)
+def test_a_generated_task_larger_than_memory_is_refused_before_generating(tok, monkeypatch, task, overrides, message):
+    monkeypatch.setitem(datamodule_module.TASKS, task, None)  # a call would fail: nothing may be generated
+    with pytest.raises(SettingValueError) as refused:
+        _module(tok, task=task, **overrides)
+    assert str(refused.value) == message
+
+
+def test_the_largest_generated_task_and_any_count_for_a_file_are_accepted(tok, tmp_path):
+    _module(tok, num_train=999_000, num_val=990, num_test=10)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 4))
+    _module(tok, task=str(data), num_train=10**11, num_val=1)  # num_train is unused for a file

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import pytest
+from unreadable_files import make_unreadable
 
 import lightning_grass.app.data.utf8 as utf8
 from lightning_grass.app.data.utf8 import check_utf8, read_utf8
-from lightning_grass.errors import DataFormatError
+from lightning_grass.errors import DataFormatError, MissingPathError
 
 # Two-, three- and four-byte characters, so that small chunks cut characters at every position.
 TEXT = "naïve\r\ncafé — 😀\n\n€uro\n"
@@ -52,3 +53,17 @@ def test_chunked_check_names_the_same_line_and_offset(tmp_path, monkeypatch, chu
     assert _errors(path) == [_message(path, 5, len(data), 0x80, "invalid start byte")] * 2
     path.write_bytes(data + "😀".encode()[:3])
     assert _errors(path) == [_message(path, 5, len(data), 0xF0, "unexpected end of data")] * 2
+
+
+def test_a_file_without_read_permission_is_named_by_both_readers(tmp_path, monkeypatch):
+    path = tmp_path / "secret.json"
+    path.write_bytes(TEXT.encode())
+    make_unreadable(path, monkeypatch)
+    for read in (read_utf8, check_utf8):
+        with pytest.raises(MissingPathError) as refused:
+            read(path)
+        assert str(refused.value) == (
+            f"{path} is not readable (Permission denied): give the user running this read permission on it "
+            "(chmod a+r), or point to a readable copy"
+        )
+        assert isinstance(refused.value.__cause__, PermissionError)
