@@ -28,6 +28,9 @@ from lightning_grass.errors import StorageError
 #: The errors of a directory that is full, gone or not writable: reported as a StorageError.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EROFS, errno.EACCES, errno.EIO})
 
+#: The errors of a filesystem that does not let a file's permissions change: the write goes on without.
+CHMOD_REFUSED_ERRNOS = frozenset({errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP})
+
 _RENAME_EXCHANGE = 2
 
 
@@ -39,7 +42,7 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) ->
         data: The new content.
 
     Raises:
-        StorageError: When the directory is full, gone or not writable; ``path`` is then unchanged.
+        StorageError: As :func:`write_atomically`; ``path`` is then unchanged.
     """
     write_atomically(path, lambda file: file.write(data), size=len(data))
 
@@ -58,9 +61,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
         size: The bytes it will write, for the error message; ``None`` if unknown.
 
     Raises:
-        StorageError: When the directory is full, gone or not writable; ``path`` is then unchanged.
+        StorageError: When the directory is full, gone or not writable, or ``path`` is a directory; ``path`` is
+            then unchanged.
     """
     path = Path(path)
+    if path.is_dir():
+        raise StorageError(f"cannot write {path}: it is a directory, not a file; move it away and run again")
     temporary = _new_temporary(path, directory=False, size=size)
     try:
         with open(temporary, "wb") as file:
@@ -156,10 +162,24 @@ def _new_temporary(path: Path, directory: bool, size: int | None = None) -> Path
             descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
             os.close(descriptor)
             temporary = Path(name)
-        os.chmod(temporary, _permissions(0o777 if directory else 0o666))
+        _open_permissions(temporary, 0o777 if directory else 0o666)
     except OSError as error:
         raise _storage_error(path, error, size) from error
     return temporary
+
+
+def _open_permissions(temporary: Path, mode: int) -> None:
+    """Give ``temporary`` the permissions of an ordinary write, where the filesystem lets permissions change.
+
+    Temporaries start private (``mkstemp``, ``mkdtemp``). Some network and FUSE filesystems refuse ``chmod``
+    and give every file the mount's permissions; there the temporary keeps them, as a file Lightning's own
+    plugin writes would.
+    """
+    try:
+        os.chmod(temporary, _permissions(mode))
+    except OSError as error:
+        if error.errno not in CHMOD_REFUSED_ERRNOS:
+            raise
 
 
 def _permissions(mode: int) -> int:

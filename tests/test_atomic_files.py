@@ -149,3 +149,26 @@ def test_a_directory_is_replaced_whole_where_names_cannot_be_exchanged(tmp_path,
     replace_directory_atomically(model, lambda d: (d / "b.bin").write_bytes(b"2"))
     assert sorted(p.name for p in model.iterdir()) == ["b.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_files_and_directories_are_written_where_permissions_cannot_change(tmp_path, monkeypatch):
+    # Some network and FUSE filesystems refuse chmod: the temporaries keep the mount's permissions.
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    write_bytes_atomically(tmp_path / "metrics.json", b"{}")
+    replace_directory_atomically(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"w"))
+    assert (tmp_path / "metrics.json").read_bytes() == b"{}"
+    assert (tmp_path / "model" / "w.bin").read_bytes() == b"w"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model"]
+
+
+def test_a_directory_where_the_file_should_go_is_named(tmp_path):
+    (tmp_path / "last.ckpt").mkdir()
+    with pytest.raises(StorageError) as raised:
+        write_bytes_atomically(tmp_path / "last.ckpt", b"x")
+    assert str(raised.value) == (
+        f"cannot write {tmp_path / 'last.ckpt'}: it is a directory, not a file; move it away and run again"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

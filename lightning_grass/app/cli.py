@@ -5,23 +5,28 @@ grass-cli fit --config conf/cli/grass.yaml --trainer.strategy=grass --print_conf
 
 Bad input stops it with one line, ``error: <message>``, and exit status 2, as for ``grass-train`` (see
 :mod:`lightning_grass.app.input_errors`): a setting that a class refuses (``GRASSStrategy``, ``GRASSCallback``,
-the model, the data), a setting that Lightning's ``Trainer`` refuses (``error: trainer: ...``), and a malformed
-command line, reported in jsonargparse's own words.
+the model, the data), a setting that Lightning's ``Trainer`` refuses (``error: trainer: ...``), a seed out of
+range, a ``--ckpt_path`` that is not a whole Lightning checkpoint, and a malformed command line, reported in
+jsonargparse's own words.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_grass  # noqa: F401  (registers strategy="grass" and its presets)
 from lightning_grass.app.data import InstructionDataModule, build_char_tokenizer
 from lightning_grass.app.input_errors import find_input_error, report_input_errors, trainer_settings
 from lightning_grass.app.lm import CausalLMModule
+from lightning_grass.app.trainer_checks import check_trainer_settings
+from lightning_grass.atomic_checkpoint_io import read_checkpoint
 from lightning_grass.errors import InputError
+from lightning_grass.setting_checks import check_seed
 
 
 class GRASSCLI(LightningCLI):
@@ -36,6 +41,28 @@ class GRASSCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Derive ``model.answer_pattern`` from ``data.answer_pattern``."""
         parser.link_arguments("data.answer_pattern", "model.answer_pattern")
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as ``LightningCLI`` does, then check the seed and the checkpoint, which Lightning reads next.
+
+        Lightning seeds with ``--seed_everything`` and reads the hyperparameters of ``--ckpt_path`` with a bare
+        ``torch.load`` right after parsing; a seed out of range or a damaged file would stop it with a traceback.
+
+        Raises:
+            SettingTypeError, SettingValueError: For a seed that is not an integer in ``[0, 2**32 - 1]`` (``true``,
+                ``false`` and ``null`` keep their meaning in Lightning).
+            CheckpointError: For a ``--ckpt_path`` file that is not a whole Lightning checkpoint.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        seed = config.get("seed_everything")
+        if seed is not None and not isinstance(seed, bool):
+            check_seed("seed_everything", seed)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path, map_location="cpu", mmap=True)
 
     @override
     def instantiate_classes(self) -> None:
@@ -59,9 +86,11 @@ class GRASSCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the Trainer; a setting it refuses stops the run with ``error: trainer: <Lightning's message>``."""
+        """Build the Trainer; a setting it refuses, or cannot train with, stops the run with one ``error:`` line."""
         with trainer_settings("trainer"):
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+        check_trainer_settings(trainer)
+        return trainer
 
     @override
     def before_fit(self) -> None:

@@ -12,13 +12,18 @@ record is reported at once::
 It writes ``<suite>.md``, ``<suite>.json`` and ``<suite>_predictions.jsonl`` into ``--out`` (see
 :mod:`lightning_grass.app.suite_evaluation`) and prints the table. A tokenizer without a pad token pads with its
 eos token, as in ``grass-train`` (prompts are left-padded under an attention mask). Bad input (a
-missing directory or set, a malformed record, an unknown suite, a malformed command line) stops it with one
-line, ``error: <message>``, and exit status 2, as for ``grass-train``.
+missing directory or set, a malformed record, an unknown suite, an ``--out`` that cannot be written, a malformed
+command line) stops it with one line, ``error: <message>``, and exit status 2, as for ``grass-train``, before the
+model is loaded. SIGINT (Ctrl+C) or SIGTERM while the model loads or the suite is scored stops it with one line,
+and exit status 130 or 143; no results are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -29,9 +34,10 @@ from typing_extensions import override
 from lightning_grass.app.data.prompt import check_special_tokens
 from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.lm import DTYPES, CausalLMModule
+from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
 from lightning_grass.app.suite_evaluation import SuiteEvaluation
 from lightning_grass.app.suites import SUITES
-from lightning_grass.errors import MissingPathError, SettingValueError
+from lightning_grass.errors import MissingPathError, SettingValueError, StorageError
 
 #: Files one of which a saved tokenizer has.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -97,6 +103,28 @@ def _parser() -> _Parser:
     return parser
 
 
+def _check_out(out: Path) -> None:
+    """Create ``--out`` if needed and write a byte into it, so that the scores of a long run are not lost at the end.
+
+    Raises:
+        StorageError: When it is an existing file, or cannot be created or written (no permission, a read-only
+            or full filesystem), naming the path and the reason.
+    """
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"--out {str(out)!r} is a file, not a directory: give the folder to write the results to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise StorageError(
+            f"--out {str(out)!r} cannot be written ({error.strerror or error}): give a folder this user can write, "
+            "on a filesystem with free space"
+        ) from error
+
+
 def _load(model_dir: Path, dtype: str | None) -> CausalLMModule:
     """The saved model and its tokenizer, on the GPU when there is one, in eval mode."""
     if not model_dir.is_dir():
@@ -120,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: The arguments; ``None`` reads ``sys.argv``.
 
     Raises:
-        SystemExit: With status 2 for bad input.
+        SystemExit: With status 2 for bad input, or ``128 + signal`` when SIGINT or SIGTERM stopped it.
     """
     with report_input_errors():
         args = _parser().parse_args(argv)
@@ -134,8 +162,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.sample,
             args.sample_seed,
         )
-        module = _load(args.model, args.dtype)
-        result = evaluation.run(module.model, module.tokenizer, args.out, str(args.model))
+        _check_out(args.out)
+        try:
+            with stop_signals_raise():
+                module = _load(args.model, args.dtype)
+                result = evaluation.score(module.model, module.tokenizer)
+        except StopRequested as stop:
+            print(
+                f"stopped by {stop.signal_name} before scoring ended; no results were written to {args.out}",
+                file=sys.stderr,
+            )
+            raise SystemExit(stop.exit_status) from None
+        evaluation.write(result, args.out, str(args.model))
     print(result.markdown(str(args.model)), end="")
     print(f"written to {args.out}: {args.suite}.md, {args.suite}.json, {args.suite}_predictions.jsonl")
 

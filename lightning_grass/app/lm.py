@@ -219,16 +219,21 @@ class CausalLMModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the model and its tokenizer with ``save_pretrained`` so ``from_pretrained`` reloads both.
 
         LoRA adapters are merged into a copy of the base weights, so the directory holds a plain model.
+
+        Args:
+            directory: Where to write.
+            state_dict: The model's full weights, where its parameters do not hold them (FSDP2 shards); by
+                default the parameters themselves.
         """
         directory = Path(directory)
         if self.hparams.lora is not None:
             save_merged(self.model, directory)
         else:
-            self.model.save_pretrained(directory)
+            self.model.save_pretrained(directory, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         return directory

@@ -294,17 +294,29 @@ class SuiteEvaluation:
         Returns:
             The scores and predictions.
         """
-        result = score_suite(
+        result = self.score(model, tokenizer)
+        self.write(result, Path(out_dir), model_label)
+        return result
+
+    def score(self, model: nn.Module, tokenizer: Any) -> SuiteResult:
+        """Score ``model`` on every set, writing nothing.
+
+        Args:
+            model: A Hugging Face causal LM, on the device it should generate on.
+            tokenizer: Its tokenizer, with pad and eos tokens.
+
+        Returns:
+            The scores and predictions.
+        """
+        return score_suite(
             self.name,
             self.sets,
             lambda examples: generate_answers(model, tokenizer, examples, self.max_new_tokens, self.batch_size),
             self.indices,
         )
-        self.write(result, Path(out_dir), model_label)
-        return result
 
     def write(self, result: SuiteResult, out_dir: Path, model_label: str) -> None:
-        """Write ``result``'s table, JSON and predictions into ``out_dir`` (each file atomically).
+        """Write ``result``'s table, JSON and predictions into ``out_dir`` (created if needed; each file atomically).
 
         Args:
             result: The scores.

@@ -33,14 +33,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
 from lightning_grass import plots
 from lightning_grass.app.checkpoints import (
     CHECKPOINT_DIR,
+    SAVED_CONFIG,
     check_checkpoint_settings,
     check_resume_checkpoint,
     checkpoint_callbacks,
+    report_changed_settings,
     resume_path,
     resumes_in_place,
 )
@@ -59,6 +63,7 @@ from lightning_grass.app.trainer_checks import check_trainer_settings
 from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.callback import GRASSCallback
+from lightning_grass.errors import SettingValueError
 from lightning_grass.preemption import CheckpointOnSigterm
 from lightning_grass.setting_checks import check_seed
 
@@ -73,9 +78,6 @@ CONFIG_PACKAGE = "lightning_grass.conf"
 #: The exit status of a run that trained but diverged: its weights are not finite, or it skipped more than half
 #: of its steps for non-finite gradients. Its outputs are written first.
 DIVERGED_STATUS = 3
-
-#: Settings whose change on a resume is not worth a line: where the run writes and which checkpoint it reads.
-_UNCOMPARED_SETTINGS = ("ckpt_path", "paths")
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -97,6 +99,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             ``128 + signal`` when SIGTERM or SIGINT stopped it.
     """
     run_start = time.perf_counter()
+    _check_required_settings(cfg)
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
     if cfg.stage != "pretrain":
         check_checkpoint_settings(ckpt_every_n_steps, cfg.get("ckpt_path"))
@@ -112,16 +115,29 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return _finetune(cfg, output_dir, run_start)
 
 
+def _check_required_settings(cfg: DictConfig) -> None:
+    """Refuse a config that leaves a setting to the user (``???``, e.g. ``model=local``'s ``pretrained_path``)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{name}=..." for name in missing)
+        raise SettingValueError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: the configs chosen leave "
+            f"{'it' if len(missing) == 1 else 'them'} to you ('???'); give {'it' if len(missing) == 1 else 'them'} "
+            f"on the command line ({example})"
+        )
+
+
 def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, Any]:
     ckpt_every_n_steps = cfg.get("ckpt_every_n_steps", 0)
     suite = SuiteEvaluation.from_config(cfg.get("evaluate_suite"))  # its test sets are read and checked now
     base_seconds = _prepare_base(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     module = _build_module(cfg)
+    strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
     ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None and ckpt_path.is_file():
-        resumed_step = check_resume_checkpoint(ckpt_path, module)
-        _report_changed_settings(cfg, output_dir, resumed_step)
+        resumed_step = check_resume_checkpoint(ckpt_path, module, strategy)
+        report_changed_settings(cfg, output_dir, resumed_step)
     datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     datamodule.tokenizer = module.tokenizer
     datamodule.setup("fit")
@@ -134,7 +150,6 @@ def _finetune(cfg: DictConfig, output_dir: Path, run_start: float) -> dict[str, 
     callbacks += [stats] + ([sampler] if sampler is not None else [])
     callbacks += checkpoint_callbacks(output_dir, ckpt_every_n_steps)
     loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
-    strategy = instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
     with trainer_settings("trainer"):  # Lightning's own refusals become one line naming the trainer
         trainer: pl.Trainer = instantiate(
             cfg.trainer,
@@ -225,9 +240,10 @@ def _evaluate_and_write(
         metrics["effective_layers_mean"] = sum(spreads) / len(spreads) if spreads else None
         metrics["draw_share"] = sampler.draw_share
         metrics["history"] = sampler.history
+    weights = _gathered_weights(module)  # every rank takes part under FSDP2
     if not trainer.is_global_zero:
         return metrics
-    replace_directory_atomically(model_dir, lambda staging: _save_pretrained(module, staging))
+    replace_directory_atomically(model_dir, lambda staging: _save_pretrained(module, staging, weights))
     if suite is not None:
         metrics.update(suite.run(module.model, module.tokenizer, output_dir / "suite", str(model_dir)).metrics())
     _write_config(cfg, output_dir)
@@ -291,32 +307,8 @@ def _resume_hint(cfg: DictConfig, output_dir: Path) -> str:
     return f"resume with ckpt_path=last paths.output_dir={output_dir}"
 
 
-def _report_changed_settings(cfg: DictConfig, output_dir: Path, resumed_step: int) -> None:
-    """One line per setting that differs from the run's own ``resolved_config.yaml`` (the sampler reports its own)."""
-    print(f"resuming from the checkpoint of step {resumed_step}")
-    saved_path = output_dir / "resolved_config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False))
-    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    for name in sorted(saved.keys() | current.keys()):
-        if name.split(".")[0] in _UNCOMPARED_SETTINGS or (name.startswith("sampler.") and name != "sampler._target_"):
-            continue
-        if saved.get(name) != current.get(name):
-            print(f"resuming with {name}={current.get(name)!r}; the run started with {name}={saved.get(name)!r}")
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
 def _write_config(cfg: DictConfig, output_dir: Path) -> None:
-    write_text_atomically(output_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomically(output_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _exact_match(module: pl.LightningModule, examples: list[Any], pattern: str | None) -> float:
@@ -324,14 +316,26 @@ def _exact_match(module: pl.LightningModule, examples: list[Any], pattern: str |
     return exact_match(module.model, module.tokenizer, examples, pattern, module.hparams.max_new_tokens)
 
 
-def _save_pretrained(module: pl.LightningModule, directory: Path) -> None:
+def _gathered_weights(module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+    """The model's full weights on the CPU of rank 0 when FSDP2 (``grass_fsdp``) shards them, else ``None``.
+
+    A collective: under FSDP2 every rank must call it.
+    """
+    if not any(isinstance(p, DTensor) for p in module.model.parameters()):
+        return None
+    return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_pretrained(
+    module: pl.LightningModule, directory: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
     """``module.save_pretrained(directory)``, with safetensors' write errors raised as the ``OSError`` they are.
 
     safetensors reports a full disk as ``SafetensorError`` ("... No space left on device (os error 28)"); as an
     ``OSError`` it becomes the one-line :class:`~lightning_grass.errors.StorageError` that names the directory.
     """
     try:
-        module.save_pretrained(directory)
+        module.save_pretrained(directory, weights)
     except SafetensorError as error:
         code = re.search(r"os error (\d+)", str(error))
         if code is None:

@@ -109,3 +109,13 @@ def test_a_model_folder_without_a_tokenizer(tmp_path, grass_train, tiny_pretrain
     (model / "tokenizer.json").unlink()
     last = _last_line(grass_train("model=local", f"model.pretrained_path={model}"))
     assert last.startswith(f"error: pretrained_path='{model}' has no tokenizer: it holds ['tokenizer_config.json'] of ")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"), [(["model=local"], "model.pretrained_path"), (["data=alpaca_json"], "data.task")]
+)
+def test_a_setting_the_configs_leave_to_the_user(grass_train, overrides, name):
+    assert _last_line(grass_train(*overrides)) == (
+        f"error: {name} is not set: the configs chosen leave it to you ('???'); give it on the command line "
+        f"({name}=...)"
+    )

@@ -1,12 +1,16 @@
 """``grass-evaluate`` in process: a saved model scored on a suite, and one ``error:`` line for bad input."""
 
+import errno
 import json
+import os
 import shutil
+import signal
+import time
 
 import pytest
 from suite_files import write_suite
 
-from lightning_grass.app import evaluate_cli
+from lightning_grass.app import evaluate_cli, suite_evaluation
 
 
 def test_a_saved_model_is_scored_and_the_table_printed(tmp_path, tiny_pretrained_dir, capsys):
@@ -101,3 +105,87 @@ def test_an_unknown_set(tmp_path, capsys, tiny_pretrained_dir):
         "--sets", "boolq,gsm8k",
     )  # fmt: skip
     assert line.startswith("error: sets=['boolq', 'gsm8k']: ['gsm8k'] are not sets of the commonsense suite")
+
+
+def _never_load(model_dir, dtype):
+    raise AssertionError("the model was loaded")
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_is_loaded(
+    tmp_path, capsys, tiny_pretrained_dir, monkeypatch
+):
+    monkeypatch.setattr(evaluate_cli, "_load", _never_load)
+    root = str(write_suite(tmp_path / "data", "arithmetic"))
+    out = tmp_path / "results.md"
+    out.write_text("an earlier table\n")
+    with pytest.raises(SystemExit) as stop:
+        evaluate_cli.main(
+            ["--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", root, "--out", str(out)]
+        )
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --out '{out}' is a file, not a directory: give the folder to write the results to\n"
+    )
+    assert out.read_text() == "an earlier table\n"
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC, errno.EACCES])
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
+    tmp_path, capsys, tiny_pretrained_dir, monkeypatch, code
+):
+    # Simulated (the tests run as root, which a read-only mode would not stop): every fsync fails as given.
+    def refuse(descriptor):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(evaluate_cli, "_load", _never_load)
+    monkeypatch.setattr(evaluate_cli.os, "fsync", refuse)
+    root = str(write_suite(tmp_path / "data", "arithmetic"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        evaluate_cli.main(
+            ["--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", root, "--out", str(out)]
+        )
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --out '{out}' cannot be written ({os.strerror(code)}): give a folder this user can write, on a "
+        "filesystem with free space\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_scoring_is_one_line_and_its_exit_status(
+    tmp_path, capsys, tiny_pretrained_dir, monkeypatch, name
+):
+    def signal_while_generating(*args):
+        os.kill(os.getpid(), signal.Signals[name])
+        time.sleep(5)  # the handler raises in this thread as soon as the signal arrives
+        raise AssertionError("the signal did not stop the scoring")
+
+    monkeypatch.setattr(suite_evaluation, "generate_answers", signal_while_generating)
+    handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    root = str(write_suite(tmp_path / "data", "arithmetic"))
+    out = tmp_path / "out"
+    arguments = ["--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", root, "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        evaluate_cli.main(arguments)
+    assert stop.value.code == 128 + signal.Signals[name]
+    printed = capsys.readouterr().err  # after the progress bar of the model's loading
+    assert printed.splitlines()[-1] == f"stopped by {name} before scoring ended; no results were written to {out}"
+    assert "Traceback" not in printed
+    assert list(out.iterdir()) == []
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers, "they are restored"
+
+
+def test_a_missing_or_damaged_set_outside_the_selection_is_not_read(tmp_path, capsys, tiny_pretrained_dir):
+    root = write_suite(tmp_path / "LLM-Adapters", "commonsense")
+    shutil.rmtree(root / "dataset" / "winogrande")
+    (root / "dataset" / "piqa" / "test.json").write_bytes(b'[{"instruction": "cut sh')
+    out = tmp_path / "out"
+    evaluate_cli.main(
+        [
+            *("--model", str(tiny_pretrained_dir), "--suite", "commonsense", "--data-root", str(root)),
+            *("--out", str(out), "--sets", "boolq,ARC-Easy", "--max-new-tokens", "2"),
+        ]
+    )
+    assert "| Model | BoolQ | ARC-e | Avg. |\n" in capsys.readouterr().out
+    assert list(json.loads((out / "commonsense.json").read_text())["sets"]) == ["boolq", "ARC-Easy"]

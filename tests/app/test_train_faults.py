@@ -2,6 +2,7 @@
 that arrive as training ends stop the run, a diverged loss is reported, and a full disk keeps the old model."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -12,8 +13,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from lightning_grass.app import train
+from lightning_grass.app.lm import CausalLMModule
 from lightning_grass.atomic_files import replace_directory_atomically
 from lightning_grass.errors import StorageError
 
@@ -29,6 +33,19 @@ TINY = [
     "evaluate_before=false",
     "model.eval_examples=2",
 ]
+
+
+@pytest.fixture(autouse=True)
+def hydra_logging_restored():
+    """Each in-process run adds Hydra's handlers (a log file among them) to the root logger; remove them after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def grass_train(monkeypatch, output_dir, *overrides):
@@ -151,7 +168,7 @@ def test_a_run_whose_last_loss_is_not_finite_diverged(metrics, why):
 
 
 class SavesOnAFullDisk:
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, state_dict=None):
         (Path(directory) / "config.json").write_text("{}")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
@@ -166,3 +183,18 @@ def test_a_disk_that_fills_while_the_model_is_written_keeps_the_old_model(tmp_pa
     assert "No space left on device" in str(raised.value)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (model_dir / "model.safetensors").read_bytes() == b"previous weights"
+
+
+def test_grass_fsdp_on_one_process_trains_and_saves_a_model_that_reloads(tmp_path, monkeypatch):
+    try:
+        grass_train(monkeypatch, tmp_path / "fsdp", "strategy=grass_fsdp")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 2 and metrics["non_finite_tensors"] == 0
+    saved = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    reloaded = CausalLMModule(pretrained_path=tmp_path / "fsdp" / "model")  # refuses a missing or misshapen tensor
+    for name, weight in reloaded.model.state_dict().items():
+        assert torch.equal(weight, saved[name]), name
+    assert not any(isinstance(weight, DTensor) for weight in saved.values())

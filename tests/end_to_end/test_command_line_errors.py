@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_grass.app import cli
 
@@ -158,3 +159,54 @@ def test_a_setting_lightnings_trainer_refuses_is_one_line_naming_the_trainer(tmp
     assert result.stderr.splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        ("-1", "error: seed_everything=-1 must be an integer in [0, 4294967295]"),
+        (str(10**21), f"error: seed_everything={10**21} must be an integer in [0, 4294967295]"),
+        (
+            "abc",
+            'error: Parser key "seed_everything": Does not validate against any of the Union subtypes Subtypes: '
+            "[<class 'bool'>, <class 'int'>] Errors: - Expected a <class 'bool'> - Expected a <class 'int'> Given "
+            "value type: <class 'str'> Given value: abc",
+        ),
+    ],
+    ids=["negative", "above 2**32 - 1", "not a number"],
+)
+def test_grass_cli_refuses_a_seed_out_of_range_in_one_line(capsys, monkeypatch, seed, message):
+    monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(REPO / "conf" / "cli" / "grass.yaml"), f"--seed_everything={seed}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_grass_cli_names_a_truncated_ckpt_path_in_one_line(tmp_path, capsys, monkeypatch, tiny_pretrained_dir):
+    monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    torch.save({"state_dict": {"w": torch.zeros(20_000)}, "pytorch-lightning_version": "2.6.0"}, tmp_path / "x.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((tmp_path / "x.ckpt").read_bytes()[:40_000])  # cut where torch's reader says EINVAL
+    arguments = [f"--model.pretrained_path={tiny_pretrained_dir}", f"--ckpt_path={truncated}"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(REPO / "conf" / "cli" / "grass.yaml"), *arguments])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: checkpoint {truncated} is truncated (40,000 bytes, the end of the archive is missing)"
+    )
+
+
+def test_grass_cli_refuses_a_trainer_setting_lightning_accepts_but_cannot_train_with(
+    capsys, monkeypatch, tiny_pretrained_dir
+):
+    monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    arguments = [f"--model.pretrained_path={tiny_pretrained_dir}", "--trainer.accumulate_grad_batches=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(REPO / "conf" / "cli" / "grass.yaml"), *arguments])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: trainer.accumulate_grad_batches=0 must be an integer >= 1"

@@ -19,6 +19,7 @@ with the rank in ``LOCAL_RANK``.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import socket
 import subprocess
@@ -29,9 +30,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.migration.utils import _set_version
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -225,6 +229,53 @@ def test_grass_strategy_without_the_callback_trains_like_single_device(optimizer
         for name in [name for name in grass["weights"] if name.startswith("model.model.layers.0.")]:
             start = grass["start"][name].float()  # where the weight, or its master, started
             assert not torch.equal(trained[name].float(), start), f"the unfrozen {name} was stepped"
+
+
+LIGHTNING_AND_GRASS = [
+    pytest.param(lambda: SingleDeviceStrategy("cpu"), id="SingleDeviceStrategy"),
+    pytest.param(GRASSStrategy, id="GRASSStrategy"),
+]
+
+
+def boring_trainer(strategy, tmp_path, **settings):
+    """A Trainer as in Lightning's ``test_checkpoint_connector.py``, on ``strategy``."""
+    return Trainer(default_root_dir=tmp_path, strategy=strategy(), accelerator="cpu", devices=1, **settings)
+
+
+@pytest.mark.parametrize("strategy", LIGHTNING_AND_GRASS)
+def test_a_save_where_permissions_cannot_change_succeeds_as_in_lightning(tmp_path, monkeypatch, strategy):
+    # Some network and FUSE filesystems refuse chmod; Lightning's plugin writes there without changing permissions.
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    trainer = boring_trainer(strategy, tmp_path, max_steps=1, enable_checkpointing=False, logger=False)
+    trainer.fit(BoringModel())
+    monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(os, "fchmod", refuse)
+    trainer.save_checkpoint(tmp_path / "saved.ckpt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "saved.ckpt", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.parametrize("strategy", LIGHTNING_AND_GRASS)
+def test_a_checkpoint_without_a_global_step_resumes_as_in_lightning(tmp_path, strategy):
+    # Lightning's test_stateful_trainer_ckpt_path_support: the checkpoint NeMo's experiment manager writes.
+    model = BoringModel()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": {}, "lr_schedulers": {}}
+    _set_version(checkpoint, "2.0.0")
+    torch.save(checkpoint, tmp_path / "foo.ckpt")
+    trainer = boring_trainer(strategy, tmp_path, fast_dev_run=True)
+    trainer.fit(model, ckpt_path=tmp_path / "foo.ckpt")
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("strategy", LIGHTNING_AND_GRASS)
+def test_a_missing_checkpoint_is_reported_in_lightnings_words(tmp_path, strategy):
+    # Lightning's test_hpc_restore_attempt, case 2.
+    trainer = boring_trainer(strategy, tmp_path, max_steps=3)
+    with pytest.raises(FileNotFoundError) as raised:
+        trainer.fit(BoringModel(), ckpt_path="not existing")
+    assert str(raised.value) == "Checkpoint file not found: not existing"
 
 
 DDP_PRECISIONS = ["32-true", "bf16-true"]
