@@ -33,14 +33,11 @@ from typing_extensions import override
 
 from lightning_grass.app.data.prompt import check_special_tokens
 from lightning_grass.app.input_errors import report_input_errors
-from lightning_grass.app.lm import DTYPES, CausalLMModule
+from lightning_grass.app.lm import DTYPES, TOKENIZER_FILES, CausalLMModule
 from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
 from lightning_grass.app.suite_evaluation import SuiteEvaluation
 from lightning_grass.app.suites import SUITES
 from lightning_grass.errors import MissingPathError, SettingValueError, StorageError
-
-#: Files one of which a saved tokenizer has.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -186,11 +187,12 @@ def test_a_disk_that_fills_while_the_model_is_written_keeps_the_old_model(tmp_pa
 
 
 def test_grass_fsdp_on_one_process_trains_and_saves_a_model_that_reloads(tmp_path, monkeypatch):
-    try:
-        grass_train(monkeypatch, tmp_path / "fsdp", "strategy=grass_fsdp")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with mock.patch.dict(os.environ):  # Lightning sets MASTER_ADDR and MASTER_PORT for the process group
+        try:
+            grass_train(monkeypatch, tmp_path / "fsdp", "strategy=grass_fsdp")
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     metrics = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 2 and metrics["non_finite_tensors"] == 0
     saved = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
