@@ -6,8 +6,8 @@ grass-cli fit --config conf/cli/grass.yaml --trainer.strategy=grass --print_conf
 Bad input stops it with one line, ``error: <message>``, and exit status 2, as for ``grass-train`` (see
 :mod:`lightning_grass.app.input_errors`): a setting that a class refuses (``GRASSStrategy``, ``GRASSCallback``,
 the model, the data), a setting that Lightning's ``Trainer`` refuses (``error: trainer: ...``), a seed out of
-range, a ``--ckpt_path`` that is not a whole Lightning checkpoint, and a malformed command line, reported in
-jsonargparse's own words.
+range, a ``--ckpt_path`` that training cannot resume from (checked as ``grass-train`` checks it), and a malformed
+command line, reported in jsonargparse's own words.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightning_grass  # noqa: F401  (registers strategy="grass" and its presets)
+from lightning_grass.app.checkpoints import check_resume_checkpoint
 from lightning_grass.app.data import InstructionDataModule, build_char_tokenizer
 from lightning_grass.app.input_errors import find_input_error, report_input_errors, trainer_settings
 from lightning_grass.app.lm import CausalLMModule
@@ -94,10 +95,18 @@ class GRASSCLI(LightningCLI):
 
     @override
     def before_fit(self) -> None:
-        """Hand the model's tokenizer to the datamodule."""
+        """Hand the model's tokenizer to the datamodule, and check ``--ckpt_path`` as ``grass-train`` does.
+
+        Raises:
+            CheckpointError: When training cannot resume from ``--ckpt_path`` with this model and strategy (weights
+                only, another model, a single-process data position under ``grass_ddp``).
+        """
         if self.model.tokenizer is None:
             self.model.tokenizer = build_char_tokenizer()
         self.datamodule.tokenizer = self.model.tokenizer
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_resume_checkpoint(ckpt_path, self.model, self.trainer.strategy)
 
 
 class _RefusalRecorder:

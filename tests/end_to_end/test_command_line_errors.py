@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_grass.app import cli
+from lightning_grass.app.lm import CausalLMModule
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model=scratch_llama", "trainer.max_steps=2", "logger=none", "callbacks=none"]
@@ -210,3 +211,21 @@ def test_grass_cli_refuses_a_trainer_setting_lightning_accepts_but_cannot_train_
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "error: trainer.accumulate_grad_batches=0 must be an integer >= 1"
+
+
+def test_grass_cli_refuses_a_weights_only_ckpt_path_in_one_line(tmp_path, capsys, monkeypatch, tiny_pretrained_dir):
+    monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    weights = CausalLMModule(pretrained_path=tiny_pretrained_dir).state_dict()
+    torch.save({"state_dict": weights, "pytorch-lightning_version": "2.6.0", "global_step": 3}, tmp_path / "w.ckpt")
+    arguments = [f"--model.pretrained_path={tiny_pretrained_dir}", f"--ckpt_path={tmp_path / 'w.ckpt'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(REPO / "conf" / "cli" / "grass.yaml"), *arguments])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            f"error: checkpoint {tmp_path / 'w.ckpt'} holds the model's weights only (it was saved with weights_only=True)"
+        )
+    )
