@@ -222,10 +222,5 @@ def test_grass_cli_refuses_a_weights_only_ckpt_path_in_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "--config", str(REPO / "conf" / "cli" / "grass.yaml"), *arguments])
     assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .startswith(
-            f"error: checkpoint {tmp_path / 'w.ckpt'} holds the model's weights only (it was saved with weights_only=True)"
-        )
-    )
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {tmp_path / 'w.ckpt'} holds the model's weights only (it was saved ")
