@@ -108,6 +108,8 @@ class GRASSCallback(Callback):
         train_head: Keep the LM head trainable. A head tied to the token embedding (Gemma, GPT-2) is one tensor
             with it and follows ``train_embeddings``; a disagreement is warned about at fit start.
         train_final_norm: Keep the final norm trainable.
+        train_towers: Train vision and audio towers and projectors (the ``towers`` group) at every step; frozen
+            by default.
         seed: Seed of the sampling generator; ``None`` takes ``torch.initial_seed()`` at fit start.
         skip_non_finite: Warn and skip the optimizer step when a layer's gradient holds NaN or Inf.
 
@@ -155,6 +157,7 @@ class GRASSCallback(Callback):
         train_embeddings: bool = True,
         train_head: bool = True,
         train_final_norm: bool = True,
+        train_towers: bool = False,
         seed: int | None = None,
         skip_non_finite: bool = True,
     ) -> None:
@@ -175,6 +178,7 @@ class GRASSCallback(Callback):
             train_embeddings=train_embeddings,
             train_head=train_head,
             train_final_norm=train_final_norm,
+            train_towers=train_towers,
             seed=seed,
             skip_non_finite=skip_non_finite,
         )
@@ -303,6 +307,7 @@ class GRASSCallback(Callback):
             f"GRASS: mode={self.config.mode}, {self.config.n_active} of {self.layer_map.num_layers} layers active "
             f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). {states}."
         )
+        self._report_layout()
         half = [p for params in self._layer_params for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         if half and self._listener is None:
             rank_zero_warn(
@@ -611,7 +616,15 @@ class GRASSCallback(Callback):
         unused = self._why_setting_is_unused(name)
         if unused is not None:
             return f"it has no effect: {unused}"
-        if name in ("layers", "fixed_layers", "train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
+        if name in (
+            "layers",
+            "fixed_layers",
+            "train_embeddings",
+            "train_head",
+            "train_final_norm",
+            "train_towers",
+            "skip_non_finite",
+        ):
             return f"the new value applies from step {step + 1}, the first of this run"
         if name == "probe_steps":
             return f"the new value applies now: probing ends at step {probe_end}"
@@ -668,24 +681,45 @@ class GRASSCallback(Callback):
         assert self._optimizer is not None and self._meter is not None
         leaving = set(self.active_layers) - set(layers)
         self.active_layers = sorted(layers)
-        active = set(layers)
-        for index, params in enumerate(self._layer_params):
+        trained = {id(p) for index in layers for p in self._layer_params[index]}  # a shared block's, once
+        for params in self._layer_params:
             for p in params:
-                p.requires_grad_(index in active)
-                if index not in active:
+                p.requires_grad_(id(p) in trained)
+                if id(p) not in trained:
                     p.grad = None
         if self._listener is not None:
             self._listener.on_active_layers(self.active_layers)
         else:
-            self._drop_optimizer_states(leaving)
+            self._drop_optimizer_states(leaving, keep=trained)
         self._meter.set_active(self.active_layers, probing=self.phase == "probe")
 
-    def _drop_optimizer_states(self, layers: set[int]) -> None:
-        """Remove the optimizer state of ``layers``' parameters (without a listener, that keeps no state)."""
+    def _report_layout(self) -> None:
+        """Say which stacks were not chosen, what the towers hold and whether they train, and any shared block."""
+        layer_map = self.layer_map
+        towers = layer_map.group_parameters("towers")
+        if layer_map.other_stacks or towers:
+            count = sum(p.numel() for p in towers)
+            state = "train at every step (train_towers=True)" if self.config.train_towers else "are frozen"
+            rank_zero_info(
+                f"GRASS: not sampled: the stacks at {', '.join(repr(s) for s in layer_map.other_stacks) or 'none'}; "
+                f"the towers ({len(layer_map.towers)} modules, {count:,} parameters: vision and audio encoders, "
+                f"projectors) {state}"
+            )
+        if layer_map.shared:
+            holders = sorted({indices for _, indices in layer_map.shared})
+            rank_zero_info(
+                f"GRASS: {len(layer_map.shared)} parameters are shared by several layers ({holders[0]}"
+                f"{' and others' if len(holders) > 1 else ''}); each trains while any layer holding it is active, "
+                "and its gradient counts in the MGN of every layer that holds it"
+            )
+
+    def _drop_optimizer_states(self, layers: set[int], keep: frozenset[int] | set[int] = frozenset()) -> None:
+        """Without a listener, remove the state of ``layers``' parameters, but ``keep``'s (shared, still active)."""
         assert self._optimizer is not None
         for index in layers:
             for p in self._layer_params[index]:
-                self._optimizer.state.pop(p, None)
+                if id(p) not in keep:
+                    self._optimizer.state.pop(p, None)
 
     def _collect_parameters(self, pl_module: pl.LightningModule) -> None:
         """Split the parameters that require grad now into per-layer lists and the trained always-on set."""
@@ -698,6 +732,7 @@ class GRASSCallback(Callback):
             "embeddings": self.config.train_embeddings,
             "head": self.config.train_head,
             "final_norm": self.config.train_final_norm,
+            "towers": self.config.train_towers,
         }
         trained: dict[int, nn.Parameter] = {}
         frozen: dict[int, nn.Parameter] = {}

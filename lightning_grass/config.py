@@ -58,6 +58,10 @@ class GRASSConfig:
         train_head: Keep the LM head trainable; a head tied to the token embedding follows ``train_embeddings``.
         train_final_norm: Keep the final norm trainable. These three default to ``True``, as in LISA, so
             that GRASS and LISA differ only in how layers are chosen.
+        train_towers: Train the ``towers`` group (vision and audio encoders, projectors: what is neither a block
+            nor the text model's embeddings, head or final norm) at every step. ``False`` (default) freezes it:
+            fine-tuning a vision-language model's language layers leaves its vision tower as it was, as most
+            recipes do, and holds no gradient or optimizer state for it.
         seed: Seed of the layer-sampling generator. ``None`` (default) takes ``torch.initial_seed()`` at
             fit start, so ``lightning.seed_everything`` controls it.
         skip_non_finite: When a layer's gradient holds NaN or Inf, warn (naming the step and the layers) and
@@ -82,6 +86,7 @@ class GRASSConfig:
     train_embeddings: bool = True
     train_head: bool = True
     train_final_norm: bool = True
+    train_towers: bool = False
     seed: int | None = None
     skip_non_finite: bool = True
 
@@ -101,7 +106,7 @@ class GRASSConfig:
         check_number("ema", self.ema, "in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)
-        for name in ("train_embeddings", "train_head", "train_final_norm", "skip_non_finite"):
+        for name in ("train_embeddings", "train_head", "train_final_norm", "train_towers", "skip_non_finite"):
             check_flag(name, getattr(self, name))
         if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
             raise SettingValueError(

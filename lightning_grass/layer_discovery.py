@@ -3,12 +3,23 @@
 Discovery works on the module tree, so the same call finds the layers of a bare Hugging Face model, of one
 held in a ``LightningModule`` attribute, and of one inside a ``peft`` wrapper.
 
-1. ``layers="model.model.layers"`` (a dotted path resolved with ``getattr``) overrides everything.
+1. ``layers="model.model.layers"`` (a dotted path resolved with ``getattr``) overrides everything; several
+   paths joined by commas (``"encoder.block,decoder.block"``) pool the blocks of several stacks.
 2. Otherwise the known layouts in :data:`KNOWN_LAYOUTS` are tried: the first entry that matches the end
    of some ``nn.ModuleList``'s dotted name wins.
-3. Otherwise the generic fallback picks, among all ``nn.ModuleList`` whose children share one class, the
-   one that holds the most parameters. A new architecture therefore needs no code; adding its path to
-   the table only makes the choice explicit.
+3. Otherwise the generic fallback looks at the *stacks*: the ``nn.ModuleList``s whose children share one
+   class, or alternate between classes that each appear more than once (Mllama's self- and cross-attention
+   layers). It prefers the stacks that the text embedding feeds (their parent holds the module
+   ``get_input_embeddings()`` returns), which are the language model's and not a vision or audio tower's;
+   when stacks under two parents are fed, as the encoder and decoder of T5, both are pooled, encoder first.
+   Among the rest it picks the one that holds the most parameters. A new architecture therefore needs no
+   code; adding its path to the table only makes the choice explicit.
+
+Every other stack that the text embedding does not feed, and everything around it up to where it meets the
+chosen blocks' branch, is a *tower*:
+a vision or audio encoder, with its projector when the language model has a root of its own
+(``model.language_model``), as in LLaVA, Gemma 3 and Qwen2.5-VL. Towers form their own group, ``towers``,
+which the callback freezes by default.
 
 Every module with parameters outside the blocks goes to one always-on group, by what it is, whatever order it
 was registered in (litgpt's ``GPT`` registers ``lm_head`` before ``transformer``):
@@ -20,8 +31,12 @@ was registered in (litgpt's ``GPT`` registers ``lm_head`` before ``transformer``
   embedding's parameter (a head tied to the token embedding).
 - ``final_norm``: the norm a known layout names (needed where it is registered before the blocks, as in OPT);
   otherwise the norm modules registered after the blocks.
+- ``towers``: every module inside a tower (see above), checked first.
 - Any other module goes by its place: registered before the blocks it joins ``embeddings`` (an embedding
   norm, an input projection), after them ``head``.
+
+A parameter held by several blocks (Zamba2's shared transformer block) is one of each block's parameters: it
+trains while any of them is active (:attr:`LayerMap.shared` lists them).
 
 A parameter held by modules of two groups (tied word embeddings: Gemma, GPT-2) belongs to the first of
 ``embeddings``, ``head``, ``final_norm``, so :meth:`LayerMap.group_parameters` yields every parameter once.
@@ -68,12 +83,24 @@ KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
     KnownLayout("model.decoder.layers", ("model.decoder.final_layer_norm",), "OPT"),
     KnownLayout("gpt_neox.layers", ("gpt_neox.final_layer_norm",), "GPT-NeoX, Pythia"),
     KnownLayout("transformer.h", ("transformer.ln_f",), "GPT-2, GPT-J, Falcon, BLOOM"),
+    KnownLayout(
+        "language_model.layers",
+        ("language_model.norm",),
+        "vision-language: Gemma 3, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA, Mllama",
+    ),
+    KnownLayout("text_model.layers", ("text_model.norm",), "vision-language: Idefics3, SmolVLM"),
+    KnownLayout(
+        "encoder.block,decoder.block",
+        ("encoder.final_layer_norm", "decoder.final_layer_norm"),
+        "encoder-decoder: T5, mT5, UMT5 (both stacks, one pool)",
+    ),
 )
 
 
-#: The always-on groups of a :class:`LayerMap`, each a list of modules outside the blocks. A parameter that
+#: The groups of a :class:`LayerMap` outside the blocks, each a list of modules. The first three train at every
+#: step by default; ``towers`` (vision and audio encoders, projectors) is frozen by default. A parameter that
 #: modules of two groups hold belongs to the first of them in this order.
-ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm")
+ALWAYS_ON_GROUPS = ("embeddings", "head", "final_norm", "towers")
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,14 +127,19 @@ class LayerMap:
 
     Attributes:
         blocks: The transformer blocks, in forward order. ``blocks[i]`` is layer ``i``.
-        path: Dotted path of the container of ``blocks``, relative to the module given to discovery.
+        path: Dotted path of the container of ``blocks``, relative to the module given to discovery; the paths
+            of several pooled stacks are joined by commas (``"encoder.block,decoder.block"``).
         found_by: ``"override"``, ``"table"`` or ``"fallback"``: which discovery rule matched.
         embeddings: The embeddings and other modules with parameters registered before the blocks.
         final_norm: The final norm.
         head: The output projection (the LM head) and other modules with parameters registered after the
             blocks.
+        towers: Vision and audio encoders, projectors: the modules of every stack not chosen, and what surrounds
+            it up to the chosen blocks' branch.
         tied: The parameters that modules of two groups share; each is in :meth:`group_parameters` of its
             ``group`` only.
+        other_stacks: The dotted paths of the stacks not chosen, whose modules are in ``towers``.
+        shared: Parameters that several blocks hold, each with the indices of those blocks.
     """
 
     blocks: list[nn.Module]
@@ -116,7 +148,10 @@ class LayerMap:
     embeddings: list[nn.Module] = field(default_factory=list)
     final_norm: list[nn.Module] = field(default_factory=list)
     head: list[nn.Module] = field(default_factory=list)
+    towers: list[nn.Module] = field(default_factory=list)
     tied: list[TiedParameter] = field(default_factory=list)
+    other_stacks: tuple[str, ...] = ()
+    shared: list[tuple[nn.Parameter, tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -128,12 +163,12 @@ class LayerMap:
         return list(self.blocks[index].parameters())
 
     def group_parameters(self, group: str) -> list[nn.Parameter]:
-        """Parameters of an always-on group: ``"embeddings"``, ``"head"`` or ``"final_norm"``.
+        """Parameters of a group outside the blocks: ``"embeddings"``, ``"head"``, ``"final_norm"`` or ``"towers"``.
 
         A parameter that modules of two groups hold is returned for the first of them only (see :attr:`tied`).
         """
         if group not in ALWAYS_ON_GROUPS:
-            raise ValueError(f"group={group!r} is not an always-on group; use 'embeddings', 'head' or 'final_norm'")
+            raise ValueError(f"group={group!r} is not a group outside the blocks; use one of {ALWAYS_ON_GROUPS}")
         earlier = {id(p) for name in ALWAYS_ON_GROUPS[: ALWAYS_ON_GROUPS.index(group)] for p in self._direct(name)}
         return [p for p in self._direct(group) if id(p) not in earlier]
 
@@ -169,15 +204,26 @@ def discover_layers(model: nn.Module, layers: str | None = None) -> LayerMap:
     candidates = _module_lists(model)
     final_norm_paths: tuple[str, ...] = ()
     if layers is not None:
-        path, found_by = _resolve_override(model, layers, candidates), "override"
+        paths = [_resolve_override(model, part.strip(), candidates) for part in layers.split(",")]
+        found_by = "override"
     elif (known := _match_known_layout(candidates)) is not None:
-        (path, final_norm_paths), found_by = known, "table"
+        (paths, final_norm_paths), found_by = known, "table"
     else:
-        path, found_by = _largest_uniform_list(model, candidates), "fallback"
-    container = model.get_submodule(path)
-    layer_map = LayerMap(blocks=list(container), path=path, found_by=found_by)
-    _assign_always_on(model, path, final_norm_paths, layer_map)
-    log.debug("discovered %d layers at %r (%s)", layer_map.num_layers, path, found_by)
+        paths, found_by = _fallback(model, candidates), "fallback"
+    blocks = [block for path in paths for block in model.get_submodule(path)]
+    layer_map = LayerMap(blocks=blocks, path=",".join(paths), found_by=found_by)
+    text = _text_embedding(model)
+    others = [
+        name
+        for name, container in candidates.items()
+        if _is_stack(container) and _unrelated(name, paths) and not (text and _parent_holds(model, name, text))
+    ]
+    block_params = {id(p) for block in blocks for p in block.parameters()}
+    others = [name for name in others if not any(id(p) in block_params for p in candidates[name].parameters())]
+    layer_map.other_stacks = tuple(others)
+    _assign_always_on(model, paths, final_norm_paths, _tower_roots(model, paths, others), layer_map)
+    layer_map.shared = _shared_parameters(layer_map)
+    log.debug("discovered %d layers at %r (%s)", layer_map.num_layers, layer_map.path, found_by)
     return layer_map
 
 
@@ -202,48 +248,123 @@ def _resolve_override(model: nn.Module, layers: str, candidates: dict[str, nn.Mo
     return layers
 
 
-def _match_known_layout(candidates: dict[str, nn.ModuleList]) -> tuple[str, tuple[str, ...]] | None:
+def _match_known_layout(candidates: dict[str, nn.ModuleList]) -> tuple[list[str], tuple[str, ...]] | None:
     for layout in KNOWN_LAYOUTS:
-        matches = [name for name in candidates if name == layout.blocks or name.endswith("." + layout.blocks)]
-        if matches:
-            path = max(matches, key=lambda name: _num_params(candidates[name]))
-            root = path[: -len(layout.blocks)]
-            return path, tuple(root + norm for norm in layout.final_norm)
+        first, *rest = layout.blocks.split(",")
+        matches = [name for name in candidates if name == first or name.endswith("." + first)]
+        roots = [name[: -len(first)] for name in matches]
+        roots = [root for root in roots if all(root + part in candidates for part in rest)]
+        if roots:
+            root = max(roots, key=lambda r: _num_params(candidates[r + first]))
+            paths = [root + part for part in layout.blocks.split(",")]
+            return paths, tuple(root + norm for norm in layout.final_norm)
     return None
 
 
-def _largest_uniform_list(model: nn.Module, candidates: dict[str, nn.ModuleList]) -> str:
-    uniform = [name for name, container in candidates.items() if len({type(block) for block in container}) == 1]
-    if not uniform:
+def _fallback(model: nn.Module, candidates: dict[str, nn.ModuleList]) -> list[str]:
+    """The stacks the text embedding feeds (both of an encoder-decoder), or else the largest stack."""
+    stacks = [name for name, container in candidates.items() if _is_stack(container)]
+    if not stacks:
         raise SettingValueError(
-            f"no transformer blocks found in {type(model).__name__}: no nn.ModuleList of same-class blocks. "
-            f"Candidate paths: {_describe(candidates)}. Pass layers='dotted.path.to.blocks'."
+            f"no transformer blocks found in {type(model).__name__}: no nn.ModuleList of same-class (or alternating) "
+            f"blocks. Candidate paths: {_describe(candidates)}. Pass layers='dotted.path.to.blocks'."
         )
-    return max(uniform, key=lambda name: _num_params(candidates[name]))
+    text = _text_embedding(model)
+    fed = [name for name in stacks if text is not None and _parent_holds(model, name, text)]
+    fed = [name for name in fed if not any(name.startswith(other + ".") for other in fed)]
+    largest_per_parent: dict[str, str] = {}
+    for name in fed:
+        parent = name.rpartition(".")[0]
+        if parent not in largest_per_parent or _num_params(candidates[name]) > _num_params(
+            candidates[largest_per_parent[parent]]
+        ):
+            largest_per_parent[parent] = name
+    if len(largest_per_parent) > 1:  # an encoder and a decoder, each with the embedding: pooled, in their order
+        return [name for name in fed if name in largest_per_parent.values()]
+    return [max(fed or stacks, key=lambda name: _num_params(candidates[name]))]
 
 
-def _assign_always_on(model: nn.Module, path: str, final_norm_paths: tuple[str, ...], layer_map: LayerMap) -> None:
+def _is_stack(container: nn.ModuleList) -> bool:
+    """Blocks of one class, or of classes that alternate, each appearing more than once; all with parameters."""
+    classes = [type(block) for block in container]
+    if not all(any(True for _ in block.parameters()) for block in container):
+        return False
+    return len(set(classes)) == 1 or all(classes.count(cls) > 1 for cls in set(classes))
+
+
+def _text_embedding(model: nn.Module) -> nn.Module | None:
+    """The text's token embedding: the outermost Hugging Face model's ``get_input_embeddings()``, or the first one."""
+    found = _hf_modules(model, "get_input_embeddings")
+    return found[0] if found else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _parent_holds(model: nn.Module, path: str, module: nn.Module) -> bool:
+    """Whether the parent of the container at ``path`` holds ``module``'s weights (itself, or a tied copy)."""
+    parent = model.get_submodule(path.rpartition(".")[0])
+    weights = {id(p) for p in module.parameters()}
+    return any(id(p) in weights for p in parent.parameters())
+
+
+def _unrelated(name: str, paths: list[str]) -> bool:
+    """Neither one of ``paths`` nor inside or around one of them."""
+    return all(name != p and not name.startswith(p + ".") and not p.startswith(name + ".") for p in paths)
+
+
+def _tower_roots(model: nn.Module, paths: list[str], others: list[str]) -> set[str]:
+    """The modules whose subtrees are towers: each other stack's branch below where it meets the chosen blocks.
+
+    Where the chosen blocks have a root of their own below that meeting point (``model.language_model``), every
+    other branch there is a tower too (a projector, a vision tower's own embeddings).
+    """
+    roots: set[str] = set()
+    chosen = paths[0].split(".")
+    for other in others:
+        parts = other.split(".")
+        depth = next((i for i, (a, b) in enumerate(zip(parts, chosen, strict=False)) if a != b), len(parts))
+        meeting = ".".join(parts[:depth])
+        roots.add(".".join(parts[: depth + 1]))
+        if len(chosen) - 1 > depth:  # the chosen blocks sit in a root of their own below the meeting point
+            lm_branch = ".".join(chosen[: depth + 1])
+            for child, _ in model.get_submodule(meeting).named_children():
+                branch = f"{meeting}.{child}" if meeting else child
+                if branch != lm_branch:
+                    roots.add(branch)
+    return roots
+
+
+def _in_any(name: str, roots: set[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def _assign_always_on(
+    model: nn.Module, paths: list[str], final_norm_paths: tuple[str, ...], towers: set[str], layer_map: LayerMap
+) -> None:
     modules = dict(model.named_modules())
+    block_params = {id(p) for block in layer_map.blocks for p in block.parameters()}
     outside = {
         name: module
         for name, module in modules.items()
-        if name != path and not name.startswith(path + ".") and any(True for _ in module.parameters(recurse=False))
+        if not _in_any(name, set(paths)) and any(id(p) not in block_params for p in module.parameters(recurse=False))
     }
-    known_norm = next((modules[p] for p in final_norm_paths if p in modules), None)
-    embeddings = _embedding_ids(model, outside)
-    heads = _head_ids(model, outside, embeddings)
+    known_norms = {id(modules[p]) for p in final_norm_paths if p in modules}
+    in_towers = {name for name in outside if _in_any(name, towers)}
+    text_side = {name: module for name, module in outside.items() if name not in in_towers}
+    embeddings = _embedding_ids(model, text_side)
+    heads = _head_ids(model, text_side, embeddings)
     blocks_seen = False
     for name, module in modules.items():
-        blocks_seen = blocks_seen or name == path
+        blocks_seen = blocks_seen or name in paths
         if name not in outside:
             continue
-        if module is known_norm:
+        if name in in_towers:
+            layer_map.towers.append(module)
+        elif id(module) in known_norms:
             layer_map.final_norm.append(module)
         elif id(module) in embeddings:
             layer_map.embeddings.append(module)
         elif id(module) in heads:
             layer_map.head.append(module)
-        elif known_norm is None and blocks_seen and _is_norm(module):
+        elif not known_norms and blocks_seen and _is_norm(module):
             layer_map.final_norm.append(module)
         else:
             (layer_map.head if blocks_seen else layer_map.embeddings).append(module)
@@ -301,6 +422,14 @@ def _tied_parameters(model: nn.Module, layer_map: LayerMap) -> list[TiedParamete
         TiedParameter(p, groups_of[key][0], tuple(groups_of[key][1:]), tuple(names))
         for key, (p, names) in shared.items()
     ]
+
+
+def _shared_parameters(layer_map: LayerMap) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+    holders: dict[int, tuple[nn.Parameter, list[int]]] = {}
+    for index, block in enumerate(layer_map.blocks):
+        for p in block.parameters():
+            holders.setdefault(id(p), (p, []))[1].append(index)
+    return [(p, tuple(indices)) for p, indices in holders.values() if len(indices) > 1]
 
 
 def _is_norm(module: nn.Module) -> bool:

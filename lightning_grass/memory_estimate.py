@@ -26,6 +26,7 @@ from lightning_grass.offload import expected_state_bytes, needs_master, step_wor
 from lightning_grass.offload.row_chunks import chunk_numel, row_ranges, rows_per_chunk
 from lightning_grass.offload.state_bytes import STEP_COUNTER_BYTES
 from lightning_grass.offload_settings import OffloadSettings
+from lightning_grass.setting_checks import check_flag
 from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
 
 #: Precisions and the weight dtype each trains in; ``None`` keeps the model's own dtype.
@@ -104,6 +105,7 @@ def estimate_memory(
     layers: str | None = None,
     shards: int = 1,
     foreach: bool = True,
+    train_towers: bool = False,
 ) -> MemoryEstimate:
     """Device memory for fine-tuning ``model`` with ``GRASSCallback`` and ``GRASSStrategy``, activations excluded.
 
@@ -112,7 +114,8 @@ def estimate_memory(
     dtypes are read, so a model on the ``meta`` device works.
 
     What it assumes: AdamW (two moments and a step counter per parameter); the callback's defaults, so the
-    embeddings, LM head and final norm train at every step; and the strategy's placement:
+    embeddings, LM head and final norm train at every step, and the towers (a vision-language model's vision
+    encoder and projector) are frozen unless ``train_towers``; and the strategy's placement:
 
     - ``offload="none"`` keeps every layer's state on the device, because states of layers that leave the
       active set are kept, and in a long run every layer is drawn.
@@ -161,6 +164,8 @@ def estimate_memory(
         shards: Ranks that shard the model with ``grass_fsdp``; 1 for ``grass`` and ``grass_ddp``.
         foreach: Whether AdamW takes its ``foreach`` path (torch's default for CUDA tensors: one temporary per
             element while stepped) or its for-loop (the default on the CPU: two), as ``step_workspace`` counts.
+        train_towers: Whether the towers train at every step (``GRASSCallback(train_towers=True)``); frozen, they
+            count in ``weights`` only.
 
     Returns:
         The estimate, in bytes.
@@ -182,6 +187,7 @@ def estimate_memory(
         raise SettingValueError(
             f"precision={precision!r} is not supported by grass_fsdp (shards={shards}); use one of {SHARDED_PRECISIONS}"
         )
+    check_flag("train_towers", train_towers)
     layer_map = discover_layers(model, layers)
     if not 1 <= n_active <= layer_map.num_layers:
         raise SettingValueError(
@@ -199,7 +205,8 @@ def estimate_memory(
 
     per_layer = [_unique(layer_map.layer_parameters(i)) for i in range(layer_map.num_layers)]
     in_layers = {id(p) for params in per_layer for p in params}
-    always_on = [p for group in ALWAYS_ON_GROUPS for p in layer_map.group_parameters(group) if id(p) not in in_layers]
+    groups = [group for group in ALWAYS_ON_GROUPS if group != "towers" or train_towers]
+    always_on = [p for group in groups for p in layer_map.group_parameters(group) if id(p) not in in_layers]
     by_size = sorted(
         range(layer_map.num_layers), key=lambda i: sum(weight_bytes(p) for p in per_layer[i]), reverse=True
     )

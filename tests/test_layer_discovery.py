@@ -428,5 +428,5 @@ def test_mixed_class_list_is_listed_as_a_candidate():
 
 def test_unknown_group_is_rejected():
     layer_map = discover_layers(TinyCausalLM(num_layers=2))
-    with pytest.raises(ValueError, match="group='lm_head' is not an always-on group"):
+    with pytest.raises(ValueError, match="group='lm_head' is not a group outside the blocks"):
         layer_map.group_parameters("lm_head")

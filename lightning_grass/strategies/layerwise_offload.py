@@ -227,10 +227,14 @@ class LayerwiseOffloadMixin:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         tensors: list[nn.Parameter] = []
         layer_tensors: list[list[int]] = []
+        position: dict[int, int] = {}  # a parameter that several layers share (Zamba2) is one tensor of the store
         for index in range(layer_map.num_layers):
             layer = [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
-            layer_tensors.append(list(range(len(tensors), len(tensors) + len(layer))))
-            tensors += layer
+            for p in layer:
+                if id(p) not in position:
+                    position[id(p)] = len(tensors)
+                    tensors.append(p)
+            layer_tensors.append([position[id(p)] for p in layer])
         always_on_tensors: list[int] = []
         if self.offload_always_on:
             placed = {id(p) for p in tensors}
