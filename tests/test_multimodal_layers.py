@@ -1,16 +1,23 @@
 """Vision-language, encoder-decoder and hybrid models: the language model's blocks are sampled, the towers are
 frozen unless asked for, and a block shared by several layers trains while any of them is active."""
 
+import os
+from unittest import mock
+
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import make_trainer
 from lightning import LightningModule
 from lightning.pytorch.callbacks import Callback
 from multimodal_models import FACTORIES, llava_batch, qwen2_5_vl_batch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
 from lightning_grass import GRASSCallback, GRASSStrategy, discover_layers, estimate_memory
 from lightning_grass import layer_discovery as discovery
+from lightning_grass.offload.sharded_tensors import local_part
+from lightning_grass.strategies.fsdp import GRASSFSDPStrategy
 
 # Per architecture: the block path, the stacks not chosen, and the subtrees that make up the towers.
 LAYOUTS = {
@@ -195,3 +202,22 @@ def test_the_estimate_counts_the_towers_state_only_when_they_train():
     assert frozen.weights == trained.weights == 4 * sum(p.numel() for p in model.parameters())
     assert trained.gradients - frozen.gradients == 4 * sum(p.numel() for p in towers)
     assert trained.optimizer_states > frozen.optimizer_states + 8 * sum(p.numel() for p in towers) - 1
+
+
+def test_grass_fsdp_on_one_process_shards_a_vision_language_model_and_keeps_its_towers_frozen():
+    model = FACTORIES["qwen2_5_vl"]()
+    module = ImageLM(model, qwen2_5_vl_batch(model))
+    towers_before = [p.detach().clone() for p in discover_layers(model).group_parameters("towers")]
+    callback = GRASSCallback(mode="lisa", n_active=1, seed=0)
+    strategy = GRASSFSDPStrategy(offload="cpu", process_group_backend="gloo")
+    with mock.patch.dict(os.environ):  # Lightning sets MASTER_ADDR and MASTER_PORT for the process group
+        try:
+            trainer = make_trainer(max_steps=2, strategy=strategy, callbacks=[callback])
+            trainer.fit(module)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    assert trainer.global_step == 2
+    assert all(isinstance(block, FSDPModule) for block in callback.layer_map.blocks)
+    towers_after = [local_part(p).detach() for p in callback.layer_map.group_parameters("towers")]
+    assert all(torch.equal(a, b) for a, b in zip(towers_before, towers_after, strict=True))
