@@ -102,7 +102,7 @@ class GRASSCallback(Callback):
             norm).
         target_effective_layers: Choose the temperature at each resample for this effective number of layers.
         max_probability: Cap on any layer's probability.
-        layers: Dotted path of the block container, overriding discovery.
+        layers: Dotted path of the block container, overriding discovery; several joined by commas are pooled.
         fixed_layers: Layer indices for ``mode="fixed"``.
         train_embeddings: Keep embeddings (modules before the blocks) trainable.
         train_head: Keep the LM head trainable. A head tied to the token embedding (Gemma, GPT-2) is one tensor

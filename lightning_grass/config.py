@@ -52,7 +52,8 @@ class GRASSConfig:
             then unused. It keeps ``p`` as spread out as asked however peaked the importance is.
         max_probability: Cap on any layer's probability (between 1/L and 1); the excess is shared among the
             other layers in proportion to theirs. ``None`` (default) caps nothing.
-        layers: Dotted path of the block container, overriding discovery, e.g. ``"model.model.layers"``.
+        layers: Dotted path of the block container, overriding discovery, e.g. ``"model.model.layers"``; several
+            paths joined by commas pool their blocks (``"model.encoder.block,model.decoder.block"``).
         fixed_layers: The layer indices to train in ``"fixed"`` mode; ``n_active`` is then their count.
         train_embeddings: Keep the modules before the blocks (token and position embeddings) trainable.
         train_head: Keep the LM head trainable; a head tied to the token embedding follows ``train_embeddings``.

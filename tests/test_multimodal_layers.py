@@ -221,3 +221,15 @@ def test_grass_fsdp_on_one_process_shards_a_vision_language_model_and_keeps_its_
     assert all(isinstance(block, FSDPModule) for block in callback.layer_map.blocks)
     towers_after = [local_part(p).detach() for p in callback.layer_map.group_parameters("towers")]
     assert all(torch.equal(a, b) for a, b in zip(towers_before, towers_after, strict=True))
+
+
+def test_an_override_names_one_stack_or_pools_several():
+    model = FACTORIES["t5"]()
+    decoder_only = discover_layers(model, layers="decoder.block")
+    assert (decoder_only.path, decoder_only.found_by, decoder_only.blocks) == (
+        "decoder.block",
+        "override",
+        list(model.decoder.block),
+    )
+    both = discover_layers(model, layers="encoder.block, decoder.block")
+    assert (both.path, both.num_layers) == ("encoder.block,decoder.block", 4)
