@@ -15,8 +15,8 @@ held in a ``LightningModule`` attribute, and of one inside a ``peft`` wrapper.
    Among the rest it picks the one that holds the most parameters. A new architecture therefore needs no
    code; adding its path to the table only makes the choice explicit.
 
-Every other stack that the text embedding does not feed, and everything around it up to where it meets the
-chosen blocks' branch, is a *tower*:
+Every other stack (but one beside the chosen blocks that the text embedding feeds, such as a list of adapters),
+and everything around it up to where it meets the chosen blocks' branch, is a *tower*:
 a vision or audio encoder, with its projector when the language model has a root of its own
 (``model.language_model``), as in LLaVA, Gemma 3 and Qwen2.5-VL. Towers form their own group, ``towers``,
 which the callback freezes by default.
@@ -213,10 +213,13 @@ def discover_layers(model: nn.Module, layers: str | None = None) -> LayerMap:
     blocks = [block for path in paths for block in model.get_submodule(path)]
     layer_map = LayerMap(blocks=blocks, path=",".join(paths), found_by=found_by)
     text = _text_embedding(model)
+    chosen_parents = {path.rpartition(".")[0] for path in paths}
     others = [
         name
         for name, container in candidates.items()
-        if _is_stack(container) and _unrelated(name, paths) and not (text and _parent_holds(model, name, text))
+        if _is_stack(container)
+        and _unrelated(name, paths)
+        and not (text is not None and _parent_holds(model, name, text) and name.rpartition(".")[0] in chosen_parents)
     ]
     block_params = {id(p) for block in blocks for p in block.parameters()}
     others = [name for name in others if not any(id(p) in block_params for p in candidates[name].parameters())]
@@ -318,6 +321,8 @@ def _tower_roots(model: nn.Module, paths: list[str], others: list[str]) -> set[s
     """
     roots: set[str] = set()
     chosen = paths[0].split(".")
+    text_side = [m for m in (_text_embedding(model), *_hf_modules(model, "get_output_embeddings")) if m is not None]
+    text_weights = {id(p) for m in text_side for p in m.parameters()}
     for other in others:
         parts = other.split(".")
         depth = next((i for i, (a, b) in enumerate(zip(parts, chosen, strict=False)) if a != b), len(parts))
@@ -325,9 +330,9 @@ def _tower_roots(model: nn.Module, paths: list[str], others: list[str]) -> set[s
         roots.add(".".join(parts[: depth + 1]))
         if len(chosen) - 1 > depth:  # the chosen blocks sit in a root of their own below the meeting point
             lm_branch = ".".join(chosen[: depth + 1])
-            for child, _ in model.get_submodule(meeting).named_children():
+            for child, module in model.get_submodule(meeting).named_children():
                 branch = f"{meeting}.{child}" if meeting else child
-                if branch != lm_branch:
+                if branch != lm_branch and not any(id(p) in text_weights for p in module.parameters()):
                     roots.add(branch)
     return roots
 

@@ -231,5 +231,9 @@ def test_an_override_names_one_stack_or_pools_several():
         "override",
         list(model.decoder.block),
     )
+    assert decoder_only.other_stacks == ("encoder.block",), "the encoder is a tower: frozen unless train_towers"
+    encoder = {id(p) for p in model.encoder.parameters()} - {id(model.shared.weight)}
+    assert {id(p) for p in decoder_only.group_parameters("towers")} == encoder
+    assert any(p is model.shared.weight for p in decoder_only.group_parameters("embeddings"))
     both = discover_layers(model, layers="encoder.block, decoder.block")
     assert (both.path, both.num_layers) == ("encoder.block,decoder.block", 4)
