@@ -21,9 +21,7 @@ and exit status 130 or 143; no results are written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -34,10 +32,11 @@ from typing_extensions import override
 from lightning_grass.app.data.prompt import check_special_tokens
 from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.lm import DTYPES, TOKENIZER_FILES, CausalLMModule
+from lightning_grass.app.run_directory import check_output_dir
 from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
 from lightning_grass.app.suite_evaluation import SuiteEvaluation
 from lightning_grass.app.suites import SUITES
-from lightning_grass.errors import MissingPathError, SettingValueError, StorageError
+from lightning_grass.errors import MissingPathError, SettingValueError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,28 +99,6 @@ def _parser() -> _Parser:
     return parser
 
 
-def _check_out(out: Path) -> None:
-    """Create ``--out`` if needed and write a byte into it, so that the scores of a long run are not lost at the end.
-
-    Raises:
-        StorageError: When it is an existing file, or cannot be created or written (no permission, a read-only
-            or full filesystem), naming the path and the reason.
-    """
-    if out.exists() and not out.is_dir():
-        raise StorageError(f"--out {str(out)!r} is a file, not a directory: give the folder to write the results to")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out) as probe:
-            probe.write(b"\0")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as error:
-        raise StorageError(
-            f"--out {str(out)!r} cannot be written ({error.strerror or error}): give a folder this user can write, "
-            "on a filesystem with free space"
-        ) from error
-
-
 def _load(model_dir: Path, dtype: str | None) -> CausalLMModule:
     """The saved model and its tokenizer, on the GPU when there is one, in eval mode."""
     if not model_dir.is_dir():
@@ -159,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.sample,
             args.sample_seed,
         )
-        _check_out(args.out)
+        check_output_dir(args.out, setting="--out")
         try:
             with stop_signals_raise():
                 module = _load(args.model, args.dtype)

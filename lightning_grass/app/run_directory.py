@@ -83,27 +83,33 @@ def claim_output_dir(output_dir: str | os.PathLike, checkpoint_dir: str, resumin
         os.close(descriptor)
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> None:
-    """Create ``output_dir`` if needed and make sure a file can be written in it, or refuse in one line.
+def check_output_dir(output_dir: str | os.PathLike, setting: str = "paths.output_dir") -> None:
+    """Create ``output_dir`` if needed and write a byte into it (fsynced), or refuse in one line.
+
+    ``grass-train`` checks its ``paths.output_dir`` before Hydra writes into it, and ``grass-evaluate`` its
+    ``--out`` before it loads the model, so that no work is done that could not be saved.
 
     Args:
-        output_dir: The run's ``paths.output_dir``.
+        output_dir: The directory.
+        setting: The setting that named it, as the user writes it (``paths.output_dir``, ``--out``).
 
     Raises:
         StorageError: When it is an existing file, or cannot be created or written (no permission, a read-only
-            filesystem); the message names the path and the reason.
+            or full filesystem); the message names the setting, the path and the reason.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise StorageError(f"paths.output_dir={output_dir} is a file, not a directory; give a directory")
+        raise StorageError(f"{setting}={output_dir} is a file, not a directory; give a directory")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
+        with tempfile.TemporaryFile(dir=output_dir) as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as error:
         raise StorageError(
-            f"paths.output_dir={output_dir} cannot be written ({error.strerror or error}); give a directory this "
-            "user can write"
+            f"{setting}={output_dir} cannot be written ({error.strerror or error}); give a directory this user "
+            "can write, on a filesystem with free space"
         ) from error
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from suite_files import write_suite
 
-from lightning_grass.app import evaluate_cli, suite_evaluation
+from lightning_grass.app import evaluate_cli, run_directory, suite_evaluation
 
 
 def test_a_saved_model_is_scored_and_the_table_printed(tmp_path, tiny_pretrained_dir, capsys):
@@ -123,9 +123,7 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_is_loaded(
             ["--model", str(tiny_pretrained_dir), "--suite", "arithmetic", "--data-root", root, "--out", str(out)]
         )
     assert stop.value.code == 2
-    assert capsys.readouterr().err == (
-        f"error: --out '{out}' is a file, not a directory: give the folder to write the results to\n"
-    )
+    assert capsys.readouterr().err == (f"error: --out={out} is a file, not a directory; give a directory\n")
     assert out.read_text() == "an earlier table\n"
 
 
@@ -138,7 +136,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(evaluate_cli, "_load", _never_load)
-    monkeypatch.setattr(evaluate_cli.os, "fsync", refuse)
+    monkeypatch.setattr(run_directory.os, "fsync", refuse)
     root = str(write_suite(tmp_path / "data", "arithmetic"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
@@ -147,7 +145,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
         )
     assert stop.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: --out '{out}' cannot be written ({os.strerror(code)}): give a folder this user can write, on a "
+        f"error: --out={out} cannot be written ({os.strerror(code)}); give a directory this user can write, on a "
         "filesystem with free space\n"
     )
 

@@ -119,7 +119,7 @@ def test_an_output_dir_below_a_file_cannot_be_created(tmp_path):
         check_output_dir(tmp_path / "out" / "run")
     assert str(raised.value) == (
         f"paths.output_dir={tmp_path / 'out' / 'run'} cannot be written (Not a directory); give a directory this "
-        "user can write"
+        "user can write, on a filesystem with free space"
     )
 
 
@@ -134,5 +134,6 @@ def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path, monkeypatch, 
     with pytest.raises(StorageError) as raised:
         check_output_dir(tmp_path)
     assert str(raised.value) == (
-        f"paths.output_dir={tmp_path} cannot be written ({os.strerror(code)}); give a directory this user can write"
+        f"paths.output_dir={tmp_path} cannot be written ({os.strerror(code)}); give a directory this user can write, "
+        "on a filesystem with free space"
     )

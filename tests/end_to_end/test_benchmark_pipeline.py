@@ -47,7 +47,8 @@ def test_sweep_and_collector_fill_every_row_and_draw_every_figure(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     text = (out / "results.md").read_text()
-    assert "grass-train -m experiment=bench_small model=scratch_llama" in text
+    launcher = "hydra.launcher.jobs=2 hydra.launcher.threads_per_job=1"  # Hydra's own overrides come first
+    assert f"grass-train -m {launcher} experiment=bench_small model=scratch_llama" in text
     assert "python experiments/collect_results.py" in text
     assert re.search(r"Machine: \d+ CPU cores", text)
     for task in ("arithmetic", "multiple_choice"):
