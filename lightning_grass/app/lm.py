@@ -22,6 +22,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoT
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from lightning_grass.app.data import DEFAULT_ANSWER_PATTERN
+from lightning_grass.app.data.utf8 import not_readable
 from lightning_grass.app.evaluation import exact_match
 from lightning_grass.app.input_errors import one_line
 from lightning_grass.app.lora import apply_lora, check_lora_settings, save_merged
@@ -311,6 +312,8 @@ def _check_model_directory(path: Path) -> None:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise MissingPathError(f"pretrained_path={str(path)!r} has no {CONFIG_NAME}: {_SAVED_MODEL_HINT}")
+    for name in (CONFIG_NAME, *WEIGHT_FILES, *TOKENIZER_FILES):
+        _check_readable(path / name)
     config = _read_json(config_file)
     if not isinstance(config, dict) or "model_type" not in config:
         raise DataFormatError(f"{config_file} has no 'model_type': it is not a config written by save_pretrained")
@@ -321,6 +324,17 @@ def _check_model_directory(path: Path) -> None:
         raise MissingPathError(
             f"pretrained_path={str(path)!r} has no weights: expected one of {list(WEIGHT_FILES)}; {_SAVED_MODEL_HINT}"
         )
+
+
+def _check_readable(file: Path) -> None:
+    """Refuse a file of the model directory that this process may not read (a missing one is checked elsewhere)."""
+    try:
+        with file.open("rb"):
+            pass
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except PermissionError as error:
+        raise not_readable(file, error) from error
 
 
 @contextmanager

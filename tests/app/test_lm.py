@@ -1,6 +1,9 @@
+import errno
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -499,3 +502,25 @@ def test_tensors_the_model_does_not_have_are_ignored_with_a_warning(model_dir):
     ]
     assert torch.equal(module.model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
     assert transformers.logging.get_verbosity() == verbosity
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_model_file_without_read_permission_is_named(tmp_path, tiny_pretrained_dir, monkeypatch, name):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_pretrained_dir, model_dir)
+    unreadable = model_dir / name
+    opened = Path.open
+
+    # Simulated: the tests run as root, which chmod 000 does not stop.
+    def refusing_open(self, *args, **kwargs):
+        if self == unreadable:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    with pytest.raises(MissingPathError) as raised:
+        CausalLMModule(pretrained_path=model_dir)
+    assert str(raised.value) == (
+        f"{unreadable} is not readable (Permission denied): give the user running this read permission on it "
+        "(chmod a+r), or point to a readable copy"
+    )

@@ -33,8 +33,8 @@ def _not_utf8(path: Path, error: UnicodeDecodeError, line: int, offset: int) -> 
     )
 
 
-def _not_readable(path: Path, error: PermissionError) -> MissingPathError:
-    """The error for a data file that this process may not read.
+def not_readable(path: Path, error: PermissionError) -> MissingPathError:
+    """The error for a file (data, a model's config or weights) that this process may not read.
 
     Args:
         path: The file.
@@ -66,7 +66,7 @@ def read_utf8(path: Path) -> str:
     try:
         data = path.read_bytes()
     except PermissionError as error:
-        raise _not_readable(path, error) from error
+        raise not_readable(path, error) from error
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -88,7 +88,7 @@ def check_utf8(path: Path) -> None:
     try:
         file = path.open("rb")
     except PermissionError as error:
-        raise _not_readable(path, error) from error
+        raise not_readable(path, error) from error
     with file:
         while True:
             chunk = file.read(_CHUNK_BYTES)
