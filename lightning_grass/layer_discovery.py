@@ -224,7 +224,7 @@ def discover_layers(model: nn.Module, layers: str | None = None) -> LayerMap:
     block_params = {id(p) for block in blocks for p in block.parameters()}
     others = [name for name in others if not any(id(p) in block_params for p in candidates[name].parameters())]
     layer_map.other_stacks = tuple(others)
-    _assign_always_on(model, paths, final_norm_paths, _tower_roots(model, paths, others), layer_map)
+    _assign_always_on(model, paths, final_norm_paths, _tower_roots(model, paths, others, text), layer_map)
     layer_map.shared = _shared_parameters(layer_map)
     log.debug("discovered %d layers at %r (%s)", layer_map.num_layers, layer_map.path, found_by)
     return layer_map
@@ -313,7 +313,7 @@ def _unrelated(name: str, paths: list[str]) -> bool:
     return all(name != p and not name.startswith(p + ".") and not p.startswith(name + ".") for p in paths)
 
 
-def _tower_roots(model: nn.Module, paths: list[str], others: list[str]) -> set[str]:
+def _tower_roots(model: nn.Module, paths: list[str], others: list[str], text: nn.Module | None) -> set[str]:
     """The modules whose subtrees are towers: each other stack's branch below where it meets the chosen blocks.
 
     Where the chosen blocks have a root of their own below that meeting point (``model.language_model``), every
@@ -321,7 +321,7 @@ def _tower_roots(model: nn.Module, paths: list[str], others: list[str]) -> set[s
     """
     roots: set[str] = set()
     chosen = paths[0].split(".")
-    text_side = [m for m in (_text_embedding(model), *_hf_modules(model, "get_output_embeddings")) if m is not None]
+    text_side = [m for m in (text, *_hf_modules(model, "get_output_embeddings")) if m is not None]
     text_weights = {id(p) for m in text_side for p in m.parameters()}
     for other in others:
         parts = other.split(".")

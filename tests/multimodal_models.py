@@ -127,17 +127,9 @@ def _qwen3_vision(**extra):
     )
 
 
-def qwen3_vl():
-    """Qwen3VLForConditionalGeneration, tiny.
-
-    Language decoder layers: ``model.language_model.layers`` (2 x Qwen3VLTextDecoderLayer).
-    Vision blocks: ``model.visual.blocks`` (4 x Qwen3VLVisionBlock); deepstack mergers at
-    ``model.visual.deepstack_merger_list`` (2, after vision blocks 1 and 2).
-    """
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Qwen3VLConfig(
+def _qwen3_settings(**text_extra):
+    """Qwen3-VL's config settings, tiny; ``text_extra`` adds to the text config (the MoE's experts)."""
+    return dict(
         text_config=dict(
             vocab_size=_VOCAB,
             hidden_size=32,
@@ -153,6 +145,7 @@ def qwen3_vl():
                 "mrope_section": [1, 1, 2],
                 "mrope_interleaved": True,
             },
+            **text_extra,
         ),
         vision_config=_qwen3_vision(),
         image_token_id=_QWEN_IMAGE_TOKEN,
@@ -160,6 +153,19 @@ def qwen3_vl():
         vision_start_token_id=_QWEN_VISION_START,
         vision_end_token_id=_QWEN_VISION_END,
     )
+
+
+def qwen3_vl():
+    """Qwen3VLForConditionalGeneration, tiny.
+
+    Language decoder layers: ``model.language_model.layers`` (2 x Qwen3VLTextDecoderLayer).
+    Vision blocks: ``model.visual.blocks`` (4 x Qwen3VLVisionBlock); deepstack mergers at
+    ``model.visual.deepstack_merger_list`` (2, after vision blocks 1 and 2).
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(**_qwen3_settings())
     return _finish(Qwen3VLForConditionalGeneration(config))
 
 
@@ -174,31 +180,7 @@ def qwen3_vl_moe():
 
     torch.manual_seed(0)
     config = Qwen3VLMoeConfig(
-        text_config=dict(
-            vocab_size=_VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            num_experts=4,
-            num_experts_per_tok=2,
-            decoder_sparse_step=1,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=256,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [1, 1, 2],
-                "mrope_interleaved": True,
-            },
-        ),
-        vision_config=_qwen3_vision(),
-        image_token_id=_QWEN_IMAGE_TOKEN,
-        video_token_id=_QWEN_VIDEO_TOKEN,
-        vision_start_token_id=_QWEN_VISION_START,
-        vision_end_token_id=_QWEN_VISION_END,
+        **_qwen3_settings(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
     )
     return _finish(Qwen3VLMoeForConditionalGeneration(config))
 

@@ -3,7 +3,6 @@ one ``error:`` line that names the file, never a traceback. The messages themsel
 test_data_alpaca, test_suites, test_data_datamodule and test_lm."""
 
 import json
-import logging
 import shutil
 import sys
 
@@ -26,13 +25,11 @@ TINY = [
 
 
 @pytest.fixture
-def grass_train(tmp_path, monkeypatch, capsys):
+def grass_train(tmp_path, monkeypatch, capsys, hydra_logging_restored):
     """``grass-train`` in this process, expected to refuse its input: returns the ``stderr`` it printed."""
     monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
 
     def run(*overrides: str) -> str:
         monkeypatch.setattr(sys, "argv", ["grass-train", *TINY, f"paths.output_dir={tmp_path / 'out'}", *overrides])
@@ -41,12 +38,7 @@ def grass_train(tmp_path, monkeypatch, capsys):
         assert stopped.value.code == 2
         return capsys.readouterr().err
 
-    yield run
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    return run
 
 
 def _last_line(err: str) -> str:

@@ -8,7 +8,6 @@ import errno
 import hashlib
 import importlib.util
 import json
-import logging
 import random
 import sys
 from pathlib import Path
@@ -241,24 +240,17 @@ def test_a_full_disk_while_saving_leaves_nothing_and_keeps_a_previous_conversion
 
 
 @pytest.fixture
-def grass_train(tmp_path, monkeypatch):
+def grass_train(tmp_path, monkeypatch, hydra_logging_restored):
     """``grass-train``'s entry point, run in this process; the logging handlers Hydra installs are removed after."""
     monkeypatch.delenv("LIGHTNING_GRASS_TRACEBACK", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
 
     def run(*overrides: str) -> None:
         monkeypatch.setattr(sys, "argv", ["grass-train", *overrides])
         train.main()
 
-    yield run
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    return run
 
 
 def smollm2_overrides(gguf_file: Path, cache: Path, out: Path) -> list[str]:

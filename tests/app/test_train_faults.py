@@ -2,7 +2,6 @@
 that arrive as training ends stop the run, a diverged loss is reported, and a full disk keeps the old model."""
 
 import json
-import logging
 import math
 import os
 import signal
@@ -36,17 +35,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def hydra_logging_restored():
-    """Each in-process run adds Hydra's handlers (a log file among them) to the root logger; remove them after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# Every test here runs grass-train in process, which adds Hydra's logging handlers to the root logger.
+pytestmark = pytest.mark.usefixtures("hydra_logging_restored")
 
 
 def grass_train(monkeypatch, output_dir, *overrides):
