@@ -28,8 +28,8 @@ from typing import Any
 
 from offload_runs import DEFAULT_TIMEOUT_S, ModelShape, Run, measure
 
-from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.byte_size import format_bytes
+from lightning_grass.persistence.atomic_files import write_text_atomically
 
 RESULTS = Path(__file__).parent / "results" / "gpu"
 

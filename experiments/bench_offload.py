@@ -35,8 +35,8 @@ from typing import Any
 
 from offload_runs import ModelShape, Run, measure
 
-from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.byte_size import format_bytes
+from lightning_grass.persistence.atomic_files import write_text_atomically
 
 RESULTS = Path(__file__).parent / "results" / "offload_cpu.md"
 

@@ -51,9 +51,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_grass import estimate_memory
 from lightning_grass.app.gguf_base import ensure_gguf_base
 from lightning_grass.app.machine import describe_machine
-from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.memory_estimate import MemoryEstimate
+from lightning_grass.persistence.atomic_files import write_text_atomically
 
 RESULTS = Path(__file__).parent / "results" / "real" / "memory.md"
 #: The base's config, whose ``gguf`` section names the file, its package and its license.

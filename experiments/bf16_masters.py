@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_grass import GRASSStrategy
-from lightning_grass.plots import save_figure
+from lightning_grass.app.plots import save_figure
 
 RESULTS = Path(__file__).parent / "results"
 LEARNING_RATES = (2e-5, 1e-4)

@@ -2,12 +2,12 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
-from lightning_grass.callback import GRASSCallback
-from lightning_grass.config import GRASSConfig
-from lightning_grass.layer_discovery import LayerMap, discover_layers
-from lightning_grass.layer_listener import ActiveLayerListener
 from lightning_grass.memory_estimate import MemoryEstimate, estimate_memory
+from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO
+from lightning_grass.sampling.callback import GRASSCallback
+from lightning_grass.sampling.config import GRASSConfig
+from lightning_grass.sampling.layer_discovery import LayerMap, discover_layers
+from lightning_grass.sampling.layer_listener import ActiveLayerListener
 from lightning_grass.strategies import GRASSDDPStrategy, GRASSFSDPStrategy, GRASSStrategy
 from lightning_grass.strategies.registry import register_strategy_names
 

@@ -21,11 +21,11 @@ from torch import nn
 
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
-from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
 from lightning_grass.offload.row_chunks import chunk_numel, row_ranges, rows_per_chunk
+from lightning_grass.offload.settings import OffloadSettings
 from lightning_grass.offload.state_bytes import STEP_COUNTER_BYTES
-from lightning_grass.offload_settings import OffloadSettings
+from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
 from lightning_grass.setting_checks import check_flag
 from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
 

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import (
 )
 
 from lightning_grass.errors import SettingValueError
-from lightning_grass.layer_listener import ActiveLayerListener
+from lightning_grass.sampling.layer_listener import ActiveLayerListener
 
 #: Why DDP's ``static_graph=True`` cannot host GRASS, for every strategy that refuses it.
 STATIC_GRAPH_REASON = (

@@ -41,4 +41,4 @@ def test_missing_modules_are_named_with_the_extra_that_installs_them(monkeypatch
         require_app_extra("grass-train")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning_grass\[app\]'$"):
         require_app_extra("grass-train")
-    require_app_extra("lightning_grass.plots", ["matplotlib"])
+    require_app_extra("lightning_grass.app.plots", ["matplotlib"])

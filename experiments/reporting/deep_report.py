@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lightning_grass.plots import save_figure
+from lightning_grass.app.plots import save_figure
 from reporting.markdown import (
     describe_machine,
     hyperparameter_lines,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lightning_grass import plots
+from lightning_grass.app import plots
 from reporting.runs import METHOD_LABELS, Run
 from reporting.summary import MethodSummary
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lightning_grass.plots import save_figure
+from lightning_grass.app.plots import save_figure
 from reporting.deep_report import (
     deep_summary,
     draw_share_table,

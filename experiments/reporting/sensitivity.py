@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from lightning_grass.plots import save_figure
+from lightning_grass.app.plots import save_figure
 from reporting.markdown import describe_machine, report_header
 from reporting.runs import Run, load_runs
 

@@ -2,9 +2,9 @@
 
 Pretraining the tiny base takes minutes and converting a GGUF file tens of seconds; both end by writing the
 model into the cache (``paths.cache_dir`` in ``grass-train``) with
-:func:`~lightning_grass.atomic_files.replace_directory_atomically`, which first creates a temporary sibling of
-the model's directory. :func:`check_cache_writable` makes that same kind of directory before the work, so a cache
-that is a file, read-only or not writable by this user is reported at once rather than after the work is done.
+:func:`~lightning_grass.persistence.atomic_files.replace_directory_atomically`, which first creates a temporary
+sibling of the model's directory. :func:`check_cache_writable` makes that same kind of directory before the work, so a
+cache that is a file, read-only or not writable by this user is reported at once rather than after the work is done.
 """
 
 from __future__ import annotations

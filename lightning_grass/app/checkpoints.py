@@ -24,7 +24,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_grass.app.input_errors import one_line
-from lightning_grass.atomic_checkpoint_io import read_checkpoint
 from lightning_grass.errors import (
     CheckpointError,
     MissingPathError,
@@ -32,7 +31,8 @@ from lightning_grass.errors import (
     SettingValueError,
     StorageError,
 )
-from lightning_grass.preemption import CheckpointOnSigterm
+from lightning_grass.persistence.atomic_checkpoint_io import read_checkpoint
+from lightning_grass.persistence.preemption import CheckpointOnSigterm
 
 #: The folder of a run's checkpoints, inside its output directory.
 CHECKPOINT_DIR = "checkpoints"
@@ -84,8 +84,8 @@ def checkpoint_callbacks(output_dir: str | Path, every_n_steps: int) -> list[Cal
 
     Returns:
         A :class:`LastCheckpoint` that writes ``last.ckpt`` every ``every_n_steps`` steps and at the end of
-        training, and a :class:`~lightning_grass.preemption.CheckpointOnSigterm` that writes it on SIGTERM or
-        SIGINT; no callbacks when ``every_n_steps`` is 0.
+        training, and a :class:`~lightning_grass.persistence.preemption.CheckpointOnSigterm` that writes
+        it on SIGTERM or SIGINT; no callbacks when ``every_n_steps`` is 0.
 
     Raises:
         StorageError: When ``last.ckpt`` is a directory, which no checkpoint could replace.

@@ -25,8 +25,8 @@ from lightning_grass.app.data import InstructionDataModule, build_char_tokenizer
 from lightning_grass.app.input_errors import find_input_error, report_input_errors, trainer_settings
 from lightning_grass.app.lm import CausalLMModule
 from lightning_grass.app.trainer_checks import check_trainer_settings
-from lightning_grass.atomic_checkpoint_io import read_checkpoint
 from lightning_grass.errors import InputError
+from lightning_grass.persistence.atomic_checkpoint_io import read_checkpoint
 from lightning_grass.setting_checks import check_seed
 
 

@@ -8,7 +8,7 @@ dequantizes every tensor to float32, but the model it returns is marked quantize
 dequantized state dict, and saves it with its tokenizer (chat template included) as safetensors, beside a
 ``SOURCE.md`` that names the file it came from, its SHA-256 and its license. The directory is written under a
 temporary name and renamed into place when complete
-(:func:`~lightning_grass.atomic_files.replace_directory_atomically`), so an interrupted or failed conversion
+(:func:`~lightning_grass.persistence.atomic_files.replace_directory_atomically`), so an interrupted or failed conversion
 (a damaged file, a full disk) leaves nothing that a later run would load.
 
 :func:`ensure_gguf_base` is what ``grass-train base=smollm2`` calls: it converts on first use and reuses the
@@ -28,8 +28,8 @@ from pathlib import Path
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_grass.app.base_cache import check_cache_writable
-from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
 from lightning_grass.errors import DataFormatError, MissingPackageError, MissingPathError
+from lightning_grass.persistence.atomic_files import replace_directory_atomically, write_text_atomically
 
 #: The packages a conversion imports, by import name, with the distribution that provides each.
 CONVERSION_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate"}

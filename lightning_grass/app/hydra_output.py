@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_grass.app.input_errors import report_input_errors
 from lightning_grass.app.run_directory import check_output_dir
-from lightning_grass.atomic_files import write_text_atomically
+from lightning_grass.persistence.atomic_files import write_text_atomically
 
 #: Where the record goes inside the output directory, as Hydra's default ``hydra.output_subdir``.
 RECORD_DIR = ".hydra"

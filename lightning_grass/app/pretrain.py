@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_grass.app.base_cache import check_cache_writable
 from lightning_grass.app.data import build_char_tokenizer, pretraining_corpus, vocabulary_config
 from lightning_grass.app.lm import CausalLMModule
-from lightning_grass.atomic_files import replace_directory_atomically
+from lightning_grass.persistence.atomic_files import replace_directory_atomically
 from lightning_grass.setting_checks import check_int, check_number
 
 

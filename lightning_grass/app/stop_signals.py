@@ -1,8 +1,8 @@
 """Stop signals outside ``fit``: SIGTERM or SIGINT during ``grass-train``'s final evaluation and writing.
 
-During ``fit``, :class:`~lightning_grass.preemption.CheckpointOnSigterm` turns a stop signal into a checkpoint at
-the end of the step. After ``fit`` Lightning's handlers are gone, and SIGTERM's default action would end the
-process in the middle of the evaluation without a word. Inside :func:`stop_signals_raise` both signals raise
+During ``fit``, :class:`~lightning_grass.persistence.preemption.CheckpointOnSigterm` turns a stop signal into a
+checkpoint at the end of the step. After ``fit`` Lightning's handlers are gone, and SIGTERM's default action would
+end the process in the middle of the evaluation without a word. Inside :func:`stop_signals_raise` both signals raise
 :class:`StopRequested` instead, so the caller can say how to resume and exit with ``128 + signal``.
 """
 

@@ -41,8 +41,8 @@ from lightning_grass.app.data import Example
 from lightning_grass.app.evaluation import generate_answers
 from lightning_grass.app.suite_answers import response_text
 from lightning_grass.app.suites import SUITES, Benchmark, load_suite, seeded_subset
-from lightning_grass.atomic_files import write_text_atomically
 from lightning_grass.errors import SettingTypeError, SettingValueError
+from lightning_grass.persistence.atomic_files import write_text_atomically
 from lightning_grass.setting_checks import check_int
 
 #: LLM-Adapters' ``max_new_tokens`` for each suite (``evaluate.py``, ``commonsense_evaluate.py``): the default.

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from hydra_plugins.lightning_grass_launcher.process_launcher import ProcessLauncher
-from lightning_grass import plots
+from lightning_grass.app import plots
 from lightning_grass.app.checkpoints import (
     CHECKPOINT_DIR,
     SAVED_CONFIG,
@@ -60,11 +60,11 @@ from lightning_grass.app.run_stats import RunStats
 from lightning_grass.app.stop_signals import StopRequested, stop_signals_raise
 from lightning_grass.app.suite_evaluation import SuiteEvaluation
 from lightning_grass.app.trainer_checks import check_trainer_settings
-from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
-from lightning_grass.atomic_files import replace_directory_atomically, write_text_atomically
-from lightning_grass.callback import GRASSCallback
 from lightning_grass.errors import SettingValueError
-from lightning_grass.preemption import CheckpointOnSigterm
+from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO
+from lightning_grass.persistence.atomic_files import replace_directory_atomically, write_text_atomically
+from lightning_grass.persistence.preemption import CheckpointOnSigterm
+from lightning_grass.sampling.callback import GRASSCallback
 from lightning_grass.setting_checks import check_seed
 
 # The `process` launcher ships in this package. Hydra finds plugins by scanning the directories of the

@@ -25,10 +25,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
-from lightning_grass.layer_discovery import LayerMap, discover_layers
 from lightning_grass.offload import OffloadedOptimizer
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_placement import resident_spec
+from lightning_grass.sampling.layer_discovery import LayerMap, discover_layers
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin, refuse_float16
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,9 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
       and each is stepped on an fp32 master shard (``master_weights=True``), as with ``GRASSStrategy``.
       float16 weights are refused.
     - **Same layers on every rank.** ``GRASSCallback`` draws on rank 0 and broadcasts, as with ``grass_ddp``;
-      MGN is read from the reduce-scattered gradient shards: :func:`~lightning_grass.importance.grouped_sq_norms`
-      sums each rank's shard and all-reduces the per-layer sums, so it is the same on every rank.
+      MGN is read from the reduce-scattered gradient shards:
+      :func:`~lightning_grass.sampling.importance.grouped_sq_norms` sums each rank's shard and all-reduces
+      the per-layer sums, so it is the same on every rank.
     - **Offload.** The same engine as ``grass`` and ``grass_ddp``
       (:class:`~lightning_grass.offload.TensorStateStore`), over this rank's shards: every setting of
       :class:`~lightning_grass.GRASSStrategy` (tiers, ``max_resident_bytes`` per rank, ``offload_always_on``,

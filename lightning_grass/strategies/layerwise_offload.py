@@ -18,10 +18,8 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
-from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
 from lightning_grass.offload import (
     DiskTier,
     HostTier,
@@ -40,7 +38,9 @@ from lightning_grass.offload.row_chunks import (
     row_ranges,
     rows_per_chunk,
 )
-from lightning_grass.offload_settings import OffloadSettings
+from lightning_grass.offload.settings import OffloadSettings
+from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO
+from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
 
 
 class LayerwiseOffloadMixin:

@@ -25,7 +25,7 @@ from lightning_grass.errors import (
     SettingValueError,
     StorageError,
 )
-from lightning_grass.preemption import CheckpointOnSigterm
+from lightning_grass.persistence.preemption import CheckpointOnSigterm
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor
 
 from lightning_grass.app import train
 from lightning_grass.app.lm import CausalLMModule
-from lightning_grass.atomic_files import replace_directory_atomically
 from lightning_grass.errors import StorageError
+from lightning_grass.persistence.atomic_files import replace_directory_atomically
 
 TINY = [
     "model=scratch_llama",

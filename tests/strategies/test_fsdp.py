@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy, estimate_memory
 from lightning_grass.errors import SettingValueError
-from lightning_grass.layer_discovery import discover_layers
+from lightning_grass.sampling.layer_discovery import discover_layers
 
 RUNNER = Path(__file__).with_name("fsdp_run.py")
 STEPS, LR = 14, 1e-3

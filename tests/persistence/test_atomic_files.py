@@ -8,7 +8,8 @@ import tempfile
 
 import pytest
 
-from lightning_grass.atomic_files import (
+from lightning_grass.errors import StorageError
+from lightning_grass.persistence.atomic_files import (
     _host,
     _temporary_prefix,
     remove_stale_temporaries,
@@ -16,7 +17,6 @@ from lightning_grass.atomic_files import (
     write_atomically,
     write_bytes_atomically,
 )
-from lightning_grass.errors import StorageError
 
 
 def _full_disk_after(limit):
@@ -82,7 +82,7 @@ def test_the_leftover_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     # A child process starts a write, then dies by SIGKILL before renaming it into place.
     script = (
         "import os, signal, sys\n"
-        "from lightning_grass.atomic_files import write_atomically\n"
+        "from lightning_grass.persistence.atomic_files import write_atomically\n"
         "def die(file):\n"
         "    file.write(b'partial'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "write_atomically(sys.argv[1], die)\n"
@@ -141,7 +141,7 @@ def test_files_and_directories_get_the_permissions_of_an_ordinary_write(tmp_path
 
 
 def test_a_directory_is_replaced_whole_where_names_cannot_be_exchanged(tmp_path, monkeypatch):
-    from lightning_grass import atomic_files
+    from lightning_grass.persistence import atomic_files
 
     monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)
     model = tmp_path / "model"

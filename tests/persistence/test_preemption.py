@@ -13,7 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from lightning_grass import GRASSCallback, GRASSStrategy
-from lightning_grass.preemption import CheckpointOnSigterm
+from lightning_grass.persistence.preemption import CheckpointOnSigterm
 
 
 class SigtermAtStep(Callback):

@@ -15,8 +15,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
 from lightning_grass import GRASSCallback, GRASSStrategy, discover_layers, estimate_memory
-from lightning_grass import layer_discovery as discovery
 from lightning_grass.offload.sharded_tensors import local_part
+from lightning_grass.sampling import layer_discovery as discovery
 from lightning_grass.strategies.fsdp import GRASSFSDPStrategy
 
 # Per architecture: the block path, the stacks not chosen, and the subtrees that make up the towers.

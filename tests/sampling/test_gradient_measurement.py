@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_grass.gradient_measurement import LayerGradientMeter
+from lightning_grass.sampling.gradient_measurement import LayerGradientMeter
 
 
 def three_layers():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tolerances import fp32_softmax_rtol
 
-from lightning_grass.sampling import (
+from lightning_grass.sampling.distribution import (
     cap_probabilities,
     effective_layers,
     normalize_importance,

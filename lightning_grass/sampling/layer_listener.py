@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from lightning_grass.layer_discovery import LayerMap
+from lightning_grass.sampling.layer_discovery import LayerMap
 
 
 @runtime_checkable

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_grass.errors import SettingValueError
-from lightning_grass.sampling import NORMALIZATIONS
+from lightning_grass.sampling.distribution import NORMALIZATIONS
 from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_number
 
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
@@ -42,7 +42,8 @@ class GRASSConfig:
         ema: alpha, the weight of the newest window in the refresh. Default 0.5: old and new count equally,
             so one noisy window cannot swing the distribution.
         normalize: How importance is scaled before the softmax: ``"mean"`` (default), ``"max"``, ``"none"`` (the
-            paper's formula), ``"rank"`` or ``"log"``; see :func:`~lightning_grass.sampling.normalize_importance`.
+            paper's formula), ``"rank"`` or ``"log"``; see
+            :func:`~lightning_grass.sampling.distribution.normalize_importance`.
         importance: The per-layer signal. ``"mgn"`` (default) is the paper's mean gradient norm, the per-step
             gradient RMS of the layer. ``"relative"`` divides each step's gradient norm by the layer's weight
             norm, so that a layer whose weights are large (often the first, next to the embeddings) does not

@@ -17,7 +17,7 @@ from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_grass import GRASSCallback
-from lightning_grass.sampling import selection_counts
+from lightning_grass.sampling.distribution import selection_counts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = FIXTURES / "grass_callback_v1.ckpt"

@@ -10,10 +10,10 @@ from conftest import TinyCausalLM, make_trainer, token_batches
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_grass import atomic_files
 from lightning_grass.app.checkpoints import check_resume_checkpoint
-from lightning_grass.atomic_checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from lightning_grass.errors import CheckpointError, MissingPathError, StorageError
+from lightning_grass.persistence import atomic_files
+from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO, read_checkpoint
 
 
 def fit(directory, max_steps, ckpt_path=None, module=None):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_grass.importance import MeanGradNorm, grouped_sq_norms
+from lightning_grass.sampling.importance import MeanGradNorm, grouped_sq_norms
 
 
 def test_grouped_sq_norms_matches_hand_computation():
@@ -84,7 +84,7 @@ def test_state_dict_round_trip_and_shape_check():
 def test_a_layer_without_trainable_parameters_has_importance_zero_and_no_warning(caplog):
     mgn = MeanGradNorm(torch.tensor([1, 0, 1]))
     mgn.accumulate(torch.tensor([4.0, 0.0, 16.0]), torch.tensor([True, False, True]), torch.tensor(True))
-    with caplog.at_level("WARNING", logger="lightning_grass.importance"):
+    with caplog.at_level("WARNING", logger="lightning_grass.sampling.importance"):
         assert mgn.initialize().tolist() == [2.0, 0.0, 4.0], "0, not the fallback mean of 3"
     assert caplog.messages == []
     mgn.accumulate(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True]), torch.tensor(True))

@@ -15,19 +15,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_grass.config import GRASSConfig
 from lightning_grass.errors import NothingToTrainError, SettingValueError
-from lightning_grass.gradient_measurement import LayerGradientMeter, non_finite_message
-from lightning_grass.importance import MeanGradNorm
-from lightning_grass.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
-from lightning_grass.layer_listener import ActiveLayerListener
-from lightning_grass.sampling import (
+from lightning_grass.sampling.config import GRASSConfig
+from lightning_grass.sampling.distribution import (
     effective_layers,
     sample_layers,
     sampling_probabilities,
     selection_counts,
     uniform_probabilities,
 )
+from lightning_grass.sampling.gradient_measurement import LayerGradientMeter, non_finite_message
+from lightning_grass.sampling.importance import MeanGradNorm
+from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
+from lightning_grass.sampling.layer_listener import ActiveLayerListener
 from lightning_grass.strategy_support import check_strategy_supports_grass
 
 
@@ -52,8 +52,8 @@ class GRASSCallback(Callback):
     When one layer's importance dwarfs the others', the softmax gives it most of the probability and sampling
     degenerates to "that layer plus uniform". Each history record therefore carries the effective number of
     layers, ``exp(entropy(p))``, and each layer's share of the draws so far. Four options keep ``p`` following
-    importance without collapsing (:mod:`~lightning_grass.sampling` explains each): ``normalize="rank"`` (only
-    the order counts) or ``"log"`` (``p`` proportional to ``m ** (1 / temperature)``);
+    importance without collapsing (:mod:`~lightning_grass.sampling.distribution` explains each):
+    ``normalize="rank"`` (only the order counts) or ``"log"`` (``p`` proportional to ``m ** (1 / temperature)``);
     ``target_effective_layers`` (a temperature chosen at each resample for that spread); ``max_probability``
     (a cap); and ``importance="relative"`` (gradient norm over weight norm, so a layer with large weights
     does not look important for its scale alone). ``normalize="none"`` is the paper's formula exactly.
@@ -73,7 +73,7 @@ class GRASSCallback(Callback):
     the first sampling window gets a warning.
 
     Gradients are measured on optimizer-step boundaries, after gradient accumulation and AMP unscaling, before
-    clipping (:class:`~lightning_grass.gradient_measurement.LayerGradientMeter`). The measurement uses batched
+    clipping (:class:`~lightning_grass.sampling.gradient_measurement.LayerGradientMeter`). The measurement uses batched
     tensor ops and no host synchronisation; the host reads the accumulators only when it refreshes or
     resamples, or when a window ends. A step with a non-finite layer gradient, or one the grad scaler skips,
     adds nothing to MGN. With ``skip_non_finite``, such a step is skipped and its number kept in
@@ -113,7 +113,7 @@ class GRASSCallback(Callback):
         seed: Seed of the sampling generator; ``None`` takes ``torch.initial_seed()`` at fit start.
         skip_non_finite: Warn and skip the optimizer step when a layer's gradient holds NaN or Inf.
 
-    See :class:`~lightning_grass.config.GRASSConfig` for each default and the reason for it.
+    See :class:`~lightning_grass.sampling.config.GRASSConfig` for each default and the reason for it.
 
     Attributes:
         active_layers: Indices of the layers training now (all layers while probing).
@@ -125,7 +125,7 @@ class GRASSCallback(Callback):
             in ``fixed`` mode), ``draw_share`` (each layer's share of the draws so far, this record's included)
             and ``trained`` (whether an optimizer step ran after the record, with its ``active_layers``; ``False``
             for a draw at the run's last step). Only the windows of resampled records that trained count in
-            :func:`~lightning_grass.sampling.selection_counts`, :attr:`draw_share` and
+            :func:`~lightning_grass.sampling.distribution.selection_counts`, :attr:`draw_share` and
             :meth:`trainable_parameters_per_step`.
         skipped_steps: The optimizer steps (1-based, as in the warnings) skipped because a layer's gradient was
             non-finite; kept in checkpoints.

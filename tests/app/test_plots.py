@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_grass import plots
+from lightning_grass.app import plots
 
 HISTORY = [
     {

@@ -5,7 +5,7 @@ backend alone.
 
 Example::
 
-    from lightning_grass import plots
+    from lightning_grass.app import plots
 
     plots.importance_heatmap(callback.history, "importance.png")
     plots.selection_frequency(callback.history, "selection.png")
@@ -21,13 +21,13 @@ import numpy as np
 
 from lightning_grass._extras import require_app_extra
 from lightning_grass.errors import SettingValueError
-from lightning_grass.sampling import selection_counts
+from lightning_grass.sampling.distribution import selection_counts
 
 try:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 except ModuleNotFoundError:
-    require_app_extra("lightning_grass.plots", ["matplotlib"])
+    require_app_extra("lightning_grass.app.plots", ["matplotlib"])
     raise
 
 _VALUES = ("importance", "probabilities")
@@ -93,7 +93,7 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
     """Draw a bar chart of how many windows each layer trained in and save it as PNG.
 
     A draw made at the run's last step, after which nothing trained, is not counted
-    (:func:`~lightning_grass.sampling.selection_counts`).
+    (:func:`~lightning_grass.sampling.distribution.selection_counts`).
 
     Args:
         history: ``GRASSCallback.history``.

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_grass.importance import grouped_sq_norms
 from lightning_grass.offload.sharded_tensors import local_part
+from lightning_grass.sampling.importance import grouped_sq_norms
 
 
 class LayerGradientMeter:

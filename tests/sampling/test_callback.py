@@ -18,7 +18,7 @@ from transformers import LlamaForCausalLM
 
 from lightning_grass import GRASSCallback
 from lightning_grass.errors import SettingValueError
-from lightning_grass.gradient_measurement import LayerGradientMeter
+from lightning_grass.sampling.gradient_measurement import LayerGradientMeter
 
 NUM_LAYERS = 4
 LAYER_NUMEL = sum(p.numel() for p in TinyCausalLM().model.model.layers[0].parameters())

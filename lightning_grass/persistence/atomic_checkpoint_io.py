@@ -4,8 +4,8 @@ Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose tem
 system temp folder. When the checkpoint directory is on another filesystem (NFS, Lustre, a small tmpfs),
 committing it is a copy that truncates the destination first: a full disk or a kill during that copy
 destroys the previous checkpoint. This plugin writes each checkpoint next to its destination and renames it
-into place (:mod:`lightning_grass.atomic_files`), and reads a checkpoint with an error that names the file and
-what is wrong with it instead of a traceback from the zip reader.
+into place (:mod:`lightning_grass.persistence.atomic_files`), and reads a checkpoint with an error that names the
+file and what is wrong with it instead of a traceback from the zip reader.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_grass.atomic_files import write_atomically
 from lightning_grass.errors import CheckpointError, MissingPathError
+from lightning_grass.persistence.atomic_files import write_atomically
 
 log = logging.getLogger(__name__)
 
