@@ -1,4 +1,8 @@
-"""Backing tier on disk: one file per offloaded tensor's state, read and written by a background I/O thread."""
+"""Backing tier on disk: one file per offloaded tensor's state, read and written by a pool of background threads.
+
+The pool has ``io_threads`` threads (:data:`DEFAULT_IO_THREADS`, 4, by default), so that several reads and
+write-backs are in flight at once.
+"""
 
 from __future__ import annotations
 

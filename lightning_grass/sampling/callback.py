@@ -28,6 +28,8 @@ from lightning_grass.sampling.gradient_measurement import LayerGradientMeter, no
 from lightning_grass.sampling.importance import MeanGradNorm
 from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap, discover_layers
 from lightning_grass.sampling.layer_listener import ActiveLayerListener
+from lightning_grass.sampling.resume_changes import resume_warnings
+from lightning_grass.sampling.sampling_metrics import log_record_metrics
 from lightning_grass.strategy_support import check_strategy_supports_grass
 
 
@@ -82,7 +84,8 @@ class GRASSCallback(Callback):
     (fp32, bf16) deciding to skip reads one boolean on the host per step.
 
     Resuming from a checkpoint with another ``mode`` is refused. Any other setting that differs from the
-    checkpoint's gets one warning line that says when its new value applies.
+    checkpoint's gets one warning line that says when its new value applies
+    (:func:`~lightning_grass.sampling.resume_changes.resume_warnings`).
 
     With ``Trainer(strategy="grass")`` (:class:`~lightning_grass.GRASSStrategy`), the states of deactivated
     layers are kept off the device and a layer drawn again resumes its moments. With any other strategy they
@@ -126,7 +129,8 @@ class GRASSCallback(Callback):
             and ``trained`` (whether an optimizer step ran after the record, with its ``active_layers``; ``False``
             for a draw at the run's last step). Only the windows of resampled records that trained count in
             :func:`~lightning_grass.sampling.distribution.selection_counts`, :attr:`draw_share` and
-            :meth:`trainable_parameters_per_step`.
+            :meth:`trainable_parameters_per_step`. Each record goes to the Trainer's loggers as the metrics of
+            :func:`~lightning_grass.sampling.sampling_metrics.metrics_of_record`.
         skipped_steps: The optimizer steps (1-based, as in the warnings) skipped because a layer's gradient was
             non-finite; kept in checkpoints.
 
@@ -437,7 +441,6 @@ class GRASSCallback(Callback):
         assert self._mgn is not None
         if state["mgn"] is not None:
             self._mgn.load_state_dict(state["mgn"])
-        saved = state["config"]
         self._optimizer_steps = state["optimizer_steps"]
         self._train_start = _train_start_of(state)
         self.history = list(state["history"])
@@ -458,12 +461,8 @@ class GRASSCallback(Callback):
             self._set_importance(self._mgn.importance)
         elif self.config.mode == "lisa":
             self.probabilities = uniform_probabilities(self.layer_map.num_layers, self._eligible)
-        changed = _changed_settings(saved, self.config)
-        for name in sorted(changed, key=_SETTING_ORDER.index):
-            rank_zero_warn(
-                f"GRASS: resuming with {name}={getattr(self.config, name)!r}, the checkpoint was written with "
-                f"{name}={saved[name]!r}; {self._when_setting_applies(name)}"
-            )
+        for message in resume_warnings(state["config"], self.config, self._optimizer_steps, self._train_start):
+            rank_zero_warn(message)
 
     def _on_optimizer_step_done(self, trainer: pl.Trainer) -> None:
         assert self._mgn is not None
@@ -602,80 +601,6 @@ class GRASSCallback(Callback):
                 "or sample_every"
             )
 
-    def _when_setting_applies(self, name: str) -> str:
-        """When a setting that differs from the checkpoint's takes effect in this resumed run, as a clause."""
-        config, step = self.config, self._optimizer_steps
-        probing = self.phase == "probe"
-        probe_end = max(config.probe_steps, step + 1)
-
-        def next_boundary(every: int) -> int:
-            if probing:
-                return probe_end + every
-            return self._train_start + ((step - self._train_start) // every + 1) * every
-
-        unused = self._why_setting_is_unused(name)
-        if unused is not None:
-            return f"it has no effect: {unused}"
-        if name in (
-            "layers",
-            "fixed_layers",
-            "train_embeddings",
-            "train_head",
-            "train_final_norm",
-            "train_towers",
-            "skip_non_finite",
-        ):
-            return f"the new value applies from step {step + 1}, the first of this run"
-        if name == "probe_steps":
-            return f"the new value applies now: probing ends at step {probe_end}"
-        if name in ("update_every", "ema"):
-            return f"the new value applies from the next refresh, at step {next_boundary(config.refresh_every)}"
-        if name == "importance":
-            before = "the probing steps so far" if probing else "the importance carried over"
-            return f"the new signal is measured from step {step + 1} on; {before} used the old one"
-        if probing:
-            next_draw = f"the draw at the end of probing, at step {probe_end}"
-        else:
-            next_draw = f"the next resample, at step {next_boundary(config.sample_every)}"
-        if name == "sample_every":
-            refreshes = (
-                " (refreshes too, as update_every=None)"
-                if config.mode == "grass" and config.update_every is None
-                else ""
-            )
-            return f"the new value applies from {next_draw}, then every {config.sample_every} steps{refreshes}"
-        if name in _DISTRIBUTION_SETTINGS and not probing:
-            recomputed = "the probabilities were recomputed from the checkpoint's importance"
-            return f"{recomputed}; the new value applies from {next_draw}"
-        return f"the new value applies from {next_draw}"
-
-    def _why_setting_is_unused(self, name: str) -> str | None:
-        """Why a changed setting does nothing in this resumed run, or ``None`` if it does something."""
-        mode = self.config.mode
-        if name == "seed":
-            return "the sampling generator continues from its state in the checkpoint"
-        if name == "probe_steps":
-            if not self.config.probes:
-                return f"mode={mode!r} does not probe"
-            return None if self.phase == "probe" else f"probing ended at step {self._train_start}"
-        if name not in _SAMPLING_SETTINGS:
-            return None
-        if mode == "fixed":
-            return "mode='fixed' trains fixed_layers and never samples"
-        if name in ("n_active", "sample_every"):
-            return None
-        if name in ("update_every", "ema") and mode != "grass":
-            return f"mode={mode!r} does not refresh importance"
-        if mode == "lisa":
-            return "mode='lisa' samples uniformly"
-        if name == "importance" and mode == "grass_static" and self.phase != "probe":
-            return (
-                f"mode='grass_static' measured importance only while probing, which ended at step {self._train_start}"
-            )
-        if name == "temperature" and self.config.target_effective_layers is not None:
-            return f"target_effective_layers={self.config.target_effective_layers!r} chooses the temperature"
-        return None
-
     def _activate(self, layers: list[int]) -> None:
         """Make exactly ``layers`` trainable, drop the optimizer state of layers leaving the active set."""
         assert self._optimizer is not None and self._meter is not None
@@ -793,51 +718,12 @@ class GRASSCallback(Callback):
         total = sum(draws)
         record["draw_share"] = [count / total if total else 0.0 for count in draws]
         record["trained"] = False
-        metrics = {}
-        if record["effective_layers"] is not None:
-            metrics["grass/effective_layers"] = record["effective_layers"]
-        for layer in range(self.layer_map.num_layers):
-            metrics[f"grass/active/layer_{layer:02d}"] = float(layer in self.active_layers)
-            metrics[f"grass/draw_share/layer_{layer:02d}"] = record["draw_share"][layer]
-            if record["probabilities"] is not None:
-                metrics[f"grass/probability/layer_{layer:02d}"] = record["probabilities"][layer]
-            if record["importance"] is not None:
-                metrics[f"grass/importance/layer_{layer:02d}"] = record["importance"][layer]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=self._optimizer_steps)
+        log_record_metrics(trainer.loggers, record)
 
 
 #: The layout of :meth:`GRASSCallback.state_dict`: 2 holds only what cannot be derived (1 also held the phase,
 #: importance and probabilities).
 _STATE_FORMAT = 2
-
-#: The settings that only decide how the distribution is computed from importance.
-_DISTRIBUTION_SETTINGS = ("temperature", "normalize", "target_effective_layers", "max_probability")
-
-#: The settings that only matter when layers are sampled.
-_SAMPLING_SETTINGS = ("n_active", "sample_every", "update_every", "ema", "importance", *_DISTRIBUTION_SETTINGS)
-
-#: GRASSConfig's fields in declaration order, the order in which changed settings are reported.
-_SETTING_ORDER = [field.name for field in dataclasses.fields(GRASSConfig)]
-
-
-def _changed_settings(saved: dict[str, Any], config: GRASSConfig) -> set[str]:
-    """The settings (``mode`` aside) whose value in a checkpoint's config differs from ``config``.
-
-    ``n_active`` is left out in ``fixed`` mode, where it is the length of ``fixed_layers``; a setting the
-    checkpoint does not hold (one added since it was written) counts as unchanged.
-    """
-
-    def comparable(value: Any) -> Any:
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    current = dataclasses.asdict(config)
-    skipped = {"mode", "n_active"} if config.mode == "fixed" else {"mode"}
-    return {
-        name
-        for name in _SETTING_ORDER
-        if name not in skipped and name in saved and comparable(saved[name]) != comparable(current[name])
-    }
 
 
 def _train_start_of(state: dict[str, Any]) -> int | None:
