@@ -23,21 +23,11 @@ from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingValueError
 from lightning_grass.offload import expected_state_bytes, needs_master, step_workspace_bytes
 from lightning_grass.offload.row_chunks import chunk_numel, row_ranges, rows_per_chunk
-from lightning_grass.offload.settings import OffloadSettings
+from lightning_grass.offload.settings import PRECISIONS, OffloadSettings, check_sharded_precision
 from lightning_grass.offload.state_bytes import STEP_COUNTER_BYTES
+from lightning_grass.sampling.config import check_n_active
 from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, discover_layers
-from lightning_grass.setting_checks import check_flag
-from lightning_grass.strategies.fsdp import SHARDED_PRECISIONS
-
-#: Precisions and the weight dtype each trains in; ``None`` keeps the model's own dtype.
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "32-true": None,
-    "32": None,
-    "bf16-mixed": None,
-    "16-mixed": None,
-    "bf16-true": torch.bfloat16,
-    "64-true": torch.float64,
-}
+from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_module_path
 
 
 @dataclass(frozen=True)
@@ -175,19 +165,19 @@ def estimate_memory(
             1 to the number of layers, ``shards < 1``, a ``max_resident_bytes`` with ``offload="none"`` or below
             what one row of an offloaded tensor needs while stepped (the largest shard with ``shards > 1``), or,
             with ``shards > 1``, a precision that ``grass_fsdp`` does not take.
+        SettingTypeError: For an ``n_active`` or ``shards`` that is not an int, ``layers`` that is not a string, or
+            an offload setting of the wrong type.
     """
     if precision == "16-true":
         raise SettingValueError("precision='16-true' is refused by GRASSStrategy; estimate 'bf16-true' instead")
-    if precision not in PRECISIONS:
-        raise SettingValueError(f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}")
+    check_choice("precision", precision, tuple(PRECISIONS))
     settings = OffloadSettings.validated(offload, None, max_resident_bytes, offload_always_on, master_weights)
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise SettingValueError(f"shards={shards!r} must be an int >= 1 (the ranks grass_fsdp shards over)")
-    if shards > 1 and precision not in (*SHARDED_PRECISIONS, "32"):
-        raise SettingValueError(
-            f"precision={precision!r} is not supported by grass_fsdp (shards={shards}); use one of {SHARDED_PRECISIONS}"
-        )
+    check_int("shards", shards, minimum=1)
+    if shards > 1:
+        check_sharded_precision(precision, shards)
     check_flag("train_towers", train_towers)
+    check_module_path("layers", layers)
+    check_n_active(n_active)
     layer_map = discover_layers(model, layers)
     if not 1 <= n_active <= layer_map.num_layers:
         raise SettingValueError(

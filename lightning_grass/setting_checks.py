@@ -1,4 +1,4 @@
-"""The checks every setting goes through: an integer, a finite number, one of a few choices, a flag.
+"""The checks every setting goes through: an integer, a finite number, one of a few choices, a flag, a module path.
 
 Each raises :class:`~lightning_grass.errors.SettingTypeError` for a value of the wrong type (a bool is not a
 number here, and a string never is) and :class:`~lightning_grass.errors.SettingValueError` for one out of range,
@@ -18,19 +18,24 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: object, minimum: int | None = None) -> None:
+def check_int(name: str, value: object, minimum: int | None = None, *, or_word: str | None = None) -> None:
     """Refuse ``value`` unless it is an int (not a bool, a float, NaN or a string) of at least ``minimum``.
 
     Args:
         name: The setting, as the user writes it.
         value: Its value.
         minimum: The smallest value allowed; ``None`` allows any integer.
+        or_word: A word accepted instead of an integer, such as ``"auto"``; ``None`` accepts integers only.
 
     Raises:
-        SettingTypeError: If ``value`` is not an int.
+        SettingTypeError: If ``value`` is neither an int nor ``or_word``.
         SettingValueError: If it is below ``minimum``.
     """
     allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if or_word is not None:
+        if isinstance(value, str) and value == or_word:
+            return
+        allowed += f" or {or_word!r}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise SettingTypeError(f"{name}={value!r} must be {allowed}")
     if minimum is not None and value < minimum:
@@ -64,6 +69,25 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     """
     if value not in allowed:
         raise SettingValueError(f"{name}={value!r} is not supported; use one of {allowed}")
+
+
+def check_module_path(name: str, value: object) -> None:
+    """Refuse ``value`` unless it is ``None`` or a dotted module path (several may be joined by commas).
+
+    Whether the path resolves on the model is checked where the model is known
+    (:func:`~lightning_grass.discover_layers`).
+
+    Raises:
+        SettingTypeError: If it is neither ``None`` nor a string.
+        SettingValueError: If it is an empty or blank string.
+    """
+    if value is None:
+        return
+    message = f"{name}={value!r} must be a dotted module path such as 'model.model.layers', or None"
+    if not isinstance(value, str):
+        raise SettingTypeError(message)
+    if not value.strip():
+        raise SettingValueError(message)
 
 
 def check_flag(name: str, value: object) -> None:

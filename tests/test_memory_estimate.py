@@ -109,6 +109,33 @@ def test_bad_settings_are_named(kwargs, message):
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(n_active=0), SettingValueError, "n_active=0 must be an integer >= 1"),
+        (dict(n_active="2"), SettingTypeError, "n_active='2' must be an integer >= 1"),
+        (dict(n_active=True), SettingTypeError, "n_active=True must be an integer >= 1"),
+        (dict(n_active=2, shards="2"), SettingTypeError, "shards='2' must be an integer >= 1"),
+        (dict(n_active=2, shards=2.0), SettingTypeError, "shards=2.0 must be an integer >= 1"),
+        (
+            dict(n_active=2, layers=3),
+            SettingTypeError,
+            "layers=3 must be a dotted module path such as 'model.model.layers', or None",
+        ),
+        (
+            dict(n_active=2, precision="8-true"),
+            SettingValueError,
+            "precision='8-true' is not supported; use one of "
+            "('32-true', '32', 'bf16-mixed', '16-mixed', 'bf16-true', '64-true')",
+        ),
+    ],
+)
+def test_settings_are_refused_as_the_callback_and_the_strategies_refuse_them(kwargs, error, message):
+    with pytest.raises(error) as raised:
+        estimate_memory(MODEL, **kwargs)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
     ("value", "error", "message"),
     [
         (
@@ -216,7 +243,7 @@ def test_one_rank_of_grass_fsdp_holds_a_shard_of_everything_plus_the_gathered_gr
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"shards": 0}, "shards=0 must be an int >= 1 (the ranks grass_fsdp shards over)"),
+        ({"shards": 0}, "shards=0 must be an integer >= 1"),
         ({"shards": 2, "precision": "16-mixed"}, "precision='16-mixed' is not supported by grass_fsdp (shards=2)"),
         ({"shards": 2, "max_resident_bytes": 1}, "max_resident_bytes=1 bytes (1 B) cannot hold"),
     ],

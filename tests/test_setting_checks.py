@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
-from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_number
+from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_module_path, check_number
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,33 @@ def test_a_choice_and_a_flag():
         check_flag("overlap", 1)
     assert str(raised.value) == "overlap=1 must be True or False"
     check_flag("overlap", False)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("two", SettingTypeError),
+        ("Auto", SettingTypeError),
+        (2.0, SettingTypeError),
+        (True, SettingTypeError),
+        (0, SettingValueError),
+    ],
+)
+def test_an_integer_setting_that_also_takes_a_word(value, error):
+    with pytest.raises(error) as raised:
+        check_int("data_parallel_size", value, minimum=1, or_word="auto")
+    assert str(raised.value) == f"data_parallel_size={value!r} must be an integer >= 1 or 'auto'"
+    check_int("data_parallel_size", "auto", minimum=1, or_word="auto")
+    check_int("data_parallel_size", 2, minimum=1, or_word="auto")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(3, SettingTypeError), (["model.layers"], SettingTypeError), ("", SettingValueError), (" ", SettingValueError)],
+)
+def test_a_module_path_setting(value, error):
+    with pytest.raises(error) as raised:
+        check_module_path("layers", value)
+    assert str(raised.value) == f"layers={value!r} must be a dotted module path such as 'model.model.layers', or None"
+    check_module_path("layers", None)
+    check_module_path("layers", "model.encoder.block, model.decoder.block")

@@ -23,6 +23,7 @@ import torch
 from lightning_grass.byte_size import format_bytes
 from lightning_grass.errors import SettingTypeError, SettingValueError, StorageError
 from lightning_grass.offload.transfer import TensorSpec, Transfer
+from lightning_grass.setting_checks import check_int
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class DiskTier:
             must fit in the free space of ``directory``'s disk.
 
     Raises:
-        SettingTypeError: If ``directory`` is not a path.
+        SettingTypeError: If ``directory`` is not a path, or ``io_threads`` is not an int.
         SettingValueError: If ``directory`` cannot be created or written to, its disk has less free space than
             ``unit_bytes`` add up to, or ``io_threads`` is below 1.
     """
@@ -107,8 +108,7 @@ class DiskTier:
         unit_bytes: Sequence[int] = (),
     ) -> None:
         check_offload_dir(directory)
-        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
-            raise SettingValueError(f"io_threads={io_threads!r} must be an int >= 1 (reads and writes at once)")
+        check_int("io_threads", io_threads, minimum=1)
         parent = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         try:
             parent.mkdir(parents=True, exist_ok=True)

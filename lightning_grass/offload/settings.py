@@ -1,14 +1,17 @@
-"""``OffloadSettings``: where optimizer states live and how many bytes of them the device holds, validated once.
+"""The settings the strategies and :func:`~lightning_grass.estimate_memory` share, each checked in one place.
 
-``GRASSStrategy``, ``GRASSDDPStrategy``, ``GRASSFSDPStrategy`` and :func:`~lightning_grass.estimate_memory` take
-the same offload settings; each builds them with :meth:`OffloadSettings.validated`, so a setting is refused with
-the same message wherever it is given.
+``GRASSStrategy``, ``GRASSDDPStrategy``, ``GRASSFSDPStrategy`` and ``estimate_memory`` take the same offload
+settings; each builds them with :meth:`OffloadSettings.validated`, so a setting is refused with the same message
+wherever it is given. The precisions they train in (:data:`PRECISIONS`, :data:`SHARDED_PRECISIONS`) are listed
+here too, and ``grass_fsdp``'s are checked by :func:`check_sharded_precision` in the strategy and the estimate.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import torch
 
 from lightning_grass.byte_size import parse_byte_size
 from lightning_grass.errors import SettingValueError
@@ -17,6 +20,36 @@ from lightning_grass.setting_checks import check_choice, check_flag
 
 #: Accepted values of ``offload``.
 OFFLOAD_TIERS = ("auto", "none", "cpu", "disk")
+
+#: Lightning's precision flags GRASS trains in, and the dtype each gives the weights; ``None`` keeps the model's own.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "32-true": None,
+    "32": None,
+    "bf16-mixed": None,
+    "16-mixed": None,
+    "bf16-true": torch.bfloat16,
+    "64-true": torch.float64,
+}
+
+#: The precisions ``grass_fsdp`` trains in.
+SHARDED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def check_sharded_precision(precision: object, shards: int | None = None) -> None:
+    """Refuse a precision that ``grass_fsdp`` does not train in (``"32"``, Lightning's alias of ``"32-true"``, passes).
+
+    Args:
+        precision: Lightning's precision flag.
+        shards: The ranks sharded over, named in the message when the estimate is asked for them.
+
+    Raises:
+        SettingValueError: For any other precision.
+    """
+    if precision not in (*SHARDED_PRECISIONS, "32"):
+        over = "" if shards is None else f" (shards={shards})"
+        raise SettingValueError(
+            f"precision={precision!r} is not supported by grass_fsdp{over}; use one of {SHARDED_PRECISIONS}"
+        )
 
 
 @dataclass(frozen=True)

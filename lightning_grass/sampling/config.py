@@ -7,13 +7,35 @@ from dataclasses import dataclass
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.sampling.distribution import NORMALIZATIONS
-from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_number
+from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_module_path, check_number
 
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
 MODES = ("grass", "grass_static", "lisa", "fixed")
 
 #: Importance signals: the paper's mean gradient norm, or the gradient norm relative to the weight norm.
 IMPORTANCE_SIGNALS = ("mgn", "relative")
+
+
+def check_n_active(n_active: object, num_layers: int | None = None, counted: str | None = None) -> None:
+    """Refuse an ``n_active`` that is not an integer between 1 and the number of layers it is drawn from.
+
+    :class:`GRASSConfig` and :func:`~lightning_grass.estimate_memory` check it here: the type and the lower bound
+    at once, the upper bound once the model's layers are known.
+
+    Args:
+        n_active: The setting.
+        num_layers: The layers it is drawn from; ``None`` (the model not known yet) checks the type and the lower
+            bound only.
+        counted: Those layers as the message names them; ``None`` is ``"layers (<num_layers>)"``.
+
+    Raises:
+        SettingTypeError: If ``n_active`` is not an int.
+        SettingValueError: If it is below 1 or above ``num_layers``.
+    """
+    check_int("n_active", n_active, minimum=1)
+    if num_layers is not None and n_active > num_layers:
+        counted = counted or f"layers ({num_layers})"
+        raise SettingValueError(f"n_active={n_active} must be between 1 and the number of {counted}")
 
 
 @dataclass(frozen=True)
@@ -110,10 +132,7 @@ class GRASSConfig:
             check_int("seed", self.seed, minimum=0)
         for name in ("train_embeddings", "train_head", "train_final_norm", "train_towers", "skip_non_finite"):
             check_flag(name, getattr(self, name))
-        if self.layers is not None and (not isinstance(self.layers, str) or not self.layers):
-            raise SettingValueError(
-                f"layers={self.layers!r} must be a dotted attribute path such as 'model.model.layers'"
-            )
+        check_module_path("layers", self.layers)
         if self.mode == "fixed":
             self._check_fixed_layers()
         else:
@@ -121,7 +140,7 @@ class GRASSConfig:
                 raise SettingValueError(
                     f"fixed_layers={list(self.fixed_layers)} is only used with mode='fixed', not {self.mode!r}"
                 )
-            check_int("n_active", self.n_active, minimum=1)
+            check_n_active(self.n_active)
 
     @property
     def refresh_every(self) -> int:
@@ -167,8 +186,8 @@ class GRASSConfig:
                     f"fixed_layers={fixed} names layers {frozen}, which have no parameter that requires grad (they "
                     "were frozen before fit), so they would train nothing. Unfreeze them or leave them out"
                 )
-        elif self.n_active > trainable:
-            raise SettingValueError(f"n_active={self.n_active} must be between 1 and the number of {counted}")
+        else:
+            check_n_active(self.n_active, trainable, counted)
         if self.target_effective_layers is not None and self.target_effective_layers > trainable:
             raise SettingValueError(
                 f"target_effective_layers={self.target_effective_layers} must be between 1 and the number of {counted}"

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
-from typing_extensions import override
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
@@ -62,11 +61,3 @@ class GRASSDDPStrategy(LayerwiseOffloadMixin, DDPStrategy):
             )
         self._init_offload(offload, offload_dir, max_resident_bytes, offload_always_on, master_weights, overlap)
         super().__init__(**{**ddp_kwargs, "find_unused_parameters": True})
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
-        from lightning_grass.strategies.registry import register_strategy_names
-
-        register_strategy_names(strategy_registry, cls)

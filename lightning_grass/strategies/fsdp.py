@@ -26,15 +26,14 @@ from typing_extensions import override
 
 from lightning_grass.errors import SettingTypeError, SettingValueError
 from lightning_grass.offload import OffloadedOptimizer
+from lightning_grass.offload.settings import check_sharded_precision
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_placement import resident_spec
 from lightning_grass.sampling.layer_discovery import LayerMap, discover_layers
+from lightning_grass.setting_checks import check_int, check_module_path
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin, refuse_float16
 
 log = logging.getLogger(__name__)
-
-#: Precisions ``grass_fsdp`` trains in.
-SHARDED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
 class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
@@ -94,7 +93,8 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
 
     Raises:
         SettingValueError: For a ``data_parallel_size`` below 1, a tensor-parallel size other than 1,
-            ``save_distributed_checkpoint=False``, and the offload settings ``GRASSStrategy`` refuses.
+            ``save_distributed_checkpoint=False``, an empty ``layers``, and the offload settings ``GRASSStrategy``
+            refuses.
         SettingTypeError: For ``layers`` that is not a string, a ``data_parallel_size`` that is neither
             ``"auto"`` nor an int, an ``mp_policy`` of another type, and offload settings of the wrong type.
     """
@@ -116,17 +116,8 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
         **kwargs: Any,
     ) -> None:
         self._init_offload(offload, offload_dir, max_resident_bytes, offload_always_on, master_weights, overlap)
-        if layers is not None and not isinstance(layers, str):
-            raise SettingTypeError(f"layers={layers!r} must be a dotted module path such as 'model.layers', or None")
-        if data_parallel_size != "auto" and (
-            isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int)
-        ):
-            raise SettingTypeError(
-                f"data_parallel_size={data_parallel_size!r} must be 'auto' (every process) or an int, the ranks that "
-                "shard the model"
-            )
-        if data_parallel_size != "auto" and data_parallel_size < 1:
-            raise SettingValueError(f"data_parallel_size={data_parallel_size!r} must be at least 1 (or 'auto')")
+        check_module_path("layers", layers)
+        check_int("data_parallel_size", data_parallel_size, minimum=1, or_word="auto")
         if isinstance(tensor_parallel_size, bool) or tensor_parallel_size not in ("auto", 1):
             raise SettingValueError(
                 f"tensor_parallel_size={tensor_parallel_size!r} is not supported by grass_fsdp; it shards "
@@ -178,11 +169,7 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
         self.accelerator.setup(trainer)
         if fitting:
             refuse_float16(self.lightning_module, self.precision_plugin)
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        if precision not in SHARDED_PRECISIONS:
-            raise SettingValueError(
-                f"precision={precision!r} is not supported by grass_fsdp; use one of {SHARDED_PRECISIONS}"
-            )
+        check_sharded_precision(getattr(self.precision_plugin, "precision", "32-true"))
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self._shard(trainer)
@@ -386,11 +373,3 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
         for root in roots:
             if id(root) not in nested:
                 root._get_fsdp_state()._lazy_init()  # torch has no public call for this; the first forward makes it
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
-        from lightning_grass.strategies.registry import register_strategy_names
-
-        register_strategy_names(strategy_registry, cls)

@@ -1,7 +1,9 @@
 """Every strategy name this package registers with Lightning, in one table.
 
 ``Trainer(strategy="grass_offload_disk")`` is ``GRASSStrategy(offload="disk")``: a name is a strategy class and
-the settings it starts from. ``import lightning_grass`` registers them all.
+the settings it starts from. ``import lightning_grass`` registers them all, here and nowhere else: Lightning calls
+``Strategy.register_strategies`` only for its own classes, so the GRASS classes do not override it, and this
+module is the only one that imports all three.
 """
 
 from __future__ import annotations
@@ -51,10 +53,7 @@ STRATEGY_NAMES: tuple[StrategyName, ...] = (
 )
 
 
-def register_strategy_names(registry: Any, strategy: type[Strategy] | None = None) -> None:
-    """Register the names of :data:`STRATEGY_NAMES` (those of ``strategy`` only, if given) in ``registry``."""
+def register_strategy_names(registry: Any) -> None:
+    """Register every name of :data:`STRATEGY_NAMES` in ``registry``; registering them again replaces them."""
     for entry in STRATEGY_NAMES:
-        if strategy is None or entry.strategy is strategy:
-            registry.register(
-                entry.name, entry.strategy, description=entry.description, override=True, **entry.settings
-            )
+        registry.register(entry.name, entry.strategy, description=entry.description, override=True, **entry.settings)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from typing_extensions import override
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin
@@ -124,11 +122,3 @@ class GRASSStrategy(LayerwiseOffloadMixin, SingleDeviceStrategy):
                 f"({', '.join(map(str, devices))}); pass devices=1"
             )
         self._root_device = devices[0]
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register this class's names of :data:`~lightning_grass.strategies.registry.STRATEGY_NAMES`."""
-        from lightning_grass.strategies.registry import register_strategy_names
-
-        register_strategy_names(strategy_registry, cls)

@@ -47,7 +47,17 @@ def test_defaults():
         (dict(max_probability=0.0), ValueError, r"max_probability=0.0 must be a finite number in \(0, 1\]"),
         (dict(max_probability=1.5), ValueError, r"max_probability=1.5 must be a finite number in \(0, 1\]"),
         (dict(seed=-1), ValueError, "seed=-1 must be an integer >= 0"),
-        (dict(layers=""), ValueError, "layers='' must be a dotted attribute path"),
+        (
+            dict(layers=""),
+            ValueError,
+            r"^layers='' must be a dotted module path such as 'model.model.layers', or None$",
+        ),
+        (
+            dict(layers=" "),
+            ValueError,
+            r"^layers=' ' must be a dotted module path such as 'model.model.layers', or None$",
+        ),
+        (dict(layers=3), TypeError, r"^layers=3 must be a dotted module path such as 'model.model.layers', or None$"),
         (dict(mode="fixed"), ValueError, "fixed_layers=None: mode='fixed' needs a non-empty list"),
         (
             dict(mode="fixed", fixed_layers=[]),

@@ -50,12 +50,6 @@ def test_registered_names_build_the_strategy(name, tier):
     assert trainer.strategy.root_device == torch.device("cpu")
 
 
-def test_registration_is_idempotent():
-    GRASSStrategy.register_strategies(StrategyRegistry)
-    GRASSStrategy.register_strategies(StrategyRegistry)
-    assert StrategyRegistry["grass_offload_disk"]["init_params"] == {"offload": "disk"}
-
-
 def test_root_device_follows_the_devices_lightning_selects():
     by_name = GRASSStrategy()
     by_name.parallel_devices = [torch.device("cuda", 1)]  # what the connector does for strategy="grass"

@@ -8,6 +8,8 @@ from lightning_grass.errors import SettingTypeError, SettingValueError
 
 UNITS = "write a number with one of the units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, for example '512MiB'"
 NOT_BYTES = "must be a number of bytes or a string such as '512MiB'"
+MODULE_PATH = "must be a dotted module path such as 'model.model.layers', or None"
+DP = "an integer >= 1 or 'auto'"
 
 
 @pytest.mark.parametrize("strategy", [GRASSStrategy, GRASSDDPStrategy], ids=["grass", "grass_ddp"])
@@ -54,12 +56,13 @@ def test_offload_dir_of_the_wrong_type_is_refused(strategy, value):
     ("kwargs", "error", "message"),
     [
         (dict(offload=float("nan")), SettingValueError, "offload=nan is not supported; use one of ('auto', 'none',"),
-        (dict(layers=3), SettingTypeError, "layers=3 must be a dotted module path such as 'model.layers', or None"),
-        (dict(data_parallel_size=float("nan")), SettingTypeError, "data_parallel_size=nan must be 'auto' (every"),
-        (dict(data_parallel_size="two"), SettingTypeError, "data_parallel_size='two' must be 'auto' (every process)"),
-        (dict(data_parallel_size=2.0), SettingTypeError, "data_parallel_size=2.0 must be 'auto' (every process) or"),
-        (dict(data_parallel_size=True), SettingTypeError, "data_parallel_size=True must be 'auto' (every process)"),
-        (dict(data_parallel_size=0), SettingValueError, "data_parallel_size=0 must be at least 1 (or 'auto')"),
+        (dict(layers=3), SettingTypeError, f"layers=3 {MODULE_PATH}"),
+        (dict(layers=""), SettingValueError, f"layers='' {MODULE_PATH}"),
+        (dict(data_parallel_size=float("nan")), SettingTypeError, f"data_parallel_size=nan must be {DP}"),
+        (dict(data_parallel_size="two"), SettingTypeError, f"data_parallel_size='two' must be {DP}"),
+        (dict(data_parallel_size=2.0), SettingTypeError, f"data_parallel_size=2.0 must be {DP}"),
+        (dict(data_parallel_size=True), SettingTypeError, f"data_parallel_size=True must be {DP}"),
+        (dict(data_parallel_size=0), SettingValueError, f"data_parallel_size=0 must be {DP}"),
         (dict(tensor_parallel_size=float("nan")), SettingValueError, "tensor_parallel_size=nan is not supported"),
         (dict(tensor_parallel_size=True), SettingValueError, "tensor_parallel_size=True is not supported by grass"),
     ],
@@ -105,3 +108,27 @@ def test_one_offload_setting_is_refused_with_one_message_by_every_strategy_and_t
             take(**settings)
         messages.add(str(raised.value))
     assert len(messages) == 1 and messages.pop().startswith(message)
+
+
+@pytest.mark.parametrize(("layers", "error"), [(3, SettingTypeError), ("", SettingValueError)])
+def test_layers_is_refused_with_one_error_and_one_message_by_the_callback_the_fsdp_strategy_and_the_estimate(
+    layers, error
+):
+    from lightning_grass import GRASSCallback
+
+    for take in (GRASSCallback, GRASSFSDPStrategy, _estimate):
+        with pytest.raises(error) as raised:
+            take(layers=layers)
+        assert str(raised.value) == f"layers={layers!r} {MODULE_PATH}", take
+
+
+def test_a_precision_grass_fsdp_does_not_train_in_is_refused_by_one_check():
+    from lightning_grass.offload.settings import check_sharded_precision
+
+    with pytest.raises(SettingValueError) as raised:
+        check_sharded_precision("16-mixed")
+    assert str(raised.value) == (
+        "precision='16-mixed' is not supported by grass_fsdp; use one of ('32-true', 'bf16-mixed', 'bf16-true')"
+    )
+    for precision in ("32-true", "32", "bf16-mixed", "bf16-true"):
+        check_sharded_precision(precision)
