@@ -23,7 +23,7 @@ def train(model, optimizer, schedule, scheduler=None, seed=1):
         for index, layer in enumerate(model.model.layers):
             layer.requires_grad_(index in active)
         if isinstance(optimizer, OffloadedOptimizer):
-            optimizer.set_order(units_of(model, active))
+            optimizer.set_active(units_of(model, active))
             optimizer.prefetch()
         tokens = torch.randint(0, VOCAB, (2, 12), generator=generator)
         optimizer.zero_grad()

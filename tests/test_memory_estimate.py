@@ -1,5 +1,7 @@
 """estimate_memory: the formula on a tiny model, a meta-device 7B, and against what a CPU run measures."""
 
+import re
+
 import pytest
 import torch
 from conftest import TinyCausalLM, make_trainer, token_batches
@@ -8,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_grass import GRASSCallback, GRASSStrategy, MemoryEstimate, discover_layers, estimate_memory
 from lightning_grass.errors import SettingTypeError, SettingValueError
-from lightning_grass.offload import device_bytes_while_stepped
+from lightning_grass.offload import device_bytes_while_stepped, expected_state_bytes
 
 MODEL = TinyCausalLM().model
 TOTAL = sum(p.numel() for p in MODEL.parameters())
@@ -182,36 +184,58 @@ class PeakGradients(Callback):
         self.bytes = max(self.bytes, held)
 
 
-def streaming_budget(precision):
-    """Room for two of the largest tensors while stepped: a fetch fits beside an update, a whole layer does not."""
+def largest_tensor(precision):
+    """down_proj's size in the dtype it trains in, and the for-loop AdamW (torch's default on the CPU) over it."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     largest = torch.nn.Parameter(torch.empty(LARGEST, dtype=dtype))
-    adamw = torch.optim.AdamW([largest], foreach=False)  # torch's default for CPU tensors: the for-loop
-    return 2 * device_bytes_while_stepped(adamw, largest, master=dtype == torch.bfloat16)
+    return largest, torch.optim.AdamW([largest], foreach=False), dtype == torch.bfloat16
 
 
-def chunked_budget(precision):
-    """A third of the largest tensor while stepped, with the always-on tensors offloaded: most tensors are chunked."""
-    return streaming_budget(precision) // 6
+def smallest_budget(module, precision):
+    """The smallest budget the offload works in, as its refusal of one byte less names it."""
+    with pytest.raises(SettingValueError) as raised:
+        estimate_memory(
+            module, n_active=2, precision=precision, foreach=False, max_resident_bytes=1, offload_always_on=True
+        )
+    match = re.fullmatch(r".*, nor one row of it \((\d+) bytes\), .*; raise it to at least \1 bytes", str(raised.value))
+    assert match, str(raised.value)
+    return int(match.group(1))
 
 
-@pytest.mark.parametrize("budget", ["none", "streaming", "chunked"])
+#: Budgets from the smallest allowed to none, in units of down_proj's (the largest tensor's) bytes: chunks of rows
+#: below it (every tensor offloaded), then whole tensors streamed with 2 to 5 states fetched ahead, then none.
+BUDGETS = {
+    "smallest": None,
+    "a-third-stepped": lambda stepped, state: stepped // 3,
+    "two-states": lambda stepped, state: 2 * state,
+    "two-and-a-half-states": lambda stepped, state: 5 * state // 2,
+    "two-stepped": lambda stepped, state: 2 * stepped,
+    "five-states": lambda stepped, state: 5 * state,
+    "none": None,
+}
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_the_estimate_is_what_a_cpu_run_measures(precision, budget):
-    module = TinyCausalLM(num_layers=8)
-    budgets = {"none": None, "streaming": streaming_budget(precision), "chunked": chunked_budget(precision)}
-    settings = dict(offload="cpu", max_resident_bytes=budgets[budget], offload_always_on=budget == "chunked")
+    module = TinyCausalLM(num_layers=6)
+    largest, adamw, master = largest_tensor(precision)
+    stepped = device_bytes_while_stepped(adamw, largest, master)
+    state = expected_state_bytes(adamw, largest, master)
+    bytes_ = {"smallest": smallest_budget(module, precision), "none": None}.get(budget)
+    if budget not in ("smallest", "none"):
+        bytes_ = BUDGETS[budget](stepped, state)
+    settings = dict(offload="cpu", max_resident_bytes=bytes_, offload_always_on=bytes_ is not None and bytes_ < stepped)
     estimate = estimate_memory(module, n_active=2, precision=precision, foreach=False, **settings)
     gradients = PeakGradients()
-    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=3, seed=0)
+    # A new window at every step: layers leave and join the device between every two updates.
+    callback = GRASSCallback(mode="lisa", n_active=2, sample_every=1, seed=0)
     trainer = make_trainer(
-        max_steps=12, strategy=GRASSStrategy(**settings), callbacks=[callback, gradients], precision=precision
+        max_steps=13, strategy=GRASSStrategy(**settings), callbacks=[callback, gradients], precision=precision
     )
     trainer.fit(module, token_batches())
-    # The CPU tier copies synchronously, so a write-back frees its bytes at once and the estimate of what the
-    # offload holds at its peak is exact, not only within 1%: always-on states, plus the two active layers'
-    # states and step workspaces together (no budget) or the largest tensor stepped beside the next one's
-    # fetched state (streaming), or the largest chunk stepped beside the next one's state (chunked).
+    # The CPU tier copies synchronously, so a write-back frees its bytes at once, and the store fetches ahead by
+    # the plan's own lookahead: what the estimate sums is exactly what the offload held at its peak.
     held = estimate.master_weights + estimate.optimizer_states + estimate.step_workspace
     assert held == trainer.strategy.offload_stats["peak_resident_bytes"]
     assert estimate.gradients == gradients.bytes

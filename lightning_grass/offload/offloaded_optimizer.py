@@ -24,10 +24,10 @@ _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 class OffloadedOptimizer(Optimizer):
     """Wraps an optimizer: half-precision parameters step on fp32 masters, offloaded states come just in time.
 
-    ``step()`` first updates the parameters the store does not hold (their states stay resident), then the
-    store's parameters that have a gradient, in the store's active order. When their states fit in the budget
-    together they are acquired and updated in one call; otherwise one tensor at a time, the next one being
-    fetched while the current one is updated (:class:`~lightning_grass.offload.TensorStateStore`).
+    ``step()`` first updates the parameters the store does not hold (their states stay resident), then hands the
+    store's units that have a gradient, the active ones first, to :meth:`TensorStateStore.step`, which decides once
+    whether they are updated together (their states fit in the budget) or streamed one at a time, the next ones
+    fetched while the current one is updated.
 
     Every update is a call of the wrapped optimizer's own ``step()``, with its ``param_groups`` narrowed to the
     parameters of the call, and each half-precision parameter replaced by its fp32 master
@@ -118,7 +118,7 @@ class OffloadedOptimizer(Optimizer):
         """
         self._inner.add_param_group(param_group)
 
-    def set_order(self, units: Sequence[int]) -> None:
+    def set_active(self, units: Sequence[int]) -> None:
         """The store's units the next steps update, in update order; the others' states leave the device."""
         if self.store is not None:
             self.store.set_active(units)
@@ -127,6 +127,25 @@ class OffloadedOptimizer(Optimizer):
         """Start fetching what the next step updates first, so the copies overlap forward and backward."""
         if self.store is not None:
             self.store.prefetch_active()
+
+    @property
+    def offload_stats(self) -> dict[str, float]:
+        """The store's residency and transfer counters (live), or an empty dict without a store."""
+        return self.store.stats if self.store is not None else {}
+
+    def close(self) -> None:
+        """Free the store's backing tier after its write-backs (nothing without a store); a second call does nothing."""
+        if self.store is not None:
+            self.store.close()
+
+    def count_unmanaged_states(self) -> None:
+        """Count the resident states of the parameters the store does not hold in :attr:`offload_stats`.
+
+        Their bytes (masters included; local shards) join ``resident_bytes`` and its peak from now on, as they
+        stand after the last step.
+        """
+        if self.store is not None:
+            self.store.set_always_resident_bytes(self.unmanaged_state_bytes())
 
     def unmanaged_state_bytes(self) -> int:
         """Bytes of the resident state of the parameters the store does not hold (masters included; local shards)."""
@@ -186,9 +205,10 @@ class OffloadedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with _hooks_muted(self._inner):
-            self._step_params([p for p in self._unmanaged() if p.grad is not None])
+            narrowing = _Narrowing(self._inner.param_groups)
+            self._step_params(narrowing, [p for p in self._unmanaged() if p.grad is not None])
             if self.store is not None:
-                self._step_offloaded(self.store)
+                self._step_offloaded(self.store, narrowing)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,41 +262,31 @@ class OffloadedOptimizer(Optimizer):
             return id(param) in self._mastered
         return bool(self._mastered) and needs_master(param)
 
-    def _step_offloaded(self, store: TensorStateStore) -> None:
-        with_grad = {u for u, p in enumerate(store.params) if p.grad is not None}
-        plan = [u for u in store.active if u in with_grad]
-        plan += sorted(with_grad - set(plan))
-        store.begin_step(plan)
-        whole = all(store.rows[unit] is None for unit in plan)
-        if whole and store.keeps_resident() and len(plan) == len(set(plan) & set(store.active)):
-            for unit in plan:
-                store.acquire(unit)
-            self._step_params([store.params[u] for u in plan])
-            for unit in plan:
-                store.release(unit, written=True)
-        else:
-            for position, unit in enumerate(plan):
-                store.acquire(unit)
-                store.prefetch_ahead(plan[position + 1 :])
-                self._step_unit(store, unit)
-                store.release(unit, written=True)
-        store.end_step()
+    def _step_offloaded(self, store: TensorStateStore, narrowing: _Narrowing) -> None:
+        """Update the store's units that have a gradient: the active ones in order, then any other."""
+        params = store.params
+        active = [unit for unit in store.active if params[unit].grad is not None]
+        listed = set(active)
+        others = [unit for unit, p in enumerate(params) if p.grad is not None and unit not in listed]
 
-    def _step_unit(self, store: TensorStateStore, unit: int) -> None:
-        """Update one unit of the store: a whole parameter, or a chunk of its rows through a view of them."""
-        param = store.params[unit]
-        rows = store.rows[unit]
-        if rows is None:
-            self._step_params([param])
-            return
-        view = store.key(unit)
-        view.grad = param.grad.detach()[rows[0] : rows[1]]
-        try:
-            self._step_params([param], {id(param): view})
-        finally:
-            view.grad = None
+        def update(units: list[int]) -> None:
+            rows = store.rows[units[0]]
+            if rows is None:
+                self._step_params(narrowing, [params[unit] for unit in units])
+                return
+            param = params[units[0]]
+            view = store.key(units[0])
+            view.grad = param.grad.detach()[rows[0] : rows[1]]
+            try:
+                self._step_params(narrowing, [param], {id(param): view})
+            finally:
+                view.grad = None
 
-    def _step_params(self, params: list[nn.Parameter], stepped: Mapping[int, Tensor] | None = None) -> None:
+        store.step(active + others, update)
+
+    def _step_params(
+        self, narrowing: _Narrowing, params: list[nn.Parameter], stepped: Mapping[int, Tensor] | None = None
+    ) -> None:
         """One step of the wrapped optimizer over ``params`` only, half-precision ones on their fp32 masters.
 
         ``stepped`` gives, by ``id``, a tensor stepped in a parameter's place (a view of a chunk of its rows).
@@ -286,8 +296,11 @@ class OffloadedOptimizer(Optimizer):
         stepped = dict(stepped or {})
         masters = {id(p): enter_master(self._inner, stepped.get(id(p), p)) for p in params if self.is_mastered(p)}
         try:
-            with self._narrowed(params, {**stepped, **masters}):
+            narrowing.narrow(params, [masters.get(id(p), stepped.get(id(p), p)) for p in params])
+            try:
                 self._inner.step()
+            finally:
+                narrowing.restore()
         finally:
             for p in params:
                 if id(p) in masters:
@@ -336,18 +349,6 @@ class OffloadedOptimizer(Optimizer):
         param.grad = master.grad = None
         return master
 
-    @contextmanager
-    def _narrowed(self, params: list[nn.Parameter], masters: Mapping[int, Tensor]) -> Iterator[None]:
-        """Narrow the wrapped optimizer's groups to ``params``, masters (or chunk views) in their place."""
-        wanted = {id(p) for p in params}
-        groups = self._inner.param_groups
-        full = [list(group["params"]) for group in groups]
-        try:
-            _fill(groups, [[masters.get(id(p), p) for p in group_params if id(p) in wanted] for group_params in full])
-            yield
-        finally:
-            _fill(groups, full)
-
     def __repr__(self) -> str:
         # Named after the class: inside Lightning's LightningOptimizer, which subclasses this class, it reads
         # LightningOffloadedOptimizer(AdamW (...), ...), as a plain optimizer reads LightningAdamW (...).
@@ -357,6 +358,32 @@ class OffloadedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("OffloadedOptimizer holds live transfers and cannot be pickled; save its state_dict()")
+
+
+class _Narrowing:
+    """The wrapped optimizer's groups narrowed to the parameters of one update, and whole again after it.
+
+    Each group's list is replaced, not refilled, so narrowing costs time in the parameters of the update and the
+    number of groups, not in every parameter the optimizer holds.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self._groups = groups
+        self._full = [group["params"] for group in groups]
+        self._group_of = {id(p): index for index, params in enumerate(self._full) for p in params}
+
+    def narrow(self, params: list[nn.Parameter], tensors: list[Tensor]) -> None:
+        """Each group holds only the ``tensors`` standing in for its ``params``, in their order."""
+        narrowed: list[list[Tensor]] = [[] for _ in self._groups]
+        for param, tensor in zip(params, tensors, strict=True):
+            narrowed[self._group_of[id(param)]].append(tensor)
+        for group, group_params in zip(self._groups, narrowed, strict=True):
+            group["params"] = group_params
+
+    def restore(self) -> None:
+        """Every group holds its own list of parameters again."""
+        for group, full in zip(self._groups, self._full, strict=True):
+            group["params"] = full
 
 
 def check_offloadable(optimizer: Optimizer) -> None:

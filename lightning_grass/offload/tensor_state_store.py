@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_grass.offload.row_chunks import chunk_numel, joined_rows, state_rows
+from lightning_grass.offload.plan import Lookahead, unit_bytes
+from lightning_grass.offload.row_chunks import joined_rows, state_rows
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
-from lightning_grass.offload.state_bytes import expected_state_bytes, step_workspace_bytes
 from lightning_grass.offload.state_placement import resident_spec
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
@@ -74,12 +74,11 @@ class _Layout:
 
 @dataclass
 class _Entry:
-    """A parameter whose state occupies device memory: being fetched, resident, or being written back.
+    """A unit whose state occupies device memory: being fetched, resident, or being written back.
 
     A write-back's entry holds no tensors (the tier keeps what its copy still reads), only its bytes until the
     tier releases them and its transfer, to be waited for before the unit is fetched again. ``workspace`` is
-    what the optimizer's step over the unit allocates, reserved from :meth:`TensorStateStore.acquire` to
-    :meth:`TensorStateStore.release`.
+    what the optimizer's step over the unit allocates, reserved from its acquisition to its release.
     """
 
     tensors: list[Tensor]
@@ -97,7 +96,7 @@ class _Entry:
 
 
 class TensorStateStore:
-    """Keeps offloaded parameters' optimizer states (fp32 masters included) in a backing tier.
+    """Keeps offloaded parameters' optimizer states (fp32 masters included) in a backing tier, and owns the step.
 
     The unit of residency is one parameter tensor; of a sharded (FSDP2 ``DTensor``) parameter, this rank's shard,
     whose states are stored, sized and budgeted by their local parts; or a chunk of a tensor's rows
@@ -106,21 +105,24 @@ class TensorStateStore:
     is *resident* while it sits in ``optimizer.state`` on the device; otherwise it lives in the backing tier. An
     entry takes its bytes from the moment its fetch starts until the tier has released the memory its
     write-back reads (the copy has read it, or the disk tier has staged it on the host), and
-    ``max_resident_bytes`` bounds the sum at every instant, transfers in flight included. A parameter that has
-    no state yet reserves the bytes its state will take
-    (:func:`~lightning_grass.offload.state_bytes.expected_state_bytes`). While the optimizer steps a unit, the
-    step's own allocations are reserved too: the fp32 gradient of a master and the update's temporaries
-    (:func:`~lightning_grass.offload.state_bytes.step_workspace_bytes`). The store drops its references to a
-    write-back's tensors as soon as the copy is queued.
+    ``max_resident_bytes`` bounds the sum at every instant, transfers in flight included. A unit that has no
+    state yet reserves the bytes its state will take, and while the optimizer steps a unit, the step's own
+    allocations are reserved too (:func:`~lightning_grass.offload.plan.unit_bytes`). The store drops its
+    references to a write-back's tensors as soon as the copy is queued.
 
-    Two regimes, chosen at every step from the *active* parameters (those the next steps update):
+    :meth:`step` walks a step's units in one of two regimes, decided once per step from the *active* units
+    (those the next steps update, :meth:`set_active`):
 
-    - **Keep**: their states fit in the budget together (always, without a budget). They stay resident
-      between steps, and move only when the active set changes (:meth:`set_active` writes back the ones
-      that leave). All of them are fetched when the step is entered, overlapping forward and backward.
-    - **Stream**: they do not fit. Each is fetched just before its update and written back just after,
-      while the next one is fetched: the next fetch overlaps the current update, and with room for three
-      entries the write-back overlaps it too.
+    - **Keep**: their states and step workspaces fit in the budget together (always, without a budget). They
+      stay resident between steps, move only when the active set changes (:meth:`set_active` writes back the
+      ones that leave), and are all fetched before the step (:meth:`prefetch_active`), overlapping forward and
+      backward. They are updated in one call.
+    - **Stream**: they do not fit. Each is fetched before its update and written back just after, while the
+      next ones are fetched as deep as the :class:`~lightning_grass.offload.plan.Lookahead` allows, the rule
+      :func:`~lightning_grass.estimate_memory` sums.
+
+    Every per-step path costs time linear in the units stepped: byte totals are kept as entries change, and the
+    lookahead only moves forward.
 
     A transfer that fails (a full or vanished disk tier's folder: :class:`~lightning_grass.errors.StorageError`)
     raises at the first wait for it, on the caller's thread, before anything reads the state it concerns: an
@@ -129,7 +131,7 @@ class TensorStateStore:
     Args:
         optimizer: The optimizer whose ``state`` holds resident states.
         params: The offloaded parameters, one per unit (a chunked parameter once per chunk); a unit is an index
-            into this list.
+            into this list. :class:`~lightning_grass.offload.plan.OffloadPlan` gives them.
         tier: The backing tier.
         max_resident_bytes: The budget; ``None`` bounds nothing (every active state stays resident).
         master_params: Parameters whose optimizer steps an fp32 master (their floating state is fp32).
@@ -152,6 +154,11 @@ class TensorStateStore:
         self.optimizer = optimizer
         self.params = list(params)
         self.rows: list[tuple[int, int] | None] = list(rows) if rows is not None else [None] * len(self.params)
+        self._mastered = {id(p) for p in master_params}
+        self.sizes = [
+            unit_bytes(optimizer, p, id(p) in self._mastered, chunk)
+            for p, chunk in zip(self.params, self.rows, strict=True)
+        ]
         self._views: dict[int, Tensor] = {}
         self._units_of: dict[int, list[int]] = {}
         for unit, param in enumerate(self.params):
@@ -159,15 +166,17 @@ class TensorStateStore:
         self.tier = tier
         self.max_resident_bytes = max_resident_bytes
         self.overlap = overlap
-        self.active: list[int] = list(range(len(self.params)))
-        self._mastered = {id(p) for p in master_params}
         self._layouts: dict[int, _Layout] = {}
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()
-        self._writes: deque[int] = deque()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # fetching or resident, oldest use first
+        self._writing: OrderedDict[int, _Entry] = OrderedDict()  # write-backs in flight, in the order they began
+        self._entry_bytes = 0  # held bytes of the fetching and resident entries
+        self._entry_tensors = 0  # how many of them hold bytes
+        self.active: list[int] = []
+        self._active_set: set[int] = set()
+        self._keep = True
+        self.set_active(range(len(self.params)))
         self._protected: set[int] = set()
         self._always_resident_bytes = 0
-        self._expected: dict[int, int] = {}
-        self._workspace: dict[int, int] = {}
         self._closed = False
         self._failed = False
         self.stats = {
@@ -181,31 +190,14 @@ class TensorStateStore:
             "host_wait_seconds": 0.0,
         }
 
-    @property
-    def resident_units(self) -> list[int]:
-        """Units holding device memory now (fetching, resident or being written back), oldest use first."""
-        return list(self._entries)
-
     def unit_bytes(self, unit: int) -> int:
         """Bytes ``unit``'s state takes on the device: as last seen, or as expected when it has none yet."""
         layout = self._layouts.get(unit)
-        if layout is not None:
-            return layout.nbytes
-        if unit not in self._expected:
-            param = self.params[unit]
-            mastered = id(param) in self._mastered
-            numel = chunk_numel(param, self.rows[unit])
-            self._expected[unit] = expected_state_bytes(self.optimizer, param, mastered, numel)
-        return self._expected[unit]
+        return layout.nbytes if layout is not None else self.sizes[unit].resident
 
     def workspace_bytes(self, unit: int) -> int:
         """Bytes the optimizer's step over ``unit`` allocates on the device beside its state."""
-        if unit not in self._workspace:
-            param = self.params[unit]
-            mastered = id(param) in self._mastered
-            numel = chunk_numel(param, self.rows[unit])
-            self._workspace[unit] = step_workspace_bytes(self.optimizer, param, mastered, numel)
-        return self._workspace[unit]
+        return self.sizes[unit].workspace
 
     def key(self, unit: int) -> Tensor:
         """The tensor ``unit``'s state is kept under in ``optimizer.state``, and that its update steps.
@@ -220,148 +212,78 @@ class TensorStateStore:
             self._views[unit] = self.params[unit].detach()[rows[0] : rows[1]]
         return self._views[unit]
 
-    def keeps_resident(self) -> bool:
-        """Whether the active units' states and step workspaces fit in the budget together (the keep regime)."""
-        if self.max_resident_bytes is None:
-            return True
-        return sum(self.unit_bytes(u) + self.workspace_bytes(u) for u in self.active) <= self.max_resident_bytes
+    def set_active(self, units: Iterable[int]) -> None:
+        """The units the next steps update, in update order; resident units outside them are written back.
 
-    def set_active(self, units: Sequence[int]) -> None:
-        """The units the next steps update, in update order; resident units outside it are written back."""
+        Whether they stay resident between steps (keep) or stream is decided here, from their bytes.
+        """
         self.active = list(units)
-        keep = set(units)
-        for unit in [u for u, entry in self._entries.items() if u not in keep and entry.status != "writing"]:
+        self._active_set = set(self.active)
+        budget = self.max_resident_bytes
+        stepped = sum(self.sizes[unit].stepped for unit in self.active)
+        self._keep = (budget is None or stepped <= budget) and all(self.rows[unit] is None for unit in self.active)
+        for unit in [u for u in self._entries if u not in self._active_set]:
             self._evict(unit)
 
     def prefetch_active(self) -> None:
-        """Start fetching what the next step needs: every active unit when they stay resident, else the first ones.
-
-        Streaming, as many of the first active units as :meth:`prefetch_ahead` can hold.
-        """
+        """Start fetching what the next step updates first: every active unit (keep), or the first ones (stream)."""
         self._reap()
-        if self.keeps_resident():
+        if self._keep:
             for unit in self.active:
-                self.prefetch(unit)
-        else:
-            self.prefetch_ahead(self.active)
+                self._prefetch(unit)
+            return
+        end = Lookahead(self.sizes, self.max_resident_bytes, self.active).extend(-1)
+        self._protected = set(self.active[:end])
+        try:
+            for unit in self.active[:end]:
+                if not self._prefetch(unit):
+                    break
+        finally:
+            self._protected = set()
 
-    def prefetch_ahead(self, units: Sequence[int]) -> int:
-        """Start fetching ``units``, the next ones to be updated in order, as deep as the budget allows.
+    def step(self, units: Sequence[int], update: Callable[[list[int]], None]) -> None:
+        """Update ``units`` in order through ``update``, their states resident while it runs.
 
-        A unit is fetched only if the states of it and of every unit before it in ``units``, with the largest of
-        their step workspaces, fit in the budget together: each of them can then be acquired in turn while the
-        ones after it wait, resident. The first unit is always tried (:meth:`prefetch`).
+        Keep (every unit active, and the active units fit together): all of them are acquired, updated in one
+        call and stay resident. Stream: each unit is acquired, the next ones are fetched as deep as the
+        lookahead allows, it is updated alone, and its state is written back; what was fetched and not updated
+        leaves the device at the end.
 
         Args:
-            units: Units in update order.
-
-        Returns:
-            How many of ``units`` the budget covered.
+            units: The units to update, in order; none is evicted to make room before its update.
+            update: Steps the optimizer over the given units, whose states are resident.
         """
-        held = workspace = 0
-        for count, unit in enumerate(units):
-            held += self.unit_bytes(unit)
-            workspace = max(workspace, self.workspace_bytes(unit))
-            if count and self.max_resident_bytes is not None and held + workspace > self.max_resident_bytes:
-                return count
-            if not self._prefetch(unit, keep=set(units[: count + 1])):
-                return count
-        return len(units)
-
-    def begin_step(self, plan: Sequence[int]) -> None:
-        """The units this step updates, in order: none of them is evicted to make room before its update."""
-        self._protected = set(plan)
-
-    def end_step(self) -> None:
-        """Free what the step fetched but did not use (stream regime), and entries whose write-back is done."""
-        self._protected.clear()
-        if not self.keeps_resident():
-            for unit in [u for u, entry in self._entries.items() if entry.status != "writing"]:
-                self._evict(unit)
         self._reap()
-
-    def prefetch(self, unit: int) -> bool:
-        """Start fetching ``unit``'s state if it has one in the tier and the budget has room.
-
-        Waits for write-backs to finish, and writes back resident states that this step does not need, to
-        make room; does nothing when only states the step still needs fill the budget.
-
-        Returns:
-            Whether ``unit`` needs no fetch any more: it is fetching or resident, has no state in the tier yet,
-            or its fetch started now. ``False`` when the budget has no room, or transfers do not overlap.
-        """
-        return self._prefetch(unit, keep={unit})
-
-    def _prefetch(self, unit: int, keep: set[int]) -> bool:
-        """:meth:`prefetch`, making room without evicting the units in ``keep``."""
-        if not self.overlap:
-            return False
-        entry = self._entries.get(unit)
-        if entry is not None:
-            return entry.status != "writing"
-        layout = self._layouts.get(unit)
-        if layout is None or not layout.tensors:
-            return True
-        if not self._make_room(layout.nbytes, exclude=keep):
-            return False
-        self._start_fetch(unit, layout)
-        return True
-
-    def acquire(self, unit: int) -> None:
-        """Make ``unit``'s state resident in ``optimizer.state``, fetching it now if no prefetch did.
-
-        Its step workspace is reserved until :meth:`release`.
-
-        Raises:
-            RuntimeError: If the budget cannot hold it next to the states this step still needs.
-        """
-        entry = self._entries.get(unit)
-        if entry is not None and entry.status == "writing":
-            self._wait(entry.transfer)
-            self._drop(unit)
-            entry = None
-        needed = self.workspace_bytes(unit) + (self.unit_bytes(unit) if entry is None else 0)
-        if not self._make_room(needed, exclude={unit}):
-            raise RuntimeError(
-                f"max_resident_bytes={self.max_resident_bytes} cannot hold the state and step workspace of "
-                f"offloaded tensor {unit} ({self.unit_bytes(unit) + self.workspace_bytes(unit)} bytes) next to the "
-                f"{len(self._entries)} this step still needs"
-            )
-        if entry is None:
-            layout = self._layouts.get(unit)
-            if layout is not None and layout.tensors:
-                self._start_fetch(unit, layout)
+        self._protected = set(units)
+        keep = self._keep and self._protected.issubset(self._active_set)
+        try:
+            if keep:
+                for unit in units:
+                    self._acquire(unit)
+                if units:
+                    update(list(units))
+                for unit in units:
+                    self._release(unit, keep=True)
             else:
-                self._entries[unit] = _Entry([], Transfer(), self.unit_bytes(unit), "fetching")
-            entry = self._entries[unit]
-        entry.workspace = self.workspace_bytes(unit)
-        if entry.status == "fetching":
-            self._wait(entry.transfer)
-            layout = self._layouts.get(unit)
-            if layout is not None:
-                self._install(unit, layout, entry.tensors)
-            entry.status = "resident"
-        self._entries.move_to_end(unit)
-        self._note_residency()
+                self._stream(units, update)
+        finally:
+            self._protected = set()
+            if not keep:
+                for unit in list(self._entries):
+                    self._evict(unit)
+            self._reap()
 
-    def release(self, unit: int, written: bool) -> None:
-        """``unit``'s update is done: keep its state resident (keep regime, within budget) or write it back.
-
-        Args:
-            unit: A unit that was acquired.
-            written: Whether the optimizer updated the state since :meth:`acquire`; an unchanged state whose
-                backing copy is current is dropped without a write-back.
-        """
-        entry = self._entries[unit]
-        entry.dirty = entry.dirty or written
-        entry.workspace = 0
-        entry.nbytes = sum(t.numel() * t.element_size() for t in self._state_tensors(unit))
-        self._protected.discard(unit)
-        within_budget = self.max_resident_bytes is None or self._entry_bytes() <= self.max_resident_bytes
-        if self.keeps_resident() and within_budget and self.rows[unit] is None:
-            self._note_residency()
-        else:
-            self._evict(unit)
+    def _stream(self, units: Sequence[int], update: Callable[[list[int]], None]) -> None:
+        lookahead = Lookahead(self.sizes, self.max_resident_bytes, units)
+        fetched = 0  # units[:fetched] were fetched, or need no fetch
+        for position, unit in enumerate(units):
+            self._acquire(unit)
+            fetched = max(fetched, position + 1)
+            end = lookahead.extend(position)
+            while fetched < end and self._prefetch(units[fetched]):
+                fetched += 1
+            update([unit])
+            self._release(unit, keep=False)
 
     def flush(self) -> None:
         """Wait for every write-back in flight."""
@@ -443,22 +365,92 @@ class TensorStateStore:
             return
         self._closed = True
         try:
-            for unit in list(self._writes):
-                entry = self._entries.get(unit)
-                if entry is not None and entry.status == "writing":
-                    try:
-                        entry.transfer.wait()
-                    except Exception as error:
-                        if not self._failed:
-                            log.warning("an optimizer-state write-back failed after training ended: %s", error)
-                        self._failed = True
-                self._drop(unit)
+            for unit, entry in list(self._writing.items()):
+                try:
+                    entry.transfer.wait()
+                except Exception as error:
+                    if not self._failed:
+                        log.warning("an optimizer-state write-back failed after training ended: %s", error)
+                    self._failed = True
+                self._writing.pop(unit)
+            self._note_residency()
         finally:
             self.tier.close()
 
+    def _prefetch(self, unit: int) -> bool:
+        """Start fetching ``unit``'s state if it has one in the tier and the budget has room.
+
+        Waits for write-backs to finish, and writes back resident states that are neither ``unit`` nor
+        protected, to make room.
+
+        Returns:
+            Whether ``unit`` needs no fetch any more: it is fetching or resident, has no state in the tier yet,
+            or its fetch started now. ``False`` when its write-back is in flight, the budget has no room, or
+            transfers do not overlap.
+        """
+        if not self.overlap or unit in self._writing:
+            return False
+        if unit in self._entries:
+            return True
+        layout = self._layouts.get(unit)
+        if layout is None or not layout.tensors:
+            return True
+        if not self._make_room(layout.nbytes, exclude=unit):
+            return False
+        self._start_fetch(unit, layout)
+        return True
+
+    def _acquire(self, unit: int) -> None:
+        """Make ``unit``'s state resident in ``optimizer.state``, fetching it now if no prefetch did.
+
+        Its step workspace is reserved until :meth:`_release`.
+
+        Raises:
+            RuntimeError: If the budget cannot hold it next to the states this step still needs.
+        """
+        writing = self._writing.pop(unit, None)
+        if writing is not None:
+            self._wait(writing.transfer)
+        entry = self._entries.get(unit)
+        workspace = self.sizes[unit].workspace
+        if not self._make_room(workspace + (self.unit_bytes(unit) if entry is None else 0), exclude=unit):
+            raise RuntimeError(
+                f"max_resident_bytes={self.max_resident_bytes} cannot hold the state and step workspace of "
+                f"offloaded tensor {unit} ({self.unit_bytes(unit) + workspace} bytes) next to the "
+                f"{len(self._entries)} this step still needs"
+            )
+        if entry is None:
+            layout = self._layouts.get(unit)
+            if layout is not None and layout.tensors:
+                self._start_fetch(unit, layout)
+            else:
+                self._put(unit, _Entry([], Transfer(), self.unit_bytes(unit), "fetching"))
+            entry = self._entries[unit]
+        self._change(entry, workspace=workspace)
+        if entry.status == "fetching":
+            self._wait(entry.transfer)
+            layout = self._layouts.get(unit)
+            if layout is not None:
+                self._install(unit, layout, entry.tensors)
+            entry.status = "resident"
+        self._entries.move_to_end(unit)
+        self._note_residency()
+
+    def _release(self, unit: int, keep: bool) -> None:
+        """``unit`` was updated: keep its state resident (``keep``, within the budget) or write it back."""
+        entry = self._entries[unit]
+        entry.dirty = True
+        nbytes = sum(t.numel() * t.element_size() for t in self._state_tensors(unit))
+        self._change(entry, workspace=0, nbytes=nbytes)
+        budget = self.max_resident_bytes
+        if keep and self.rows[unit] is None and (budget is None or self._held_bytes() <= budget):
+            self._note_residency()
+        else:
+            self._evict(unit)
+
     def _start_fetch(self, unit: int, layout: _Layout) -> None:
         tensors, transfer = self.tier.read(unit, layout.specs())
-        self._entries[unit] = _Entry(tensors, transfer, layout.nbytes, "fetching")
+        self._put(unit, _Entry(tensors, transfer, layout.nbytes, "fetching"))
         self.stats["bytes_to_device"] += layout.nbytes
         self._note_residency()
 
@@ -482,16 +474,15 @@ class TensorStateStore:
             self._drop(unit)
             return
         self._layouts[unit] = layout
-        self._entries.pop(unit)
+        self._take(unit)
         transfer = self.tier.write(unit, tensors)
         del tensors  # the tier keeps what its copy still reads; the device memory goes back when it is done
-        self._entries[unit] = _Entry([], transfer, layout.nbytes, "writing")
-        self._writes.append(unit)
+        self._writing[unit] = _Entry([], transfer, layout.nbytes, "writing")
         self.stats["bytes_to_backing"] += layout.nbytes
         self.stats["backing_bytes"] = self.tier.backing_bytes()
         if not self.overlap:
             self._wait(transfer)
-            self._drop(unit)
+            self._writing.pop(unit)
         self._note_residency()
 
     def _collect(self, unit: int) -> tuple[list[Tensor], _Layout | None]:
@@ -509,48 +500,66 @@ class TensorStateStore:
             return [], None
         return tensors, layout
 
-    def _make_room(self, nbytes: int, exclude: set[int]) -> bool:
-        """Finish write-backs, then write back idle resident states, until ``nbytes`` more fit in the budget."""
-        if self.max_resident_bytes is None:
+    def _make_room(self, nbytes: int, exclude: int) -> bool:
+        """Finish write-backs, then write back idle resident states, until ``nbytes`` more fit in the budget.
+
+        Idle: neither ``exclude`` nor a protected unit (one the step or the prefetch still needs).
+        """
+        budget = self.max_resident_bytes
+        if budget is None:
             return True
         self._reap()  # write-backs that are done, failed ones included, are waited for in the order they began
-        while self._entry_bytes() + nbytes > self.max_resident_bytes:
+        while self._held_bytes() + nbytes > budget:
             if self._finish_oldest_write(holding_only=True):
                 continue
-            idle = [
-                u
-                for u, entry in self._entries.items()
-                if entry.status in ("resident", "fetching") and u not in exclude and u not in self._protected
-            ]
-            if not idle:
+            idle = next((u for u in self._entries if u != exclude and u not in self._protected), None)
+            if idle is None:
                 return False
-            self._evict(idle[0])
+            self._evict(idle)
         return True
 
     def _finish_oldest_write(self, holding_only: bool) -> bool:
         """Wait for the oldest write-back (the oldest still holding device memory, if ``holding_only``)."""
-        for unit in list(self._writes):
-            entry = self._entries.get(unit)
-            if entry is None or entry.status != "writing":
-                self._writes.remove(unit)
-                continue
+        for unit, entry in self._writing.items():
             if holding_only and not entry.held_bytes():
                 continue
             self._wait(entry.transfer)
-            self._drop(unit)
+            self._writing.pop(unit)
+            self._note_residency()
             return True
         return False
 
     def _reap(self) -> None:
-        """Free the entries whose write-back has finished, without waiting."""
-        for unit in [u for u, e in self._entries.items() if e.status == "writing" and e.transfer.done()]:
-            self._wait(self._entries[unit].transfer)
-            self._drop(unit)
+        """Free the write-backs that have finished, without waiting."""
+        for unit in [u for u, entry in self._writing.items() if entry.transfer.done()]:
+            self._wait(self._writing.pop(unit).transfer)
+        self._note_residency()
+
+    def _put(self, unit: int, entry: _Entry) -> None:
+        self._entries[unit] = entry
+        self._count(entry, 1)
+
+    def _take(self, unit: int) -> _Entry:
+        entry = self._entries.pop(unit)
+        self._count(entry, -1)
+        return entry
+
+    def _change(self, entry: _Entry, workspace: int, nbytes: int | None = None) -> None:
+        """Set a fetching or resident entry's workspace (and bytes), keeping the totals."""
+        self._count(entry, -1)
+        entry.workspace = workspace
+        if nbytes is not None:
+            entry.nbytes = nbytes
+        self._count(entry, 1)
+
+    def _count(self, entry: _Entry, sign: int) -> None:
+        held = entry.nbytes + entry.workspace
+        self._entry_bytes += sign * held
+        self._entry_tensors += sign * (held > 0)
 
     def _drop(self, unit: int) -> None:
-        self._entries.pop(unit, None)
-        if unit in self._writes:
-            self._writes.remove(unit)
+        if unit in self._entries:
+            self._take(unit)
         self._note_residency()
 
     def _wait(self, transfer: Transfer) -> None:
@@ -564,12 +573,14 @@ class TensorStateStore:
         if start is not None:
             self.stats["host_wait_seconds"] += time.perf_counter() - start
 
-    def _entry_bytes(self) -> int:
-        return sum(entry.held_bytes() for entry in self._entries.values())
+    def _held_bytes(self) -> int:
+        """Device bytes the entries hold now: fetching, resident, and write-backs the tier has not released."""
+        return self._entry_bytes + sum(entry.held_bytes() for entry in self._writing.values())
 
     def _note_residency(self) -> None:
-        nbytes = self._always_resident_bytes + self._entry_bytes()
-        tensors = sum(1 for entry in self._entries.values() if entry.held_bytes())
+        writing = [entry.held_bytes() for entry in self._writing.values()]
+        nbytes = self._always_resident_bytes + self._entry_bytes + sum(writing)
+        tensors = self._entry_tensors + sum(1 for held in writing if held)
         stats = self.stats
         stats["resident_bytes"] = nbytes
         stats["resident_tensors"] = tensors

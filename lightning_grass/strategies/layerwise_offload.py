@@ -14,7 +14,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -25,19 +24,11 @@ from lightning_grass.offload import (
     HostTier,
     OffloadedOptimizer,
     TensorStateStore,
-    device_bytes_while_stepped,
-    expected_state_bytes,
     needs_master,
     optimizer_state_bytes,
 )
 from lightning_grass.offload.offloaded_optimizer import check_offloadable
-from lightning_grass.offload.row_chunks import (
-    ELEMENTWISE_OPTIMIZERS,
-    chunk_numel,
-    is_elementwise,
-    row_ranges,
-    rows_per_chunk,
-)
+from lightning_grass.offload.plan import OffloadPlan, plan_offload
 from lightning_grass.offload.settings import OffloadSettings
 from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
@@ -96,8 +87,7 @@ class LayerwiseOffloadMixin:
         self.master_weights = settings.master_weights
         self.overlap = settings.overlap
         self._offloaded: OffloadedOptimizer | None = None
-        self._layer_units: list[list[int]] = []
-        self._always_on_units: list[int] = []
+        self._plan: OffloadPlan | None = None
         self._layer_map: LayerMap | None = None
         self._stats: dict[str, float] = {}
         self._noticed_no_callback = False
@@ -147,9 +137,8 @@ class LayerwiseOffloadMixin:
 
     def on_active_layers(self, active_layers: Sequence[int]) -> None:
         """The active layers' tensors, then the always-on ones if offloaded, are what the next steps update."""
-        if self._offloaded is not None and self._offloaded.store is not None:
-            units = [unit for layer in active_layers for unit in self._layer_units[layer]]
-            self._offloaded.set_order(units + self._always_on_units)
+        if self._offloaded is not None and self._plan is not None:
+            self._offloaded.set_active(self._plan.active_units(active_layers))
 
     @override
     def optimizer_step(
@@ -168,14 +157,13 @@ class LayerwiseOffloadMixin:
                 f"optimizer state is offloaded, as with Lightning's own strategy{masters}"
             )
         _refuse_overflowing_learning_rates(optimizer)
-        store = offloaded.store if offloaded is not None else None
         if offloaded is not None:
             offloaded.prefetch()
         try:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
-            if store is not None:
-                store.set_always_resident_bytes(offloaded.unmanaged_state_bytes())
+            if offloaded is not None and self._plan is not None:
+                offloaded.count_unmanaged_states()
             else:
                 self._count_resident_states()
             self._log_stats()
@@ -203,6 +191,7 @@ class LayerwiseOffloadMixin:
     def _wrap_optimizer(self, layer_map: LayerMap | None) -> None:
         """Wrap the user's optimizer for masters and, with a layer map and a tier, for offload; or unwrap it."""
         self._close_store()
+        self._plan = None
         if len(self.optimizers) != 1:
             return
         inner = self.optimizers[0]
@@ -213,131 +202,51 @@ class LayerwiseOffloadMixin:
         store = None
         if layer_map is not None and self.offload_tier != "none":
             check_offloadable(inner)
-            store = self._build_store(inner, layer_map, masters)
+            self._plan = self._offload_plan(inner, layer_map, masters)
+            store = self._build_store(inner, self._plan, masters)
         if store is None and not masters:
             self._offloaded = None
             self._stats = {}
             self.optimizers = [inner]
             return
         self._offloaded = OffloadedOptimizer(inner, store, masters)
-        self._stats = store.stats if store is not None else {}
+        self._stats = self._offloaded.offload_stats
         self.optimizers = [self._offloaded]
 
-    def _build_store(self, optimizer: Optimizer, layer_map: LayerMap, masters: list[nn.Parameter]) -> TensorStateStore:
+    def _offload_plan(self, optimizer: Optimizer, layer_map: LayerMap, masters: list[nn.Parameter]) -> OffloadPlan:
+        """The plan over the layers' parameters the optimizer holds, and the always-on ones if they are offloaded."""
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        tensors: list[nn.Parameter] = []
-        layer_tensors: list[list[int]] = []
-        position: dict[int, int] = {}  # a parameter that several layers share (Zamba2) is one tensor of the store
-        for index in range(layer_map.num_layers):
-            layer = [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
-            for p in layer:
-                if id(p) not in position:
-                    position[id(p)] = len(tensors)
-                    tensors.append(p)
-            layer_tensors.append([position[id(p)] for p in layer])
-        always_on_tensors: list[int] = []
-        if self.offload_always_on:
-            placed = {id(p) for p in tensors}
-            for name in ALWAYS_ON_GROUPS:
-                for p in layer_map.group_parameters(name):
-                    if id(p) in in_optimizer and id(p) not in placed:
-                        placed.add(id(p))
-                        always_on_tensors.append(len(tensors))
-                        tensors.append(p)
-        mastered = {id(p) for p in masters}
-        chunking = self._chunking(optimizer, tensors, mastered)
-        units: list[nn.Parameter] = []
-        rows: list[tuple[int, int] | None] = []
-        units_of: list[list[int]] = []
-        for param, ranges in zip(tensors, chunking, strict=True):
-            units_of.append(list(range(len(units), len(units) + len(ranges or [None]))))
-            for chunk in ranges or [None]:
-                units.append(param)
-                rows.append(chunk)
-        self._layer_units = [[u for t in layer for u in units_of[t]] for layer in layer_tensors]
-        self._always_on_units = [u for t in always_on_tensors for u in units_of[t]]
-        sizes = [
-            expected_state_bytes(optimizer, p, id(p) in mastered, chunk_numel(p, chunk))
-            for p, chunk in zip(units, rows, strict=True)
+        layers = [
+            [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
+            for index in range(layer_map.num_layers)
         ]
+        always_on = []
+        if self.offload_always_on:
+            always_on = [
+                p for name in ALWAYS_ON_GROUPS for p in layer_map.group_parameters(name) if id(p) in in_optimizer
+            ]
+        names = {id(p): name for name, p in self.lightning_module.named_parameters()}
+        return plan_offload(optimizer, layers, always_on, masters, self.max_resident_bytes, names)
+
+    def _build_store(self, optimizer: Optimizer, plan: OffloadPlan, masters: list[nn.Parameter]) -> TensorStateStore:
+        sizes = [size.resident for size in plan.sizes]
         if self.offload_tier == "disk":
             tier = DiskTier(self.offload_dir, unit_bytes=sizes)
         else:
             tier = HostTier(self.root_device, sizes)
         budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
-        chunked = sum(1 for ranges in chunking if ranges)
+        chunked = plan.chunked_tensors()
         rank_zero_info(
-            f"{type(self).__name__}: optimizer states of {len(tensors)} tensors offloaded to {self.offload_tier!r} "
+            f"{type(self).__name__}: optimizer states of {plan.tensors} tensors offloaded to {self.offload_tier!r} "
             f"({format_bytes(sum(sizes))} once every layer has been trained); on {self.root_device}: {budget}"
             + (f"; {chunked} tensors larger than the budget stepped in chunks of rows" if chunked else "")
             + (f"; {len(masters)} half-precision tensors stepped on fp32 masters" if masters else "")
         )
-        return TensorStateStore(optimizer, units, tier, self.max_resident_bytes, masters, self.overlap, rows)
-
-    def _chunking(
-        self, optimizer: Optimizer, tensors: list[nn.Parameter], mastered: set[int]
-    ) -> list[list[tuple[int, int]] | None]:
-        """Per offloaded tensor, its chunks of rows if it does not fit in the budget while stepped, else ``None``.
-
-        Refuses, before any step, tensors too large for the budget that cannot be chunked (sharded ones, or any
-        under an optimizer whose update is not elementwise), naming the largest, and a budget below one row of
-        a tensor, naming the tensor whose row needs the most.
-        """
-        budget = self.max_resident_bytes
-        if budget is None:
-            return [None] * len(tensors)
-        needs = [device_bytes_while_stepped(optimizer, p, id(p) in mastered) for p in tensors]
-        too_large = [index for index, need in enumerate(needs) if need > budget]
-        if not too_large:
-            return [None] * len(tensors)
-        names = {id(p): name for name, p in self.lightning_module.named_parameters()}
-
-        def cannot_hold(index: int) -> str:
-            return (
-                f"max_resident_bytes={budget} bytes ({format_bytes(budget)}) cannot hold "
-                f"{names.get(id(tensors[index]), 'an offloaded tensor')} while it is stepped ({needs[index]} bytes: "
-                "its optimizer state and step counter, its fp32 master and master gradient if it has one, and the "
-                "optimizer's temporaries)"
-            )
-
-        sharded = [index for index in too_large if isinstance(tensors[index], DTensor)]
-        if sharded:
-            largest = max(sharded, key=needs.__getitem__)
-            raise SettingValueError(
-                f"{cannot_hold(largest)}, and the shards of grass_fsdp are not split into chunks of rows; raise it "
-                f"to at least {needs[largest]} bytes, or to {2 * needs[largest]} bytes so that the next tensor's "
-                "fetch overlaps the update"
-            )
-        if not is_elementwise(optimizer):
-            largest = max(too_large, key=needs.__getitem__)
-            known = ", ".join(cls.__name__ for cls in ELEMENTWISE_OPTIMIZERS)
-            raise SettingValueError(
-                f"{cannot_hold(largest)}, and {type(optimizer).__name__} cannot step it in chunks of rows: only an "
-                f"elementwise update ({known}) gives the same result on a chunk as on the whole tensor. Raise it to "
-                f"at least {needs[largest]} bytes, or use one of those optimizers"
-            )
-        row_needs = {
-            index: device_bytes_while_stepped(
-                optimizer, tensors[index], id(tensors[index]) in mastered, chunk_numel(tensors[index], (0, 1))
-            )
-            for index in too_large
-        }
-        worst = max(too_large, key=row_needs.__getitem__)
-        if row_needs[worst] > budget:
-            raise SettingValueError(
-                f"{cannot_hold(worst)}, nor one row of it ({row_needs[worst]} bytes), the smallest chunk it is "
-                f"stepped in; raise it to at least {row_needs[worst]} bytes"
-            )
-        chunking: list[list[tuple[int, int]] | None] = [None] * len(tensors)
-        for index in too_large:
-            param = tensors[index]
-            rows = rows_per_chunk(optimizer, param, id(param) in mastered, budget)
-            chunking[index] = row_ranges(param.shape[0], rows)
-        return chunking
+        return TensorStateStore(optimizer, plan.params, tier, plan.max_resident_bytes, masters, self.overlap, plan.rows)
 
     def _close_store(self) -> None:
-        if self._offloaded is not None and self._offloaded.store is not None:
-            self._offloaded.store.close()
+        if self._offloaded is not None:
+            self._offloaded.close()
 
     def _count_resident_states(self) -> None:
         """Without a tier every state is resident: count ``optimizer.state``, and its peak."""

@@ -116,7 +116,7 @@ def test_a_window_leaving_holds_no_device_references_once_its_write_backs_are_qu
     window_bytes = sum(8 * p.numel() + 4 for p in leaving)
     references = [weakref.ref(t) for p in leaving for t in inner.state[p].values() if torch.is_tensor(t)]
 
-    offloaded.set_order(units_of(model, [2, 3]))  # the write-backs are queued; none has finished
+    offloaded.set_active(units_of(model, [2, 3]))  # the write-backs are queued; none has finished
     gc.collect()
     assert all(reference() is None for reference in references), "the store let go of the leaving window"
     stats = offloaded.store.stats
@@ -146,7 +146,7 @@ def test_a_unit_being_stepped_holds_its_workspace_inside_the_budget():
 
     def watched_step(*args, **kwargs):
         stepped = [u for u, e in store._entries.items() if e.workspace]
-        during_steps.append((stepped, store._entry_bytes()))
+        during_steps.append((stepped, store.stats["resident_bytes"]))
         return original(*args, **kwargs)
 
     inner.step = watched_step
@@ -170,7 +170,8 @@ def test_prefetch_goes_as_deep_as_the_budget_holds_the_states_and_the_largest_wo
     for p in params:
         p.grad = torch.ones(16)
     offloaded.step()  # streamed: every state is created, stepped and written back
-    assert not inner.state and store.resident_units == []
-    assert store.prefetch_ahead([0, 1, 2, 3]) == 3, "three states and one workspace fit; a fourth state does not"
-    assert store.resident_units == [0, 1, 2] and store.stats["resident_bytes"] == 3 * 132
+    assert not inner.state and store.stats["resident_tensors"] == 0
+    store.prefetch_active()  # before the next step: as deep as the budget allows
+    assert store.stats["resident_tensors"] == 3, "three states and one workspace fit; a fourth state does not"
+    assert store.stats["resident_bytes"] == store.stats["bytes_to_device"] == 3 * 132
     store.close()

@@ -156,7 +156,7 @@ def test_a_write_back_that_fails_after_the_last_wait_is_logged_by_close_not_rais
     params, store, optimizer = offloaded_adamw(tmp_path)  # no budget: the four states stay resident
     step(params, optimizer)
     fill_disk_after(monkeypatch, capacity=0)
-    optimizer.set_order([])  # every state leaves the device; nothing waits for the write-backs before close
+    optimizer.set_active([])  # every state leaves the device; nothing waits for the write-backs before close
     with caplog.at_level(logging.WARNING):
         store.close()
     assert [r.getMessage() for r in caplog.records] == [

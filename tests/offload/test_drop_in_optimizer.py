@@ -157,7 +157,7 @@ def test_a_group_added_later_is_stepped_with_its_state_resident(tmp_path):
     budget = 2 * max(device_bytes_while_stepped(inner, p, False) for p in stored)
     store = TensorStateStore(inner, stored, DiskTier(tmp_path), budget)
     offloaded = OffloadedOptimizer(inner, store)
-    offloaded.set_order(list(range(len(stored))))
+    offloaded.set_active(list(range(len(stored))))
     generator = torch.Generator().manual_seed(1)
     for step in range(4):
         if step == 2:

@@ -128,7 +128,7 @@ def test_on_a_cuda_mesh_offloaded_shards_are_saved_and_loaded_without_touching_t
         p.grad = distribute_tensor(torch.randn(512, 256, device="cuda"), cuda_mesh, [Shard(0)])
     offloaded.prefetch()
     offloaded.step()
-    offloaded.set_order([])  # every state leaves the device
+    offloaded.set_active([])  # every state leaves the device
     offloaded.store.flush()
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()

@@ -160,7 +160,7 @@ def test_what_the_allocator_sees_during_a_streamed_step_stays_within_the_budget(
     backing = HostTier(torch.device("cuda"), [expected_state_bytes(inner, p, id(p) in mastered) for p in params])
     store = TensorStateStore(inner, params, backing if tier == "cpu" else DiskTier(tmp_path), budget, masters)
     offloaded = OffloadedOptimizer(inner, store, masters)
-    offloaded.set_order(list(range(len(params))))
+    offloaded.set_active(list(range(len(params))))
     generator = torch.Generator().manual_seed(1)
     rounding = 512 * 8 * (tensors + 2)  # blocks of up to 8 tensors (state, master, gradient, temporaries) in flight
     for _ in range(4):

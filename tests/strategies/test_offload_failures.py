@@ -124,7 +124,7 @@ def _with_failed_store(strategy, tmp_path, monkeypatch):
     params, optimizer, tier = _stepped_params_on_a_full_disk(tmp_path, monkeypatch)
     offloaded = OffloadedOptimizer(optimizer, TensorStateStore(optimizer, params, tier))
     offloaded.step()
-    offloaded.set_order([])  # both write-backs fail in the background
+    offloaded.set_active([])  # both write-backs fail in the background
     with pytest.raises(StorageError):
         offloaded.store.flush()  # raises for the first; the second is still in flight for teardown
     strategy._offloaded = offloaded

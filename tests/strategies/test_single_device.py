@@ -124,7 +124,7 @@ def test_a_budget_smaller_than_one_row_of_a_tensor_is_refused_before_training():
     with pytest.raises(
         ValueError,
         match=r"^max_resident_bytes=1000 bytes \(1000 B\) cannot hold model\.model\.layers\.0\.mlp\.down_proj\.weight "
-        r"while it is stepped \(32772 bytes: its optimizer state and step counter, .* and the optimizer's "
+        r"while it is stepped \(32772 bytes: its optimizer state and step counter, .* and AdamW's "
         r"temporaries\), nor one row of it \(1028 bytes\), the smallest chunk it is stepped in; raise it to at "
         r"least 1028 bytes$",
     ):
