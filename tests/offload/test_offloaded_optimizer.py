@@ -93,7 +93,8 @@ def watch_entry_bytes(store):
     """The store's resident bytes after each of its calls, and during each update (its peak: a unit stepped while
     the next ones are fetched)."""
     seen = []
-    for owner, method in [(store, "set_active"), (store, "prefetch_active"), (store, "step"), (store.optimizer, "step")]:
+    watched = [(store, "set_active"), (store, "prefetch_active"), (store, "step"), (store.optimizer, "step")]
+    for owner, method in watched:
         original = getattr(owner, method)
 
         def watched(*args, _original=original, **kwargs):
