@@ -145,7 +145,11 @@ class OffloadedOptimizer(Optimizer):
         stand after the last step.
         """
         if self.store is not None:
-            self.store.set_always_resident_bytes(self.unmanaged_state_bytes())
+            self.store.set_unmanaged_state_bytes(self.unmanaged_state_bytes())
+
+    def offloaded_params(self) -> list[nn.Parameter]:
+        """The parameters whose states the store holds (once each, chunked ones included); none without a store."""
+        return [] if self.store is None else list({id(p): p for p in self.store.params}.values())
 
     def unmanaged_state_bytes(self) -> int:
         """Bytes of the resident state of the parameters the store does not hold (masters included; local shards)."""

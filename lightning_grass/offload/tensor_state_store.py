@@ -176,7 +176,7 @@ class TensorStateStore:
         self._keep = True
         self.set_active(range(len(self.params)))
         self._protected: set[int] = set()
-        self._always_resident_bytes = 0
+        self._unmanaged_bytes = 0
         self._closed = False
         self._failed = False
         self.stats = {
@@ -290,9 +290,9 @@ class TensorStateStore:
         while self._finish_oldest_write(holding_only=False):
             pass
 
-    def set_always_resident_bytes(self, nbytes: int) -> None:
-        """Bytes of optimizer state outside any unit (always resident), counted in the residency stats."""
-        self._always_resident_bytes = nbytes
+    def set_unmanaged_state_bytes(self, nbytes: int) -> None:
+        """Bytes of the optimizer states the store does not hold (they stay resident), counted in the stats."""
+        self._unmanaged_bytes = nbytes
         self._note_residency()
 
     def backed_state(self) -> dict[nn.Parameter, dict[str, Any]]:
@@ -579,7 +579,7 @@ class TensorStateStore:
 
     def _note_residency(self) -> None:
         writing = [entry.held_bytes() for entry in self._writing.values()]
-        nbytes = self._always_resident_bytes + self._entry_bytes + sum(writing)
+        nbytes = self._unmanaged_bytes + self._entry_bytes + sum(writing)
         tensors = self._entry_tensors + sum(1 for held in writing if held)
         stats = self.stats
         stats["resident_bytes"] = nbytes

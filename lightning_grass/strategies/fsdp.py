@@ -135,7 +135,6 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
         self.mp_policy = mp_policy
         self._checkpoint_path: Path | None = None
         self._sharded_path: str | None = None
-        self.sharded_by_strategy = False
 
     @property
     @override
@@ -289,8 +288,7 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
         offloaded = set()
         mastered = set()
         if isinstance(optimizer, OffloadedOptimizer):
-            if optimizer.store is not None:
-                offloaded = {id(p) for p in optimizer.store.params}
+            offloaded = {id(p) for p in optimizer.offloaded_params()}
             mastered = {id(p) for p in params.values() if optimizer.is_mastered(p)}
         inner = optimizer.optimizer if isinstance(optimizer, OffloadedOptimizer) else optimizer
         template: dict[str, dict[str, Any]] = {}
@@ -351,7 +349,6 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
             own = [p for m in child.modules() if id(m) not in blocks for p in m.parameters(recurse=False)]
             if own:
                 fully_shard(child, mesh=mesh, mp_policy=policy)
-        self.sharded_by_strategy = True
         rank_zero_info(
             f"GRASSFSDPStrategy: {layer_map.num_layers} blocks at '{layer_map.path}' sharded one group each over "
             f"{mesh.size()} ranks"

@@ -13,13 +13,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import TinyCausalLM, token_batches
 
-from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy
+from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy, discover_layers
 from lightning_grass.offload import device_bytes_while_stepped
 
 parser = argparse.ArgumentParser()
@@ -212,6 +213,6 @@ result = {
     "stats": getattr(observer, "stats", {}),
     "budget": getattr(trainer.strategy, "max_resident_bytes", None),
     "master_check": observer.master_check,
-    "sharded_by_strategy": getattr(trainer.strategy, "sharded_by_strategy", None),
+    "blocks_sharded": [isinstance(block, FSDPModule) for block in discover_layers(module).blocks],
 }
 torch.save(result, args.out / f"rank{trainer.global_rank}.pt")

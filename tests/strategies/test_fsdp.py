@@ -64,7 +64,9 @@ def fsdp_run(tmp_path_factory):
 
 def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path):
     _, (rank0, rank1) = fsdp_run
-    assert rank0["sharded_by_strategy"], "a plain LightningModule (no configure_model) was sharded by the strategy"
+    assert rank0["blocks_sharded"] == [True] * 4, (
+        "a plain LightningModule (no configure_model): the strategy sharded it"
+    )
     assert len(rank0["history"]) == 5, "probe end at step 2, resamples at 5, 8, 11 and 14"
     assert rank0["history"] == rank1["history"], "every rank drew the same layers and measured the same MGN"
     for name, weight in rank0["weights"].items():
