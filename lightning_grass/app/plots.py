@@ -103,9 +103,7 @@ def selection_frequency(history: Sequence[dict[str, Any]], path: str | Path, num
     Returns:
         The path written.
     """
-    if num_layers is None:
-        num_layers = _infer_num_layers(history)
-    counts = selection_counts(history, num_layers)
+    num_layers, counts = _layer_counts(history, num_layers)
     fig = Figure(figsize=(max(4.0, 0.35 * num_layers + 2), 3.0))
     _layer_bars(fig.subplots(), counts, "windows active", "layer selection frequency")
     return save_figure(fig, path)
@@ -122,14 +120,12 @@ def sampling_diagnostics(history: Sequence[dict[str, Any]], path: str | Path, nu
     Args:
         history: ``GRASSCallback.history``.
         path: Where to write the PNG; parent directories are created.
-        num_layers: Number of layers; inferred from the records when omitted.
+        num_layers: ``L``, the number of layers; inferred from the records when omitted.
 
     Returns:
         The path written.
     """
-    if num_layers is None:
-        num_layers = _infer_num_layers(history)
-    counts = selection_counts(history, num_layers)
+    num_layers, counts = _layer_counts(history, num_layers)
     total = max(1, sum(counts))
     fig = Figure(figsize=(max(7.0, 0.35 * num_layers + 4), 3.0))
     spread, share = fig.subplots(1, 2)
@@ -151,6 +147,13 @@ def _layer_bars(ax: Axes, heights: Sequence[float], ylabel: str, title: str) -> 
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+
+
+def _layer_counts(history: Sequence[dict[str, Any]], num_layers: int | None) -> tuple[int, list[int]]:
+    """``num_layers`` (inferred from ``history`` when ``None``) and how many windows each layer trained in."""
+    if num_layers is None:
+        num_layers = _infer_num_layers(history)
+    return num_layers, selection_counts(history, num_layers)
 
 
 def _infer_num_layers(history: Sequence[dict[str, Any]]) -> int:

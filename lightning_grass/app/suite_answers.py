@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,8 +67,28 @@ class AnswerRule(Protocol):
         """Whether ``prediction`` scores as right against ``label``, a label :meth:`label_error` accepts."""
 
 
+class _ScoredByMatch(ABC):
+    """The scoring both rules share: no prediction is wrong, and a prediction is right when it matches the label."""
+
+    def is_correct(self, prediction: float | str | None, label: object) -> bool:
+        """Whether ``prediction`` scores as right against ``label`` under the rule (see the class).
+
+        Args:
+            prediction: What ``extract`` returned.
+            label: The record's ``answer``.
+
+        Returns:
+            ``False`` for no prediction.
+        """
+        return prediction is not None and self._matches(prediction, label)
+
+    @abstractmethod
+    def _matches(self, prediction: float | str, label: object) -> bool:
+        """Whether a prediction the rule extracted scores as right against ``label``."""
+
+
 @dataclass(frozen=True)
-class LastNumber:
+class LastNumber(_ScoredByMatch):
     """The last number in the response, right when within ``tolerance`` of the label (LLM-Adapters' ``evaluate.py``).
 
     Attributes:
@@ -106,21 +127,13 @@ class LastNumber:
             return f"must be a number or a string holding one, got {label!r}"
         return None if math.isfinite(value) else f"must be a finite number, got {label!r}"
 
-    def is_correct(self, prediction: float | str | None, label: object) -> bool:
-        """Whether ``prediction`` is a number within :attr:`tolerance` of ``float(label)``.
-
-        Args:
-            prediction: What :meth:`extract` returned.
-            label: The record's ``answer``.
-
-        Returns:
-            ``False`` for no prediction.
-        """
+    def _matches(self, prediction: float | str, label: object) -> bool:
+        """Whether ``prediction`` is a number within :attr:`tolerance` of ``float(label)``."""
         return isinstance(prediction, float) and abs(float(label) - prediction) <= self.tolerance
 
 
 @dataclass(frozen=True)
-class FirstChoice:
+class FirstChoice(_ScoredByMatch):
     """The first of ``choices`` found in the response, right when it equals the label (LLM-Adapters' rules).
 
     Attributes:
@@ -153,14 +166,6 @@ class FirstChoice:
         """
         return None if label in self.choices else f"must be one of {list(self.choices)}, got {label!r}"
 
-    def is_correct(self, prediction: float | str | None, label: object) -> bool:
-        """Whether ``prediction`` equals ``label``.
-
-        Args:
-            prediction: What :meth:`extract` returned.
-            label: The record's ``answer``.
-
-        Returns:
-            ``False`` for no prediction.
-        """
-        return prediction is not None and prediction == label
+    def _matches(self, prediction: float | str, label: object) -> bool:
+        """Whether ``prediction`` equals ``label``."""
+        return prediction == label

@@ -154,13 +154,9 @@ def load_suite(
             field, the value and what is allowed.
     """
     benchmarks = select_benchmarks(name, sets)
-    root = Path(data_root)
-    if not root.is_dir():
-        raise MissingPathError(
-            f"test data root {str(root)!r} is not a directory: give a checkout of LLM-Adapters or its "
-            f"{DATASET_DIR!r} folder, holding <set>/{TEST_FILE} for the {name} sets {[b.name for b in benchmarks]}"
-        )
-    folder = sets_dir(root)
+    folder = sets_dir(
+        data_root, "test data root", f"<set>/{TEST_FILE} for the {name} sets {[b.name for b in benchmarks]}"
+    )
     files = {benchmark: folder / benchmark.name / TEST_FILE for benchmark in benchmarks}
     missing = [benchmark.name for benchmark, file in files.items() if not file.is_file()]
     if missing:

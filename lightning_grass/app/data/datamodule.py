@@ -6,7 +6,7 @@ import os
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -32,6 +32,9 @@ from lightning_grass.app.data.prompt import (
 from lightning_grass.app.data.synthetic import EXAMPLE_BYTES, MAX_GENERATED_EXAMPLES, TASKS
 from lightning_grass.errors import DataFormatError, SettingTypeError, SettingValueError
 from lightning_grass.setting_checks import check_int
+
+#: What :meth:`InstructionDataModule.setup` fills in: a tokenized split or the kept examples.
+_SetUp = TypeVar("_SetUp")
 
 
 def _check_settings(counts: dict[str, tuple[object, int | None]], texts: dict[str, object]) -> None:
@@ -73,6 +76,24 @@ def _check_generated_counts(counts: dict[str, int]) -> None:
         f"{MAX_GENERATED_EXAMPLES * EXAMPLE_BYTES / 1e9:.0f} GB in all) and is {total:,}; lower {name}, or train on a "
         "local dataset"
     )
+
+
+def _after_setup(value: _SetUp | None, request: str) -> _SetUp:
+    """``value``, which :meth:`InstructionDataModule.setup` fills in.
+
+    Args:
+        value: What ``setup`` stored, ``None`` before it ran.
+        request: What asked for ``value``, for the message, e.g. ``"val_examples is read"``.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        RuntimeError: When ``value`` is ``None``: ``setup`` has not run.
+    """
+    if value is None:
+        raise RuntimeError(f"InstructionDataModule.setup() must run before {request}")
+    return value
 
 
 class InstructionDataModule(pl.LightningDataModule):
@@ -404,8 +425,7 @@ class InstructionDataModule(pl.LightningDataModule):
         Raises:
             RuntimeError: Before :meth:`setup`.
         """
-        if dataset is None:
-            raise RuntimeError("InstructionDataModule.setup() must run before a dataloader is requested")
+        dataset = _after_setup(dataset, "a dataloader is requested")
         # The sampler owns the shuffle's generator. A generator shared with the loader would also feed the
         # loader's per-epoch base seed, which its saved state does not cover, and a resumed run would shuffle
         # the epochs after the one it stopped in differently.
@@ -441,9 +461,7 @@ class InstructionDataModule(pl.LightningDataModule):
         Raises:
             RuntimeError: Before :meth:`setup`.
         """
-        if self._test_examples is None:
-            raise RuntimeError("InstructionDataModule.setup() must run before test_examples is read")
-        return self._test_examples
+        return _after_setup(self._test_examples, "test_examples is read")
 
     @property
     def val_examples(self) -> list[Example]:
@@ -452,6 +470,4 @@ class InstructionDataModule(pl.LightningDataModule):
         Raises:
             RuntimeError: Before :meth:`setup`.
         """
-        if self._val_examples is None:
-            raise RuntimeError("InstructionDataModule.setup() must run before val_examples is read")
-        return self._val_examples
+        return _after_setup(self._val_examples, "val_examples is read")

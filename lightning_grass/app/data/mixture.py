@@ -24,16 +24,26 @@ DATASET_DIR = "dataset"
 TRAIN_FILE = "train.json"
 
 
-def sets_dir(data_root: str | os.PathLike) -> Path:
+def sets_dir(data_root: str | os.PathLike, root_name: str, wanted: str) -> Path:
     """The folder that holds the sets' folders: ``<data_root>/dataset`` when there is one, else ``data_root``.
 
     Args:
-        data_root: A checkout of LLM-Adapters, or its ``dataset`` folder.
+        data_root: A checkout of LLM-Adapters, or its ``dataset`` folder; it must be a directory.
+        root_name: What the message calls ``data_root``, e.g. ``"data root"``.
+        wanted: What the message says ``data_root`` should hold, e.g. ``"<set>/train.json for the sets ['boolq']"``.
 
     Returns:
         The folder.
+
+    Raises:
+        MissingPathError: When ``data_root`` is not a directory.
     """
     root = Path(data_root)
+    if not root.is_dir():
+        raise MissingPathError(
+            f"{root_name} {str(root)!r} is not a directory: give a checkout of LLM-Adapters or its "
+            f"{DATASET_DIR!r} folder, holding {wanted}"
+        )
     nested = root / DATASET_DIR
     return nested if nested.is_dir() else root
 
@@ -81,13 +91,7 @@ def load_mixture(
             message names every missing set and where it was looked for.
         DataFormatError: For a file :func:`~lightning_grass.app.data.load_alpaca` refuses.
     """
-    root = Path(data_root)
-    if not root.is_dir():
-        raise MissingPathError(
-            f"data root {str(root)!r} is not a directory: give a checkout of LLM-Adapters or its 'dataset' folder, "
-            f"holding <set>/{TRAIN_FILE} for the sets {list(sets)}"
-        )
-    folder = sets_dir(root)
+    folder = sets_dir(data_root, "data root", f"<set>/{TRAIN_FILE} for the sets {list(sets)}")
     files = [folder / name / TRAIN_FILE for name in sets]
     missing = [name for name, file in zip(sets, files, strict=True) if not file.is_file()]
     if missing:
