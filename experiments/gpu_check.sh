@@ -40,7 +40,8 @@ tests_status=0
 if [ ${#smoke[@]} -eq 0 ]; then
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
     tests_start=$SECONDS
-    timeout -k 10 "$tests_limit_s" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/strategies tests/offload \
+    # -n 0: in one process on the one GPU, not on the two workers that setup.cfg gives the CPU suite.
+    timeout -k 10 "$tests_limit_s" "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 -m cuda tests/strategies tests/offload \
         2>&1 | tee "$out/cuda_tests.txt" || tests_status=$?
     if [ "$tests_status" -eq 124 ] || [ "$tests_status" -eq 137 ]; then
         summary="timed out after $tests_limit_s s"

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def pytest_configure(config):
+    """In a pytest-xdist worker, give torch the worker's share of the CPU cores, here and in what the tests start.
+
+    With two workers on two cores, torch's default of one thread per core would run four on two cores, and its
+    threads then wait for each other (the suite took over twice as long). An OMP_NUM_THREADS set by the user stays.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)  # for the processes the tests start
+    torch.set_num_threads(int(threads))
+
 
 VOCAB = 64
 # A 2-layer Llama as the config dict that CausalLMModule(config=...) takes.

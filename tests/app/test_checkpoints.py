@@ -177,13 +177,18 @@ def test_a_weights_only_checkpoint_is_refused_for_resuming(shuffled_run):
     )
 
 
-@pytest.mark.parametrize("strategy", [None, "auto", "grass", GRASSStrategy()], ids=str)
+# Ids that name the object, not its address: pytest-xdist's workers must collect the same test names.
+@pytest.mark.parametrize(
+    "strategy", [None, "auto", "grass", GRASSStrategy()], ids=["None", "auto", "grass", "GRASSStrategy()"]
+)
 def test_a_single_process_checkpoint_resumes_under_a_single_process_strategy(shuffled_run, strategy):
     assert check_resume_checkpoint(shuffled_run / "full.ckpt", TinyCausalLM(), strategy) == 2
 
 
 @pytest.mark.parametrize(
-    ("strategy", "name"), [("grass_ddp", "strategy=grass_ddp"), (GRASSDDPStrategy(), "GRASSDDPStrategy")], ids=str
+    ("strategy", "name"),
+    [("grass_ddp", "strategy=grass_ddp"), (GRASSDDPStrategy(), "GRASSDDPStrategy")],
+    ids=["grass_ddp", "GRASSDDPStrategy()"],
 )
 def test_a_shuffled_single_process_position_is_refused_under_data_parallelism(shuffled_run, strategy, name):
     # Lightning would load it into each process's DistributedSampler, which is not stateful: an AssertionError

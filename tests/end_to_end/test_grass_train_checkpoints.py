@@ -65,6 +65,10 @@ def assert_same_run(resumed_dir, reference_dir):
         assert resumed_metrics.get(key) == expected_metrics.get(key), key
 
 
+# The tests that compare with the uninterrupted run go to one pytest-xdist worker (--dist loadgroup): it runs once.
+with_reference = pytest.mark.xdist_group("grass_train_checkpoints.reference")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -73,6 +77,7 @@ def reference(tmp_path_factory):
     return output_dir
 
 
+@with_reference
 @pytest.mark.slow  # 25 s: the SIGINT and full-disk tests resume mid-epoch with ckpt_path=last in the default run
 def test_a_run_killed_mid_epoch_resumes_with_ckpt_path_last_bit_exactly(tmp_path, reference):
     # The same command starts the job and continues it, as a scheduler that restarts jobs would run it.
@@ -87,6 +92,7 @@ def test_a_run_killed_mid_epoch_resumes_with_ckpt_path_last_bit_exactly(tmp_path
     assert_same_run(tmp_path, reference)
 
 
+@with_reference
 @pytest.mark.slow  # 20 s: test_preemption saves on SIGTERM in process; the SIGINT and evaluation tests exit here
 def test_sigterm_saves_a_checkpoint_exits_with_143_and_the_run_resumes_bit_exactly(tmp_path, reference):
     stopped = grass_train(tmp_path, *signal_at(5, "SIGTERM"), check=False)
@@ -100,6 +106,7 @@ def test_sigterm_saves_a_checkpoint_exits_with_143_and_the_run_resumes_bit_exact
     assert_same_run(tmp_path, reference)
 
 
+@with_reference
 @pytest.mark.slow  # 23 s: the SIGTERM tests run the same handler; the exit status is 128 + the signal's number
 def test_sigint_does_what_sigterm_does_and_exits_with_130(tmp_path, reference):
     stopped = grass_train(tmp_path, *signal_at(5, "SIGINT"), check=False)
@@ -117,6 +124,7 @@ def test_sigint_does_what_sigterm_does_and_exits_with_130(tmp_path, reference):
     assert_same_run(tmp_path, reference)
 
 
+@with_reference
 def test_a_signal_in_the_final_evaluation_leaves_the_checkpoint_and_the_resume_completes_the_outputs(
     tmp_path, reference
 ):
@@ -135,6 +143,7 @@ def test_a_signal_in_the_final_evaluation_leaves_the_checkpoint_and_the_resume_c
     assert_same_run(tmp_path, reference)  # train/loss included: it comes from the checkpoint
 
 
+@with_reference
 @pytest.mark.slow  # 11 s: test_run_directory refuses the used folder in process and checks nothing is touched
 def test_a_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_intact(tmp_path, reference):
     before = {p: p.read_bytes() for p in [reference / "checkpoints" / "last.ckpt", reference / "metrics.json"]}
@@ -197,6 +206,7 @@ def test_an_unreadable_last_ckpt_stops_the_resume_in_one_line_naming_it(tmp_path
     assert last.read_bytes() == content
 
 
+@with_reference
 @pytest.mark.slow  # 12 s each: test_atomic_checkpoint_io names checkpoints cut at six points in process
 @pytest.mark.parametrize("size", [100_000, 60_000])  # at 60 KB torch's reader fails with EINVAL
 def test_a_truncated_checkpoint_stops_the_resume_naming_it(tmp_path, reference, size):
@@ -210,6 +220,7 @@ def test_a_truncated_checkpoint_stops_the_resume_naming_it(tmp_path, reference, 
     )
 
 
+@with_reference
 @pytest.mark.slow  # 10 s: test_checkpoints refuses a weights-only checkpoint in process, with the same message
 def test_a_weights_only_checkpoint_stops_the_resume_in_one_line(tmp_path, reference):
     checkpoint = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)
@@ -238,6 +249,7 @@ def test_a_last_ckpt_that_is_a_directory_stops_the_resume_in_one_line(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@with_reference
 @pytest.mark.slow  # 12 s: test_checkpoints refuses the shuffled single-process position in process
 def test_a_single_process_run_resumed_with_grass_ddp_is_refused_in_one_line(tmp_path, reference):
     last = reference / "checkpoints" / "last.ckpt"
@@ -250,6 +262,7 @@ def test_a_single_process_run_resumed_with_grass_ddp_is_refused_in_one_line(tmp_
     )
 
 
+@with_reference
 @pytest.mark.slow  # 15 s: test_checkpoints reports unreadable saved settings in process
 def test_unreadable_saved_settings_do_not_block_the_resume(tmp_path, reference):
     shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
@@ -263,6 +276,7 @@ def test_unreadable_saved_settings_do_not_block_the_resume(tmp_path, reference):
     assert (tmp_path / "metrics.json").is_file()
 
 
+@with_reference
 @pytest.mark.slow  # 10 s: test_atomic_checkpoint_io checks the shapes in process
 def test_a_checkpoint_of_another_model_shape_is_refused_naming_a_tensor(tmp_path, reference):
     result = grass_train(
@@ -305,6 +319,7 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
+@with_reference
 def test_a_disk_that_fills_after_the_first_checkpoint_keeps_it_and_the_run_resumes_exactly(
     small_filesystem, tmp_path, reference, monkeypatch
 ):

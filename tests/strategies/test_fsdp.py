@@ -55,6 +55,10 @@ def streamed_peak_estimate(budget, precision):
     return estimate.master_weights + estimate.optimizer_states + estimate.step_workspace
 
 
+# The tests that read the two-rank run go to one pytest-xdist worker (--dist loadgroup), which runs it once.
+with_fsdp_run = pytest.mark.xdist_group("fsdp.fsdp_run")
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Two ranks, batch 8 each, every state shard streamed from host memory, a sharded checkpoint every 4 steps."""
@@ -62,6 +66,7 @@ def fsdp_run(tmp_path_factory):
     return out, run(out, "--devices=2", "--batch-size=8", *STREAMED, "--save-every=4")
 
 
+@with_fsdp_run
 def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path):
     _, (rank0, rank1) = fsdp_run
     assert rank0["blocks_sharded"] == [True] * 4, (
@@ -99,6 +104,7 @@ def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path
             assert ours["importance"] == pytest.approx(theirs["importance"], rel=rtol, abs=0)
 
 
+@with_fsdp_run
 @pytest.mark.slow  # 9 s: the accumulated one-process run above is the bitwise reference in the default run
 def test_two_ranks_stay_within_rounding_of_one_process_with_the_whole_batch(fsdp_run, tmp_path):
     _, (rank0, _) = fsdp_run
@@ -112,6 +118,7 @@ def test_two_ranks_stay_within_rounding_of_one_process_with_the_whole_batch(fsdp
         assert torch.allclose(weight, batch16["weights"][name], rtol=0, atol=2 * LR), name
 
 
+@with_fsdp_run
 def test_frozen_blocks_have_no_gradient_and_no_resident_state(fsdp_run):
     _, (rank0, rank1) = fsdp_run
     layer_grad_bytes = None
@@ -127,6 +134,7 @@ def test_frozen_blocks_have_no_gradient_and_no_resident_state(fsdp_run):
     assert rank0["steps"] == rank1["steps"]
 
 
+@with_fsdp_run
 def test_checkpoint_holds_offloaded_states_and_resumes_bit_exactly(fsdp_run, tmp_path):
     out, ranks = fsdp_run
     rank0 = ranks[0]
