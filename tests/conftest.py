@@ -21,7 +21,8 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None or "OMP_NUM_THREADS" in os.environ:
         return
-    threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    threads = str(max(1, cores // int(workers)))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)  # for the processes the tests start
     torch.set_num_threads(int(threads))
 
