@@ -7,6 +7,7 @@ from lightning_grass.offload.offloaded_optimizer import OffloadedOptimizer
 from lightning_grass.offload.state_bytes import (
     device_bytes_while_stepped,
     expected_state_bytes,
+    expected_state_tensors,
     optimizer_state_bytes,
     step_workspace_bytes,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "TensorStateStore",
     "device_bytes_while_stepped",
     "expected_state_bytes",
+    "expected_state_tensors",
     "needs_master",
     "optimizer_state_bytes",
     "step_workspace_bytes",

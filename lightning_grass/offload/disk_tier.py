@@ -141,7 +141,11 @@ class DiskTier:
     def read(self, unit: int, specs: list[TensorSpec]) -> tuple[list[torch.Tensor], Transfer]:
         """Allocate resident tensors for ``specs`` and start filling them from the file of ``unit``.
 
-        The transfer's ``wait()`` raises :class:`~lightning_grass.errors.StorageError` if the read failed.
+        Tensors on an accelerator are read into host memory first and copied to the device by ``wait()``; a fetch
+        that is discarded unused (``discard()``) waits only for the file read, and never copies.
+
+        The transfer's ``wait()`` (and ``discard()``) raises :class:`~lightning_grass.errors.StorageError` if the
+        read failed.
         """
         tensors = [torch.empty(spec.shape, dtype=spec.dtype, device=spec.device) for spec in specs]
         staged = [t if t.device.type == "cpu" else torch.empty_like(t, device="cpu") for t in tensors]
@@ -149,11 +153,9 @@ class DiskTier:
 
         def wait() -> None:
             future.result()
-            for tensor, host in zip(tensors, staged, strict=True):
-                if tensor is not host:
-                    tensor.copy_(host)
+            _copy_staged(tensors, staged)
 
-        return tensors, Transfer(wait=wait, done=future.done)
+        return tensors, Transfer(wait=wait, done=future.done, discard=future.result)
 
     def read_to_cpu(self, unit: int) -> list[torch.Tensor]:
         """The tensors of ``unit`` on the CPU, read synchronously, for checkpoints.
@@ -308,6 +310,13 @@ def _check_free_space(parent: Path, needed: int) -> None:
             f"about {format_bytes(needed)} once every offloaded tensor has been trained; free space there or "
             "choose another offload_dir"
         )
+
+
+def _copy_staged(tensors: list[torch.Tensor], staged: list[torch.Tensor]) -> None:
+    """Copy the host tensors a read was staged in to the device tensors they stand for (a blocking copy)."""
+    for tensor, host in zip(tensors, staged, strict=True):
+        if tensor is not host:
+            tensor.copy_(host)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

@@ -68,6 +68,16 @@ def expected_state_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool
     return count * (moments * element + (4 if master else 0)) + step
 
 
+def expected_state_tensors(optimizer: Optimizer, param: nn.Parameter, master: bool) -> int:
+    """Tensors in ``param``'s optimizer state once it exists: its moments, step counter and fp32 master.
+
+    Counted by the rules of :func:`expected_state_bytes`: AdamW's 2 moments and a step counter for any optimizer
+    it does not know.
+    """
+    step = 0 if isinstance(optimizer, torch.optim.SGD) else 1
+    return moments_per_element(optimizer, param) + step + (1 if master else 0)
+
+
 def step_workspace_bytes(optimizer: Optimizer, param: nn.Parameter, master: bool, numel: int | None = None) -> int:
     """Bytes the optimizer's step over ``param`` allocates on the device beyond its state, freed when it returns.
 

@@ -466,7 +466,7 @@ class TensorStateStore:
         """Take ``unit``'s state out of ``optimizer.state`` and start its write-back (or drop an unchanged one)."""
         entry = self._entries[unit]
         if entry.status == "fetching":
-            self._wait(entry.transfer)
+            self._wait(entry.transfer, discard=True)  # unused: the tier need not finish copying it to the device
             self._drop(unit)
             return
         tensors, layout = self._collect(unit)
@@ -562,11 +562,17 @@ class TensorStateStore:
             self._take(unit)
         self._note_residency()
 
-    def _wait(self, transfer: Transfer) -> None:
-        """Wait for ``transfer``, timing the wait; note that a transfer failed before its error propagates."""
+    def _wait(self, transfer: Transfer, discard: bool = False) -> None:
+        """Wait for ``transfer``, timing the wait; note that a transfer failed before its error propagates.
+
+        ``discard``: it is a fetch whose tensors are dropped unused (:meth:`Transfer.discard`).
+        """
         start = None if transfer.done() else time.perf_counter()
         try:
-            transfer.wait()
+            if discard:
+                transfer.discard()
+            else:
+                transfer.wait()
         except Exception:
             self._failed = True
             raise

@@ -34,6 +34,10 @@ class Transfer:
     ``released()`` says whether the memory the copy reads from may be reused, which can come before the copy is
     done: a disk write that staged device tensors on the host no longer needs them. It is ``done()`` unless the
     tier says otherwise.
+
+    ``discard()`` is ``wait()`` for a fetch whose tensors will not be used: it waits only for what must finish
+    before they are dropped, which can be less (a disk read staged on the host need not be copied to the device).
+    It is ``wait()`` unless the tier says otherwise.
     """
 
     def __init__(
@@ -41,8 +45,9 @@ class Transfer:
         wait: Callable[[], None] | None = None,
         done: Callable[[], bool] | None = None,
         released: Callable[[], bool] | None = None,
+        discard: Callable[[], None] | None = None,
     ) -> None:
-        self._wait, self._done, self._released = wait, done, released
+        self._wait, self._done, self._released, self._discard = wait, done, released, discard
 
     @classmethod
     def from_future(cls, future: Future, released: Callable[[], bool] | None = None) -> Transfer:
@@ -53,6 +58,13 @@ class Transfer:
         """Block until the copy is complete."""
         if self._wait is not None:
             self._wait()
+
+    def discard(self) -> None:
+        """Block until the copy's tensors may be dropped unused; raises what ``wait()`` would for a failed read."""
+        if self._discard is None:
+            self.wait()
+        else:
+            self._discard()
 
     def done(self) -> bool:
         """Whether the copy is complete."""

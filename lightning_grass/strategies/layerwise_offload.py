@@ -24,6 +24,7 @@ from lightning_grass.offload import (
     HostTier,
     OffloadedOptimizer,
     TensorStateStore,
+    expected_state_tensors,
     needs_master,
     optimizer_state_bytes,
 )
@@ -230,15 +231,20 @@ class LayerwiseOffloadMixin:
 
     def _build_store(self, optimizer: Optimizer, plan: OffloadPlan, masters: list[nn.Parameter]) -> TensorStateStore:
         sizes = [size.resident for size in plan.sizes]
+        pinning = ""
         if self.offload_tier == "disk":
             tier = DiskTier(self.offload_dir, unit_bytes=sizes)
         else:
-            tier = HostTier(self.root_device, sizes)
+            mastered = {id(p) for p in masters}
+            tensors = [expected_state_tensors(optimizer, p, id(p) in mastered) for p in plan.params]
+            tier = HostTier(self.root_device, sizes, tensors)
+            pinning = f"; host memory page-locked with {tier.pinning}" if tier.pinning else ""
         budget = "no bound" if self.max_resident_bytes is None else format_bytes(self.max_resident_bytes)
         chunked = plan.chunked_tensors()
         rank_zero_info(
             f"{type(self).__name__}: optimizer states of {plan.tensors} tensors offloaded to {self.offload_tier!r} "
             f"({format_bytes(sum(sizes))} once every layer has been trained); on {self.root_device}: {budget}"
+            + pinning
             + (f"; {chunked} tensors larger than the budget stepped in chunks of rows" if chunked else "")
             + (f"; {len(masters)} half-precision tensors stepped on fp32 masters" if masters else "")
         )

@@ -22,6 +22,7 @@ from lightning_grass.offload import (
     TensorStateStore,
     device_bytes_while_stepped,
     expected_state_bytes,
+    expected_state_tensors,
 )
 
 pytestmark = [
@@ -157,7 +158,11 @@ def test_what_the_allocator_sees_during_a_streamed_step_stays_within_the_budget(
     masters = params if dtype == torch.bfloat16 else []
     mastered = {id(p) for p in masters}
     budget = tensors * max(device_bytes_while_stepped(inner, p, id(p) in mastered) for p in params)
-    backing = HostTier(torch.device("cuda"), [expected_state_bytes(inner, p, id(p) in mastered) for p in params])
+    backing = HostTier(
+        torch.device("cuda"),
+        [expected_state_bytes(inner, p, id(p) in mastered) for p in params],
+        [expected_state_tensors(inner, p, id(p) in mastered) for p in params],
+    )
     store = TensorStateStore(inner, params, backing if tier == "cpu" else DiskTier(tmp_path), budget, masters)
     offloaded = OffloadedOptimizer(inner, store, masters)
     offloaded.set_active(list(range(len(params))))
