@@ -9,17 +9,29 @@ run offloads the embeddings', head's and final norm's states too (``offload_alwa
 (on the smoke model, a budget scaled to do the same). Then LISA under
 ``grass_fsdp`` on one rank (NCCL), through a sharded checkpoint and a resume: in fp32 with its state shards
 resident and in host memory, and in bf16 on fp32 master shards streamed per tensor under the same budget as
-GRASS's. It writes ``experiments/results/gpu/results.md`` (or ``--out``), created before the
-first run and replaced (atomically) after each: a run that fails, or passes its timeout, is a ``failed: ...``
-row and the others still run. The exit status is 0 only if every configuration passed.
+GRASS's.
 
-    python experiments/bench_gpu.py                    # on a GPU machine (experiments/gpu_check.sh runs it)
-    python experiments/bench_gpu.py --smoke --out DIR  # the same code path on the CPU, at tiny size
+The configurations run in two groups, in this order: first the ones no run has measured anywhere
+(``NEVER_RUN``: chunked streaming, ``grass_fsdp`` under a budget, bf16 on masters streamed per tensor and its
+synchronous twin, whose step times give the overlap ratio), then the ones that confirm on a GPU what CPU runs
+already show, so that a check cut short by its time limit loses the rows it could spare. ``--group`` runs one
+group; ``--resume`` adds to the records an earlier invocation left in the same folder (``records.json``), so
+that ``experiments/gpu_check.sh`` can run the real-model comparison between the two groups.
+
+It writes ``results.md`` and ``records.json`` (every run's raw record) to ``--out``, created before the first
+run and replaced (atomically) after each: a run that fails, or passes its timeout, is a ``failed: ...`` row and
+the others still run; a run killed at its timeout, or failing, after it printed its measurements keeps them,
+its status saying what happened after. The exit status is 0 only if every configuration this invocation ran passed.
+
+    python experiments/bench_gpu.py --out DIR                    # on a GPU machine (gpu_check.sh runs it)
+    python experiments/bench_gpu.py --smoke --out DIR            # the same code path on the CPU, at tiny size
+    python experiments/bench_gpu.py --group never_run --out DIR  # one group; then --group confirming --resume
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -49,32 +61,45 @@ CHUNKED_BUDGET = {GPU_SHAPE: 256 * 2**20, SMOKE_SHAPE: 320 * 2**10}
 OVERLAP_PAIR = ("grass_stream_bf16", "grass_stream_sync_bf16")
 #: The two runs whose step times give the cost of skip_non_finite's per-step read: (checked, unchecked).
 CHECK_PAIR = ("grass_cpu_bf16", "grass_cpu_bf16_unchecked")
+#: The configurations no run has measured anywhere, in the order they run, before every other: streaming in
+#: chunks of rows, ``grass_fsdp`` under a budget (bf16 on fp32 master shards), and bf16 on fp32 masters streamed per
+#: tensor on a GPU with the transfers overlapped and synchronous (the overlap ratio, which only a GPU gives).
+NEVER_RUN = ("grass_chunked_bf16", "fsdp_stream_bf16", *OVERLAP_PAIR)
+#: The groups ``--group`` picks, in the order they run: the never-run configurations, then the confirming ones.
+GROUPS = ("never_run", "confirming")
 
 
 def runs(shape: ModelShape = GPU_SHAPE) -> list[Run]:
-    """The configurations for ``shape`` (GPU_SHAPE or SMOKE_SHAPE).
+    """The configurations for ``shape`` (GPU_SHAPE or SMOKE_SHAPE), in the order they run: ``NEVER_RUN`` first.
 
     A streamed run's budget holds two of the largest block tensors while stepped; ``grass_chunked_bf16``'s is
-    ``CHUNKED_BUDGET[shape]``.
+    ``CHUNKED_BUDGET[shape]``. The confirming configurations follow, the single-device ones (bf16 on masters
+    first) before the two ``grass_fsdp`` ones, which take longest.
     """
     stream = dict(sampler="grass", offload="cpu", budget_tensors=2, precision="bf16-true")
     chunked = dict(offload="cpu", offload_always_on=True, max_resident_bytes=CHUNKED_BUDGET[shape])
     fsdp = dict(sampler="lisa", sample_every=2, strategy="grass_fsdp")
     return [
-        Run("full_fp32", "full"),
-        Run("full_bf16", "full", precision="bf16-true"),
-        Run("lisa_bf16", "lisa", offload="cpu", precision="bf16-true"),
-        Run("grass_none_bf16", "grass", offload="none", precision="bf16-true"),
-        Run(CHECK_PAIR[0], "grass", offload="cpu", precision="bf16-true"),
-        Run(CHECK_PAIR[1], "grass", offload="cpu", precision="bf16-true", skip_non_finite=False),
-        Run("grass_cpu_fp32", "grass", offload="cpu"),
+        Run("grass_chunked_bf16", "grass", precision="bf16-true", **chunked),
+        Run("fsdp_stream_bf16", offload="cpu", budget_tensors=2, precision="bf16-true", **fsdp),
         Run(OVERLAP_PAIR[0], **stream),
         Run(OVERLAP_PAIR[1], overlap=False, **stream),
-        Run("grass_chunked_bf16", "grass", precision="bf16-true", **chunked),
-        Run("fsdp_none_fp32", offload="none", **fsdp),
+        Run(CHECK_PAIR[0], "grass", offload="cpu", precision="bf16-true"),
+        Run(CHECK_PAIR[1], "grass", offload="cpu", precision="bf16-true", skip_non_finite=False),
+        Run("grass_none_bf16", "grass", offload="none", precision="bf16-true"),
+        Run("lisa_bf16", "lisa", offload="cpu", precision="bf16-true"),
+        Run("full_bf16", "full", precision="bf16-true"),
+        Run("grass_cpu_fp32", "grass", offload="cpu"),
+        Run("full_fp32", "full"),
         Run("fsdp_cpu_fp32", offload="cpu", **fsdp),
-        Run("fsdp_stream_bf16", offload="cpu", budget_tensors=2, precision="bf16-true", **fsdp),
+        Run("fsdp_none_fp32", offload="none", **fsdp),
     ]
+
+
+def group(configurations: list[Run], name: str) -> list[Run]:
+    """The configurations of group ``name`` (one of ``GROUPS``), in their order."""
+    never_run = name == GROUPS[0]
+    return [run for run in configurations if (run.name in NEVER_RUN) == never_run]
 
 
 def report(
@@ -83,6 +108,7 @@ def report(
     results: dict[str, list[dict[str, Any]]],
     command: str,
     cuda_tests: str,
+    machine: str = "not probed by this command",
 ) -> str:
     """The markdown report of one benchmark, from whichever runs have finished (failed ones included).
 
@@ -92,6 +118,7 @@ def report(
         results: The records so far, by run name (see ``offload_runs.measure``); a run without one is pending.
         command: The command line, for the report.
         cuda_tests: The CUDA tests' outcome, for the report.
+        machine: What the machine offers (``probe_device.py``'s line), for the report.
 
     Returns:
         The report.
@@ -105,6 +132,7 @@ def report(
     }
     rows = [_row(shape, run, records.get(run.name), step.get(run.name)) for run in configurations]
     devices = [record["device"] for record in records.values() if record["failed"] is None]
+    never_run = ", ".join(f"`{run.name}`" for run in group(configurations, GROUPS[0]))
     return "\n".join(
         [
             "# GRASSStrategy and GRASSFSDPStrategy on one GPU",
@@ -115,14 +143,24 @@ def report(
             f"{shape.seq_len} tokens; {shape.steps} steps, step time the median after the first {warmup}. Each "
             "configuration is a fresh process with a timeout.",
             "",
+            f"Machine: {machine}",
+            "",
             f"CUDA tests (`pytest -m cuda tests/strategies tests/offload`): {cuda_tests}.",
             "",
-            "| run | settings | status | budget | peak memory (GiB) | median step (ms) | tokens/s | offloaded state "
-            "on the device at peak (GiB) | MiB fetched per step | ms the host waited per step | run time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"The rows run in table order: first those no run had measured anywhere ({never_run or 'none here'}), "
+            "then those that confirm on a GPU what CPU runs already show.",
+            "",
+            "| run | settings | status | budget | peak allocated (GiB) | peak reserved (GiB) | median step (ms) | "
+            "tokens/s | offloaded state on the device at peak (GiB) | MiB fetched per step | ms the host waited per "
+            "step | run time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's peak RSS on the CPU. A "
+            "Peak allocated is `torch.cuda.max_memory_allocated` on a GPU and the process's peak RSS on the CPU; "
+            "peak reserved is `torch.cuda.max_memory_reserved`, what the caching allocator held, which is what runs "
+            "out (none on the CPU). On a GPU a step's time is read from CUDA events on the compute stream, from the "
+            "previous step's end to its own, with no synchronisation between steps, so the transfers a step leaves "
+            "on the copy stream overlap the next forward as in training; on the CPU it is the step's wall time. A "
             "budget of N tensors is N times what the largest block tensor needs on the device while it is stepped "
             "(moments, step counter, fp32 master, master gradient, the optimizer's temporaries), computed in the "
             "run's process with `device_bytes_while_stepped`. The offload columns exist where the strategy "
@@ -131,13 +169,14 @@ def report(
             "a second Trainer: their peak memory spans the fit, the save and the resume (offload none against cpu "
             "shows whether the state shards stay off the device), and their step and offload figures are the "
             "first fit's, counted on the rank's local shards (on one rank, the whole tensors), as for the other "
-            "runs.",
+            "runs. A run killed at its timeout, or failing, after it printed its figures keeps them, and its status "
+            "says what happened after.",
             "",
             "`grass_chunked_bf16` offloads the embeddings', head's and final norm's states too "
             "(`offload_always_on=True`) under a budget that holds a block's largest tensor but not the embedding or "
             "the head while stepped, so those two are fetched, stepped and written back in chunks of rows (its "
-            "status says how many): its peak memory, `max_memory_allocated`, is the figure to read, against "
-            "`grass_stream_bf16`, which streams the blocks' tensors and keeps the embedding and head resident.",
+            "status says how many): its peak memory is the figure to read, against `grass_stream_bf16`, which "
+            "streams the blocks' tensors and keeps the embedding and head resident.",
             "",
             _ratio_line(
                 "Overlapped against synchronous transfers, per-tensor streaming in bf16:",
@@ -165,12 +204,13 @@ def report(
 
 def _row(shape: ModelShape, run: Run, record: dict[str, Any] | None, step: float | None) -> str:
     if record is None:
-        return f"| {run.name} | {run.describe()} | not run yet |" + " - |" * 8
+        return f"| {run.name} | {run.describe()} | not run yet |" + " - |" * 9
     wall = f"{record['wall_seconds']:.0f}"
     if record["failed"] is not None:
         failed = record["failed"].replace("|", "\\|")
-        return f"| {run.name} | {run.describe()} | failed: {failed} |" + " - |" * 7 + f" {wall} |"
-    status = "passed"
+        return f"| {run.name} | {run.describe()} | failed: {failed} |" + " - |" * 8 + f" {wall} |"
+    after = record.get("failed_after_measurements")
+    status = "passed" if after is None else f"failed after printing its figures: {after}".replace("|", "\\|")
     if run.strategy == "grass_fsdp":
         status += (
             f"; checkpoint saved at step {record['saved_at_step']}, resumed at step {record['resumed_at_step']}, "
@@ -189,7 +229,14 @@ def _row(shape: ModelShape, run: Run, record: dict[str, Any] | None, step: float
         _stat(stats, "host_wait_seconds", shape.steps / 1e3, ".1f"),
     ]
     tokens = shape.batch_size * shape.seq_len / step
-    figures = [f"{record['peak_memory_bytes'] / 2**30:.2f}", f"{step * 1e3:.0f}", f"{tokens:,.0f}", *offloaded]
+    reserved = record.get("peak_reserved_bytes")
+    figures = [
+        f"{record['peak_memory_bytes'] / 2**30:.2f}",
+        "-" if reserved is None else f"{reserved / 2**30:.2f}",
+        f"{step * 1e3:.0f}",
+        f"{tokens:,.0f}",
+        *offloaded,
+    ]
     return f"| {run.name} | {run.describe()} | {status} | {budget} | {' | '.join(figures)} | {wall} |"
 
 
@@ -222,10 +269,20 @@ def _ratio_line(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every configuration, rewriting the report after each; return 0 if every one passed, else 1."""
+    """Run the configurations, rewriting the report after each; return 0 if every one it ran passed, else 1."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the code path, not a measurement")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for results.md (created first)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for results.md and records.json (created first)"
+    )
+    parser.add_argument(
+        "--group", choices=GROUPS, default=None, help="run only this group of configurations (default: every one)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the records in OUT/records.json, which an earlier invocation wrote, instead of none",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -236,32 +293,45 @@ def main(argv: list[str] | None = None) -> int:
         "--time-limit", type=float, default=None, help="seconds for every configuration together; none by default"
     )
     parser.add_argument("--cuda-tests", default="not run by this command", help="the CUDA tests' outcome, reported")
+    parser.add_argument(
+        "--machine", default="not probed by this command", help="what the machine offers (probe_device.py's line)"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     deadline = None if args.time_limit is None else start + args.time_limit
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.md"
+    path, records_path = args.out / "results.md", args.out / "records.json"
     shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
     configurations = runs(shape)
+    selected = configurations if args.group is None else group(configurations, args.group)
+    earlier: dict[str, list[dict[str, Any]]] = {}
+    if args.resume and records_path.exists():
+        earlier = json.loads(records_path.read_text())
     command = "python experiments/bench_gpu.py" + (" --smoke" if args.smoke else "")
 
     def write(results: dict[str, list[dict[str, Any]]]) -> None:
-        write_text_atomically(path, report(shape, configurations, results, command, args.cuda_tests))
+        merged = {**earlier, **{name: records for name, records in results.items() if records}}
+        write_text_atomically(records_path, json.dumps(merged, indent=1) + "\n")
+        write_text_atomically(path, report(shape, configurations, merged, command, args.cuda_tests, args.machine))
 
     def on_result(run: Run, results: dict[str, list[dict[str, Any]]]) -> None:
         record = results[run.name][-1]
         outcome = "passed" if record["failed"] is None else f"failed: {record['failed']}"
+        if record.get("failed_after_measurements"):
+            outcome = f"kept its figures, then failed: {record['failed_after_measurements']}"
         print(f"time: {run.name} {record['wall_seconds']:.0f} s, {outcome}", flush=True)
         write(results)
 
     write({})
     accelerator = "cpu" if args.smoke else "gpu"
-    results = measure(
-        shape, configurations, accelerator, timeout_s=args.timeout, deadline=deadline, on_result=on_result
-    )
+    results = measure(shape, selected, accelerator, timeout_s=args.timeout, deadline=deadline, on_result=on_result)
     print(path.read_text())
-    print(f"time: benchmark {time.monotonic() - start:.0f} s", flush=True)
-    return 0 if all(records[-1]["failed"] is None for records in results.values()) else 1
+    part = "benchmark" if args.group is None else f"benchmark ({args.group.replace('_', '-')} rows)"
+    print(f"time: {part} {time.monotonic() - start:.0f} s", flush=True)
+    passed = all(
+        records[-1]["failed"] is None and "failed_after_measurements" not in records[-1] for records in results.values()
+    )
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ one from a Hugging Face directory (``ModelShape.from_pretrained``), trains it fo
 offload tier, budget, overlap and precision, and prints its measurements as JSON on its last line of output. It
 trains under ``GRASSStrategy`` on one device, or under ``GRASSFSDPStrategy`` on one rank, where it also saves a
 sharded checkpoint at its last step and resumes from it. Each run is its own process, so its peak memory
-(``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU) is its own, and a run that fails
-or hangs costs only its own row.
+(``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` on a GPU, the process's peak RSS on the CPU) is its
+own, and a run that fails or hangs costs only its own row: a run killed at its timeout, or failing, after it
+printed its measurements keeps them. The process prints its line as soon as it has it, then destroys the process group a
+``grass_fsdp`` run created, so that a hang there (NCCL's at exit is a known one) cannot cost the line.
 
     python experiments/offload_runs.py '{"shape": {...}, "run": {...}, "accelerator": "cpu"}'
 """
@@ -14,6 +16,7 @@ or hangs costs only its own row.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import resource
@@ -248,7 +251,10 @@ def measure(
     No run raises here. Every record has ``failed`` and ``wall_seconds``: ``failed`` is ``None`` for a run that
     measured (the record then holds its measurements, see :func:`train`), and otherwise says why it did not:
     the last line of its error output, ``timed out after N s``, or that it printed no measurements; the next
-    run starts all the same.
+    run starts all the same. A run that printed its measurements keeps them whatever happened after (a hang
+    killed at its timeout, a crash at exit): ``failed`` is ``None`` and ``failed_after_measurements`` says what
+    happened, as ``failed`` would have (``timed out after N s``, the last line of its error output); no other
+    record has ``failed_after_measurements``.
 
     Args:
         shape: The model and batch every run trains.
@@ -276,18 +282,19 @@ def measure(
                 }
             else:
                 job = json.dumps({"shape": asdict(shape), "run": asdict(run), "accelerator": accelerator})
-                record = _run_job(job, timeout_s if left is None else min(timeout_s, left))
+                record = _run_job([sys.executable, __file__, job], timeout_s if left is None else min(timeout_s, left))
             results[run.name].append(record)
             if on_result is not None:
                 on_result(run, results)
     return results
 
 
-def _run_job(job: str, timeout_s: float) -> dict[str, Any]:
-    """Run one job in a fresh process (its own session, so that a timeout kills all it started); its record."""
+def _run_job(command: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run one job's command in a fresh process (its own session, so that a timeout kills all it started); its
+    record, from the last JSON line it printed."""
     start = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, __file__, job],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -295,26 +302,45 @@ def _run_job(job: str, timeout_s: float) -> dict[str, Any]:
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
+        ended = _how_it_ended(process.returncode, stderr)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        return {"failed": f"timed out after {timeout_s:.0f} s", "wall_seconds": time.monotonic() - start}
+        stdout, _ = process.communicate()  # what it printed before it was killed
+        ended = f"timed out after {timeout_s:.0f} s"
     wall = time.monotonic() - start
-    errors = [line.strip() for line in stderr.splitlines() if line.strip()]
-    last_error = errors[-1] if errors else ""
-    if process.returncode < 0:
-        killed = f"killed by {signal.Signals(-process.returncode).name}"
-        return {"failed": f"{killed}; last error line: {last_error}" if last_error else killed, "wall_seconds": wall}
-    if process.returncode > 0:
-        failed = last_error or f"exit status {process.returncode} and no error output"
-        return {"failed": failed, "wall_seconds": wall}
-    lines = stdout.strip().splitlines()
-    try:
-        measured = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
+    measured = _last_json_line(stdout)
+    if measured is None:
+        if ended is not None:
+            return {"failed": ended, "wall_seconds": wall}
+        lines = stdout.strip().splitlines()
         last = lines[-1] if lines else "nothing"
         return {"failed": f"printed no measurements; its last line of output: {last}", "wall_seconds": wall}
-    return {**measured, "failed": None, "wall_seconds": wall}
+    if ended is None:
+        return {**measured, "failed": None, "wall_seconds": wall}
+    return {**measured, "failed": None, "failed_after_measurements": ended, "wall_seconds": wall}
+
+
+def _how_it_ended(returncode: int, stderr: str) -> str | None:
+    """``None`` for exit status 0; else what went wrong, from the last line of the process's error output."""
+    if returncode == 0:
+        return None
+    errors = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if returncode < 0:
+        killed = f"killed by {signal.Signals(-returncode).name}"
+        return f"{killed}; last error line: {errors[-1]}" if errors else killed
+    return errors[-1] if errors else f"exit status {returncode} and no error output"
+
+
+def _last_json_line(stdout: str) -> dict[str, Any] | None:
+    """The last line of ``stdout`` that is a JSON object (a run's measurements), or ``None``."""
+    for line in reversed(stdout.splitlines()):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 class CausalLM(pl.LightningModule):
@@ -413,33 +439,54 @@ def peak_rss_bytes() -> int:
 
 
 class Meter(Callback):
-    """Each step's wall time (synchronised on CUDA), the step training started at, the offload counters at its end."""
+    """Each step's time, the step training started at, the offload counters at its end.
+
+    On the CPU a step's time is the wall time from its batch's start to its end. On CUDA it is read from CUDA
+    events recorded on the current stream, without synchronising: from the previous batch's end to this one's
+    (the first step: from its batch's start), so that the transfers a step leaves on the copy stream can overlap
+    the next step's forward as they do in training, and a step's time counts every wait that reaches the compute
+    stream. The events are read once, at the end of training.
+    """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.seconds: list[float] = []
         self.first_step = 0
         self.stats: dict[str, float] = {}
+        self._events: list[torch.cuda.Event] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Note the step training starts at (not 0 after a resume)."""
         self.first_step = trainer.global_step
 
     def on_train_batch_start(self, *args: Any) -> None:
-        """Start the step's clock."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        """Start the step's clock (on CUDA, only the first step's: the others start at the previous step's end)."""
+        if not self.cuda:
+            self._start = time.perf_counter()
+        elif not self._events:
+            self._events.append(_recorded_event())
 
     def on_train_batch_end(self, *args: Any) -> None:
         """Stop the step's clock."""
         if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self._start)
+            self._events.append(_recorded_event())
+        else:
+            self.seconds.append(time.perf_counter() - self._start)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the offload counters at the end of training (of the first fit, for a run that resumes)."""
+        """Read the step times off the CUDA events, and the offload counters at the end of training (of the first
+        fit, for a run that resumes)."""
+        if self._events:
+            self._events[-1].synchronize()
+            self.seconds = [begin.elapsed_time(end) / 1e3 for begin, end in itertools.pairwise(self._events)]
+            self._events = []
         self.stats = dict(trainer.strategy.offload_stats)
+
+
+def _recorded_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class SaveAtStep(Callback):
@@ -461,7 +508,10 @@ def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
     """Train ``run`` for ``shape.steps`` steps and return its measurements.
 
     Returns:
-        ``peak_memory_bytes``, ``step_seconds`` (each step of the first fit), ``stats`` (the strategy's offload
+        ``peak_memory_bytes`` (``torch.cuda.max_memory_allocated`` on a GPU, the peak RSS on the CPU),
+        ``peak_reserved_bytes`` (``torch.cuda.max_memory_reserved`` on a GPU, what the caching allocator held and
+        what runs out; ``None`` on the CPU), ``step_seconds`` (each step of the first fit, see :class:`Meter`),
+        ``stats`` (the strategy's offload
         counters at the end of the first fit), ``max_resident_bytes`` (the budget used, or ``None``),
         ``largest_tensor_bytes``, ``largest_tensor_chunks`` and ``chunked_tensors`` (see :func:`_budget`),
         ``device``, and the process's host memory just before the (first) fit starts, after the imports and the
@@ -472,10 +522,10 @@ def train(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
     cuda = accelerator == "gpu"
     fit = _fit_fsdp if run.strategy == "grass_fsdp" else _fit_single_device
     measured = fit(shape, run, accelerator)
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     return {
         **measured,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
@@ -507,7 +557,8 @@ def _fit_fsdp(shape: ModelShape, run: Run, accelerator: str) -> dict[str, Any]:
 
     The process's peak memory spans all three: each model is built straight in the run's dtype, so building
     it has no transient copy to leave out of the peak. The budget is computed from the first model, as for
-    :func:`_fit_single_device`, and both fits run under it.
+    :func:`_fit_single_device`, and both fits run under it. Both fits share the process group the first one
+    creates; the run's process destroys it once it has printed its measurements (``_main``).
     """
     cuda = accelerator == "gpu"
     device = "cuda" if cuda else "cpu"
@@ -637,6 +688,24 @@ def _trainer(accelerator: str, strategy: Any, run: Run, max_steps: int, callback
     )
 
 
+def _destroy_process_group() -> None:
+    """Destroy the default process group if a run created one (a ``grass_fsdp`` run), rather than at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _main(job: dict[str, Any]) -> None:
+    """Train the job and print its measurements as one JSON line, flushed at once; then destroy the process group.
+
+    The line is out before the group is destroyed, so a run that hangs there, or at exit, and is killed at its
+    timeout keeps its measurements (see :func:`measure`).
+    """
+    try:
+        measured = train(ModelShape(**job["shape"]), Run(**job["run"]), job["accelerator"])
+        print(json.dumps(measured), flush=True)
+    finally:
+        _destroy_process_group()
+
+
 if __name__ == "__main__":
-    job = json.loads(sys.argv[1])
-    print(json.dumps(train(ModelShape(**job["shape"]), Run(**job["run"]), job["accelerator"])))
+    _main(json.loads(sys.argv[1]))
