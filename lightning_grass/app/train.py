@@ -235,7 +235,14 @@ def _evaluate_and_write(
         "machine": describe_machine(trainer.strategy.root_device),
     }
     if sampler is not None:
-        metrics["layer_selection_counts"] = plots.selection_counts(sampler.history, sampler.layer_map.num_layers)
+        metrics["unit"] = sampler.config.unit
+        metrics["layer_selection_counts"] = plots.selection_counts(
+            sampler.history, sampler.layer_map.num_layers, key="active_layers"
+        )
+        if sampler.config.unit == "module":
+            metrics["parameter_budget"] = sampler.parameter_budget
+            metrics["modules"] = list(sampler.units.names)
+            metrics["module_selection_counts"] = plots.selection_counts(sampler.history, len(sampler.units))
         spreads = [r["effective_layers"] for r in sampler.history if r.get("effective_layers") is not None]
         metrics["effective_layers_mean"] = sum(spreads) / len(spreads) if spreads else None
         metrics["draw_share"] = sampler.draw_share
@@ -251,12 +258,11 @@ def _evaluate_and_write(
         if any(record["importance"] is not None for record in sampler.history):
             heatmap = plots.importance_heatmap(sampler.history, output_dir / "importance.png")
             metrics["importance_heatmap"] = str(heatmap)
-        selection = plots.selection_frequency(
-            sampler.history, output_dir / "selection.png", sampler.layer_map.num_layers
-        )
+        names = sampler.units.names if sampler.config.unit == "module" else None
+        selection = plots.selection_frequency(sampler.history, output_dir / "selection.png", len(sampler.units), names)
         metrics["selection_plot"] = str(selection)
         diagnostics = plots.sampling_diagnostics(
-            sampler.history, output_dir / "sampling.png", sampler.layer_map.num_layers
+            sampler.history, output_dir / "sampling.png", len(sampler.units), names
         )
         metrics["sampling_plot"] = str(diagnostics)
     return metrics
@@ -391,9 +397,9 @@ def _build_module(cfg: DictConfig) -> pl.LightningModule:
 
 
 def _method_name(cfg: DictConfig, sampler: GRASSCallback | None) -> str:
-    """The sampler's mode; ``lora`` for LoRA adapters; ``full`` when every weight trains at every step."""
+    """The sampler's mode (``_module`` added when it draws modules); ``lora`` for LoRA; ``full`` otherwise."""
     if sampler is not None:
-        return sampler.config.mode
+        return sampler.config.mode + ("_module" if sampler.config.unit == "module" else "")
     return "lora" if cfg.model.get("lora") else "full"
 
 
@@ -439,7 +445,14 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         lines.append(f"  base model        built or converted in {seconds:.0f} s (first run only)")
     if "layer_selection_counts" in metrics:
         lines.append(f"  layer activity    windows active per layer: {metrics['layer_selection_counts']}")
-    if metrics.get("effective_layers_mean") is not None and metrics["draw_share"] is not None:
+    if "module_selection_counts" in metrics:
+        spread = metrics["effective_layers_mean"]
+        lines.append(
+            f"  modules           {len(metrics['modules'])}, drawn up to {metrics['parameter_budget']:,} parameters "
+            + ("per window" if spread is None else f"per window; {spread:.1f} effective modules on average")
+            + " (windows per module in metrics.json)"
+        )
+    elif metrics.get("effective_layers_mean") is not None and metrics["draw_share"] is not None:
         shares = ", ".join(f"{share:.0%}" for share in metrics["draw_share"])
         lines.append(
             f"  sampling          {metrics['effective_layers_mean']:.1f} effective layers on average; "

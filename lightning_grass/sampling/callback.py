@@ -1,4 +1,4 @@
-"""``GRASSCallback``: decides which transformer layers train at each optimizer step."""
+"""``GRASSCallback``: decides which transformer layers (or modules inside them) train at each optimizer step."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lightning_grass.sampling.config import GRASSConfig
 from lightning_grass.sampling.distribution import (
     effective_layers,
     sample_layers,
+    sample_within_budget,
     sampling_probabilities,
     selection_counts,
     uniform_probabilities,
@@ -30,6 +31,7 @@ from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap,
 from lightning_grass.sampling.layer_listener import ActiveLayerListener
 from lightning_grass.sampling.resume_changes import resume_warnings
 from lightning_grass.sampling.sampling_metrics import log_record_metrics
+from lightning_grass.sampling.sampling_units import SamplingUnits, sampling_units
 from lightning_grass.strategy_support import check_strategy_supports_grass
 
 
@@ -50,6 +52,15 @@ class GRASSCallback(Callback):
 
     ``grass_static`` stops refreshing after probing (GRASS*), ``lisa`` samples uniformly without probing
     (the LISA baseline), and ``fixed`` trains ``fixed_layers`` only.
+
+    ``unit="module"`` samples the weight matrices inside the layers instead of whole layers (as MISA does): the
+    attention projections and MLP matrices of every block (:mod:`~lightning_grass.sampling.sampling_units` says
+    which modules count, and why the norms stay frozen). Every step above is the same per module: probing measures
+    each module's MGN, the EMA refreshes the active modules', and each draw takes modules without replacement from
+    the softmax until a parameter budget is full: what the ``n_active`` largest layers hold
+    (:attr:`parameter_budget`), so that a layer-wise and a module-wise run train, hold gradients for and keep
+    optimizer state of at most the same number of parameters. ``grass_static`` and ``lisa`` draw modules the same
+    way; ``fixed`` names layers and takes ``unit="layer"`` only.
 
     When one layer's importance dwarfs the others', the softmax gives it most of the probability and sampling
     degenerates to "that layer plus uniform". Each history record therefore carries the effective number of
@@ -94,6 +105,8 @@ class GRASSCallback(Callback):
     Args:
         n_active: gamma, layers trained at once.
         mode: ``"grass"``, ``"grass_static"``, ``"lisa"`` or ``"fixed"``.
+        unit: ``"layer"`` (whole transformer layers, the paper's method) or ``"module"`` (the weight matrices
+            inside them, under the parameter budget of ``n_active`` layers).
         probe_steps: T_p, optimizer steps of probing (``grass`` and ``grass_static``).
         sample_every: T_s, optimizer steps between resamples.
         update_every: T_u, optimizer steps between MGN refreshes; ``None`` means ``sample_every``.
@@ -119,15 +132,22 @@ class GRASSCallback(Callback):
     See :class:`~lightning_grass.sampling.config.GRASSConfig` for each default and the reason for it.
 
     Attributes:
-        active_layers: Indices of the layers training now (all layers while probing).
-        importance: Per-layer MGN on the CPU, ``None`` until probing ends and in ``lisa``/``fixed`` modes.
-        probabilities: Sampling distribution on the CPU, sums to 1.
+        units: The :class:`~lightning_grass.sampling.sampling_units.SamplingUnits` drawn from (set at fit start):
+            the layers, or the modules with their names and layers. Importance, probabilities, draw shares and
+            ``active_units`` index them; with ``unit="layer"`` unit ``i`` is layer ``i``.
+        active_units: Indices of the units training now (every trainable unit while probing).
+        active_layers: The layers that hold an active unit (with ``unit="layer"``, :attr:`active_units`).
+        parameter_budget: With ``unit="module"``, the most parameters one draw may hold: those of the ``n_active``
+            largest layers (their parameters that require grad when fit starts); ``None`` with ``unit="layer"``.
+        importance: Per-unit MGN on the CPU, ``None`` until probing ends and in ``lisa``/``fixed`` modes.
+        probabilities: Sampling distribution over the units on the CPU, sums to 1.
         phase: ``"probe"`` or ``"train"``.
-        history: One record per resample or refresh: ``step``, ``active_layers``, ``importance``,
-            ``probabilities``, ``resampled``, ``refreshed``, ``effective_layers`` (``exp(entropy(p))``, ``None``
-            in ``fixed`` mode), ``draw_share`` (each layer's share of the draws so far, this record's included)
-            and ``trained`` (whether an optimizer step ran after the record, with its ``active_layers``; ``False``
-            for a draw at the run's last step). Only the windows of resampled records that trained count in
+        history: One record per resample or refresh: ``step``, ``active_units``, ``active_layers``, ``importance``,
+            ``probabilities``, ``resampled``, ``refreshed``, ``effective_layers`` (``exp(entropy(p))``: the
+            effective number of units, ``None`` in ``fixed`` mode), ``draw_share`` (each unit's share of the draws
+            so far, this record's included) and ``trained`` (whether an optimizer step ran after the record, with
+            its ``active_units``; ``False`` for a draw at the run's last step). Only the windows of resampled
+            records that trained count in
             :func:`~lightning_grass.sampling.distribution.selection_counts`, :attr:`draw_share` and
             :meth:`trainable_parameters_per_step`. Each record goes to the Trainer's loggers as the metrics of
             :func:`~lightning_grass.sampling.sampling_metrics.metrics_of_record`.
@@ -147,6 +167,7 @@ class GRASSCallback(Callback):
         self,
         n_active: int = 2,
         mode: str = "grass",
+        unit: str = "layer",
         probe_steps: int = 10,
         sample_every: int = 25,
         update_every: int | None = None,
@@ -167,6 +188,7 @@ class GRASSCallback(Callback):
     ) -> None:
         self.config = GRASSConfig(
             mode=mode,
+            unit=unit,
             n_active=n_active,
             probe_steps=probe_steps,
             sample_every=sample_every,
@@ -187,7 +209,9 @@ class GRASSCallback(Callback):
             skip_non_finite=skip_non_finite,
         )
         self.layer_map: LayerMap | None = None
-        self.active_layers: list[int] = []
+        self.units: SamplingUnits | None = None
+        self.active_units: list[int] = []
+        self.parameter_budget: int | None = None
         self.importance: Tensor | None = None
         self.probabilities: Tensor | None = None
         self.history: list[dict[str, Any]] = []
@@ -203,9 +227,9 @@ class GRASSCallback(Callback):
         self._state_to_restore: dict[str, Any] | None = None
         self._optimizer: Optimizer | None = None
         self._listener: ActiveLayerListener | None = None
-        self._layer_params: list[list[nn.Parameter]] = []
+        self._unit_params: list[list[nn.Parameter]] = []
         self._always_on_params: list[nn.Parameter] = []
-        self._frozen_always_on_params: list[nn.Parameter] = []
+        self._frozen_params: list[nn.Parameter] = []
 
     @property
     def phase(self) -> str:
@@ -213,8 +237,13 @@ class GRASSCallback(Callback):
         return "probe" if self._train_start is None else "train"
 
     @property
+    def active_layers(self) -> list[int]:
+        """The layers that hold an active unit, ascending (with ``unit="layer"``, the active layers)."""
+        return self.units.layers_of(self.active_units) if self.units is not None else []
+
+    @property
     def draw_share(self) -> list[float] | None:
-        """Each layer's share of the draws whose window trained, over the whole run; ``None`` before one trained.
+        """Each unit's share of the draws whose window trained, over the whole run; ``None`` before one trained.
 
         A draw made at the run's last step, after which no step ran, is left out (its record has
         ``trained=False``). A history record's own ``draw_share`` counts its draw as soon as it is made.
@@ -229,15 +258,20 @@ class GRASSCallback(Callback):
         ``train_embeddings``, ``train_head`` and ``train_final_norm`` say; a tied head once, with the embeddings),
         plus the largest active set among the windows that trained (the resampled records of :attr:`history`
         with ``trained``). It is the maximum over the windows actually drawn rather than the ``n_active`` largest
-        layers: the two differ where layers differ in size, or where the user froze part of a layer. Parameters
+        layers: the two differ where layers differ in size, where the user froze part of a layer, and with
+        ``unit="module"``, whose draws stop short of :attr:`parameter_budget` by less than one module. Parameters
         frozen before fit count nowhere. Probing steps update nothing and are not counted.
 
         Returns:
             The count, equal to the parameters that require grad at that step; 0 before fit and while no window
             has trained (a run that ended while probing).
         """
-        sizes = [sum(p.numel() for p in params) for params in self._layer_params]
-        windows = [sum(sizes[i] for i in r["active_layers"]) for r in self.history if r["resampled"] and r["trained"]]
+        sizes = self._unit_sizes
+        windows = [
+            sum(sizes[i] for i in r.get("active_units", r["active_layers"]))
+            for r in self.history
+            if r["resampled"] and r["trained"]
+        ]
         if not windows:
             return 0
         return sum(p.numel() for p in self._always_on_params) + max(windows)
@@ -247,15 +281,19 @@ class GRASSCallback(Callback):
         return self.config.mode == "grass" or self.phase == "probe"
 
     @property
-    def _trainable_layers(self) -> list[int]:
-        """The layers that have a managed parameter: the only ones probed and drawn."""
-        return [index for index, params in enumerate(self._layer_params) if params]
+    def _trainable_units(self) -> list[int]:
+        """The units that have a managed parameter: the only ones probed and drawn."""
+        return [index for index, params in enumerate(self._unit_params) if params]
 
     @property
     def _eligible(self) -> list[int] | None:
-        """:attr:`_trainable_layers` for the sampling functions, ``None`` when that is every layer."""
-        trainable = self._trainable_layers
-        return None if len(trainable) == len(self._layer_params) else trainable
+        """:attr:`_trainable_units` for the sampling functions, ``None`` when that is every unit."""
+        trainable = self._trainable_units
+        return None if len(trainable) == len(self._unit_params) else trainable
+
+    @property
+    def _unit_sizes(self) -> list[int]:
+        return [sum(p.numel() for p in params) for params in self._unit_params]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -269,50 +307,68 @@ class GRASSCallback(Callback):
             )
         state = self._state_to_restore or (self.state_dict() if self._mgn is not None else None)
         self._state_to_restore = None
-        self.layer_map = discover_layers(pl_module, self.config.layers)
-        self._collect_parameters(pl_module)
-        device = self._layer_params_device()
-        untrainable = [index for index, params in enumerate(self._layer_params) if not params]
-        self.config.check_num_layers(self.layer_map.num_layers, untrainable)
+        config = self.config
+        self.layer_map = discover_layers(pl_module, config.layers)
+        self.units = sampling_units(self.layer_map, config.unit)
+        managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self._collect_parameters(managed)
+        device = self._unit_params_device()
+        layer_sizes = [
+            sum(p.numel() for p in self.layer_map.layer_parameters(index) if id(p) in managed)
+            for index in range(self.layer_map.num_layers)
+        ]
+        untrainable = [index for index, size in enumerate(layer_sizes) if not size]
+        config.check_num_layers(self.layer_map.num_layers, untrainable, self._module_count())
+        if config.unit == "module":
+            self.parameter_budget = sum(sorted(layer_sizes, reverse=True)[: config.n_active])
         self._check_optimizer_covers(pl_module, trainer.optimizers[0])
         strategy = trainer.strategy
         self._listener = strategy if isinstance(strategy, ActiveLayerListener) else None
         if self._listener is not None:
-            self._listener.on_layer_map(self.layer_map)
+            self._listener.on_layer_map(self.layer_map, self.units)
         self._optimizer = trainer.optimizers[0]
-        numel = torch.tensor([sum(p.numel() for p in params) for params in self._layer_params])
-        self._mgn = MeanGradNorm(numel, device=device)
+        self._mgn = MeanGradNorm(torch.tensor(self._unit_sizes), device=device)
         self._meter = LayerGradientMeter(
-            self._layer_params,
+            self._unit_params,
             self._always_on_params,
             device,
             use_probe_hooks=trainer.world_size == 1,
             free_probe_grads=bool(self._always_on_params) or _grad_scaler(trainer) is None,
+            describe=self.units.describe,
         )
         if untrainable:
             rank_zero_warn(
                 f"GRASS: layers {untrainable} have no parameter that requires grad (frozen before fit); they are "
-                f"left out of probing and sampling, and n_active={self.config.n_active} is drawn from the other "
-                f"{len(self._trainable_layers)} layers"
+                f"left out of probing and sampling, and n_active={config.n_active} is drawn from the other "
+                f"{self.layer_map.num_layers - len(untrainable)} layers"
             )
-        self._draw_counts = [0] * self.layer_map.num_layers
+        self._draw_counts = [0] * len(self.units)
         if state is not None:
             self._restore(trainer, state)
         else:
             self._start(trainer)
         self._window_start = self._optimizer_steps
+        kind = config.unit
         states = (
-            f"{type(strategy).__name__} keeps the optimizer states of deactivated layers"
+            f"{type(strategy).__name__} keeps the optimizer states of deactivated {kind}s"
             if self._listener is not None
-            else "Optimizer states of deactivated layers are dropped, and a layer drawn again restarts its moments; "
-            "Trainer(strategy='grass') keeps them off the device instead"
+            else f"Optimizer states of deactivated {kind}s are dropped, and a {kind} drawn again restarts its "
+            "moments; Trainer(strategy='grass') keeps them off the device instead"
         )
+        if kind == "module":
+            drawn = (
+                f"modules drawn up to {self.parameter_budget:,} parameters (what {config.n_active} layers hold) from "
+                f"{len(self._trainable_units)} modules of {self.layer_map.num_layers} layers; the blocks' "
+                f"{len(self.units.left_out)} norm and vector parameters stay frozen"
+            )
+        else:
+            drawn = f"{config.n_active} of {self.layer_map.num_layers} layers active"
         rank_zero_info(
-            f"GRASS: mode={self.config.mode}, {self.config.n_active} of {self.layer_map.num_layers} layers active "
-            f"(blocks at '{self.layer_map.path}', found by {self.layer_map.found_by}). {states}."
+            f"GRASS: mode={config.mode}, {drawn} (blocks at '{self.layer_map.path}', found by "
+            f"{self.layer_map.found_by}). {states}."
         )
         self._report_layout()
-        half = [p for params in self._layer_params for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+        half = [p for params in self._unit_params for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         if half and self._listener is None:
             rank_zero_warn(
                 f"GRASS: {len(half)} layer parameters are {half[0].dtype} and {type(strategy).__name__} steps them in "
@@ -325,9 +381,9 @@ class GRASSCallback(Callback):
         # Here the training data is set up and its resumed state loaded, so the number of steps can be read.
         if self.phase == "probe":
             self._check_probing_ends_in_time(trainer)
-        # A resume loads the optimizer state after on_fit_start; drop what it brought for inactive layers.
+        # A resume loads the optimizer state after on_fit_start; drop what it brought for inactive units.
         if self._listener is None:
-            self._drop_optimizer_states(set(range(self.layer_map.num_layers)) - set(self.active_layers))
+            self._drop_optimizer_states(set(range(len(self.units))) - set(self.active_units))
 
     @override
     def on_train_batch_start(
@@ -355,7 +411,7 @@ class GRASSCallback(Callback):
         if self._measures_steps:
             scale_sq = None
             if self.config.importance == "relative":
-                scale_sq = self._meter.weight_sq_norms(self.active_layers)
+                scale_sq = self._meter.weight_sq_norms(self.active_units)
             self._mgn.accumulate(layer_sq, self._meter.active_mask, step_is_finite, scale_sq)
 
     @override
@@ -376,7 +432,7 @@ class GRASSCallback(Callback):
             return
         self._report_scaled_skips()
         self._meter.stop_probe_hooks()
-        for params in (*self._layer_params, self._always_on_params, self._frozen_always_on_params):
+        for params in (*self._unit_params, self._always_on_params, self._frozen_params):
             for p in params:
                 p.requires_grad_(True)
 
@@ -392,7 +448,7 @@ class GRASSCallback(Callback):
             "format": _STATE_FORMAT,
             "config": dataclasses.asdict(self.config),
             "optimizer_steps": self._optimizer_steps,
-            "active_layers": list(self.active_layers),
+            "active_units": list(self.active_units),
             "history": self.history,
             "generator": self._generator.get_state(),
             "mgn": self._mgn.state_dict() if self._mgn is not None else None,
@@ -402,32 +458,34 @@ class GRASSCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpoint's state for fit start; refuse one written with another ``mode``.
+        """Keep the checkpoint's state for fit start; refuse one written with another ``mode`` or ``unit``.
 
         Checkpoints written before the state held only what cannot be derived load too (they also stored the
         phase, importance and probabilities: the phase is read from them, the rest is derived again), and so do
         those written before ``skipped_steps`` and ``train_start_step`` were saved: no step was counted as
         skipped, and training started at the end of probing by their own ``probe_steps``.
         """
-        saved_mode = state_dict["config"]["mode"]
-        if saved_mode != self.config.mode:
-            raise SettingValueError(
-                f"the checkpoint was written by GRASSCallback(mode={saved_mode!r}), this one has "
-                f"mode={self.config.mode!r}; resume with the same mode"
-            )
+        saved = state_dict["config"]
+        for name, what in (("mode", "mode"), ("unit", "unit (the importance, draws and history index its units)")):
+            value, ours = saved.get(name, "layer"), getattr(self.config, name)
+            if value != ours:
+                raise SettingValueError(
+                    f"the checkpoint was written by GRASSCallback({name}={value!r}), this one has {name}={ours!r}; "
+                    f"resume with the same {what}"
+                )
         self._state_to_restore = state_dict
 
     def _start(self, trainer: pl.Trainer) -> None:
         seed = self.config.seed if self.config.seed is not None else torch.initial_seed()
         self._generator.manual_seed(trainer.strategy.broadcast(seed, src=0))
         if self.phase == "probe":
-            self._activate(self._trainable_layers)
+            self._activate(self._trainable_units)
             self._meter.start_probe_hooks()
             return
         if self.config.mode == "fixed":
             self._activate(list(self.config.fixed_layers))
         else:
-            self.probabilities = uniform_probabilities(self.layer_map.num_layers, self._eligible)
+            self.probabilities = uniform_probabilities(len(self.units), self._eligible)
             self._resample(trainer)
         self._record(trainer, resampled=True, refreshed=False)
 
@@ -446,21 +504,22 @@ class GRASSCallback(Callback):
         self.history = list(state["history"])
         for record in self.history:
             record.setdefault("trained", record["step"] < self._optimizer_steps)
-        self._draw_counts = selection_counts(self.history, self.layer_map.num_layers)
+            record.setdefault("active_units", record["active_layers"])  # written before modules could be drawn
+        self._draw_counts = selection_counts(self.history, len(self.units))
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._generator.set_state(state["generator"])
-        self.active_layers = list(state["active_layers"])
-        if self.config.mode == "fixed" and list(self.config.fixed_layers) != self.active_layers:
+        self.active_units = list(state.get("active_units", state.get("active_layers")))
+        if self.config.mode == "fixed" and list(self.config.fixed_layers) != self.active_units:
             self._activate(list(self.config.fixed_layers))
             self._record(trainer, resampled=True, refreshed=False)
         else:
-            self._activate(self.active_layers)
+            self._activate(self.active_units)
         if self.phase == "probe":
             self._meter.start_probe_hooks()
         elif self.config.probes:
             self._set_importance(self._mgn.importance)
         elif self.config.mode == "lisa":
-            self.probabilities = uniform_probabilities(self.layer_map.num_layers, self._eligible)
+            self.probabilities = uniform_probabilities(len(self.units), self._eligible)
         for message in resume_warnings(state["config"], self.config, self._optimizer_steps, self._train_start):
             rank_zero_warn(message)
 
@@ -496,8 +555,8 @@ class GRASSCallback(Callback):
             return
         record["trained"] = True
         if record["resampled"]:
-            for layer in record["active_layers"]:
-                self._draw_counts[layer] += 1
+            for unit in record["active_units"]:
+                self._draw_counts[unit] += 1
 
     def _set_importance(self, importance: Tensor) -> None:
         config = self.config
@@ -513,8 +572,13 @@ class GRASSCallback(Callback):
 
     def _resample(self, trainer: pl.Trainer) -> None:
         assert self.probabilities is not None
-        layers = sample_layers(self.probabilities, self.config.n_active, self._generator, self._eligible)
-        self._activate(trainer.strategy.broadcast(layers, src=0))
+        if self.parameter_budget is None:
+            units = sample_layers(self.probabilities, self.config.n_active, self._generator, self._eligible)
+        else:
+            units = sample_within_budget(
+                self.probabilities, self._unit_sizes, self.parameter_budget, self._generator, self._eligible
+            )
+        self._activate(trainer.strategy.broadcast(units, src=0))
 
     def _check_gradients_reached_layers(self, window: str) -> None:
         """At the end of a probe or window: refuse to go on when no gradient reached any active layer in it.
@@ -533,11 +597,11 @@ class GRASSCallback(Callback):
         if finite_steps == 0 or reached:
             return
         raise NothingToTrainError(
-            f"GRASS: no gradient reached any of the active layers {self.active_layers} in {window} (optimizer "
-            f"steps {first} to {last}): every layer gradient was missing or exactly zero, so no layer learns. The "
-            "usual cause is reentrant gradient checkpointing (use_reentrant=True, the transformers 4.x default) with "
-            f"input gradients off and train_embeddings={self.config.train_embeddings}: when nothing before the "
-            "blocks requires grad, no checkpointed block runs its backward. Fix: "
+            f"GRASS: no gradient reached any of the active {self.units.describe(self.active_units)} in {window} "
+            f"(optimizer steps {first} to {last}): every gradient there was missing or exactly zero, so nothing "
+            "learns. The usual cause is reentrant gradient checkpointing (use_reentrant=True, the transformers 4.x "
+            f"default) with input gradients off and train_embeddings={self.config.train_embeddings}: when nothing "
+            "before the blocks requires grad, no checkpointed block runs its backward. Fix: "
             'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}), or call '
             "model.enable_input_require_grads() before fit. Otherwise check that the loss depends on the layers"
         )
@@ -546,8 +610,8 @@ class GRASSCallback(Callback):
         """Warn about, and count, the steps the grad scaler skipped since the last read (one host read)."""
         if self._meter is None:
             return
-        for step, layers in self._meter.read_scaled_skips():
-            rank_zero_warn(non_finite_message(step, layers))
+        for step, units in self._meter.read_scaled_skips():
+            rank_zero_warn(non_finite_message(step, self.units.describe(units) if units else ""))
             self.skipped_steps.append(step)
 
     def _check_probing_ends_in_time(self, trainer: pl.Trainer) -> None:
@@ -601,22 +665,22 @@ class GRASSCallback(Callback):
                 "or sample_every"
             )
 
-    def _activate(self, layers: list[int]) -> None:
-        """Make exactly ``layers`` trainable, drop the optimizer state of layers leaving the active set."""
+    def _activate(self, units: list[int]) -> None:
+        """Make exactly ``units`` trainable, drop the optimizer state of units leaving the active set."""
         assert self._optimizer is not None and self._meter is not None
-        leaving = set(self.active_layers) - set(layers)
-        self.active_layers = sorted(layers)
-        trained = {id(p) for index in layers for p in self._layer_params[index]}  # a shared block's, once
-        for params in self._layer_params:
+        leaving = set(self.active_units) - set(units)
+        self.active_units = sorted(units)
+        trained = {id(p) for index in units for p in self._unit_params[index]}  # a shared block's, once
+        for params in self._unit_params:
             for p in params:
                 p.requires_grad_(id(p) in trained)
                 if id(p) not in trained:
                     p.grad = None
         if self._listener is not None:
-            self._listener.on_active_layers(self.active_layers)
+            self._listener.on_active_units(self.active_units)
         else:
             self._drop_optimizer_states(leaving, keep=trained)
-        self._meter.set_active(self.active_layers, probing=self.phase == "probe")
+        self._meter.set_active(self.active_units, probing=self.phase == "probe")
 
     def _report_layout(self) -> None:
         """Say which stacks were not chosen, what the towers hold and whether they train, and any shared block."""
@@ -638,21 +702,21 @@ class GRASSCallback(Callback):
                 "and its gradient counts in the MGN of every layer that holds it"
             )
 
-    def _drop_optimizer_states(self, layers: set[int], keep: frozenset[int] | set[int] = frozenset()) -> None:
-        """Without a listener, remove the state of ``layers``' parameters, but ``keep``'s (shared, still active)."""
+    def _drop_optimizer_states(self, units: set[int], keep: frozenset[int] | set[int] = frozenset()) -> None:
+        """Without a listener, remove the state of ``units``' parameters, but ``keep``'s (shared, still active)."""
         assert self._optimizer is not None
-        for index in layers:
-            for p in self._layer_params[index]:
+        for index in units:
+            for p in self._unit_params[index]:
                 if id(p) not in keep:
                     self._optimizer.state.pop(p, None)
 
-    def _collect_parameters(self, pl_module: pl.LightningModule) -> None:
-        """Split the parameters that require grad now into per-layer lists and the trained always-on set."""
-        managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
-        self._layer_params = [
-            [p for p in self.layer_map.layer_parameters(i) if id(p) in managed]
-            for i in range(self.layer_map.num_layers)
-        ]
+    def _collect_parameters(self, managed: set[int]) -> None:
+        """Split the parameters that require grad now into per-unit lists, the trained always-on set and the rest.
+
+        The rest, frozen until fit ends, is the always-on groups this run does not train and, with
+        ``unit="module"``, the blocks' parameters that no module unit holds (the norms).
+        """
+        self._unit_params = [[p for p in params if id(p) in managed] for params in self.units.parameters]
         flags = {
             "embeddings": self.config.train_embeddings,
             "head": self.config.train_head,
@@ -673,15 +737,16 @@ class GRASSCallback(Callback):
                         f"(train_{tied.group}={flags[tied.group]}), so train_{other}={flags[other]} does not apply "
                         "to it"
                     )
-        self._frozen_always_on_params = [p for key, p in frozen.items() if key not in trained]
-        for p in self._frozen_always_on_params:
+        left_out = [p for p in self.units.left_out if id(p) in managed]
+        self._frozen_params = [p for key, p in frozen.items() if key not in trained] + left_out
+        for p in self._frozen_params:
             p.requires_grad_(False)
             p.grad = None
         self._always_on_params = list(trained.values())
 
     def _check_optimizer_covers(self, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        required = {id(p) for params in (*self._layer_params, self._always_on_params) for p in params}
+        required = {id(p) for params in (*self._unit_params, self._always_on_params) for p in params}
         missing = [name for name, p in pl_module.named_parameters() if id(p) in required and id(p) not in in_optimizer]
         if missing:
             raise SettingValueError(
@@ -691,19 +756,25 @@ class GRASSCallback(Callback):
                 "layer can be trained when it is drawn"
             )
 
-    def _layer_params_device(self) -> torch.device:
-        for params in self._layer_params:
+    def _unit_params_device(self) -> torch.device:
+        for params in self._unit_params:
             if params:
                 return params[0].device
+        what = "layer" if self.config.unit == "layer" else "module with a weight matrix in the layers"
         raise SettingValueError(
-            f"no layer at '{self.layer_map.path}' has a parameter that requires grad; GRASSCallback has nothing to "
+            f"no {what} at '{self.layer_map.path}' has a parameter that requires grad; GRASSCallback has nothing to "
             "train. Unfreeze the layers before fit"
         )
+
+    def _module_count(self) -> int | None:
+        """With ``unit="module"``, how many modules can be drawn (those with a parameter that requires grad)."""
+        return len(self._trainable_units) if self.config.unit == "module" else None
 
     def _record(self, trainer: pl.Trainer, resampled: bool, refreshed: bool) -> None:
         record = {
             "step": self._optimizer_steps,
-            "active_layers": list(self.active_layers),
+            "active_units": list(self.active_units),
+            "active_layers": self.active_layers,
             "importance": None if self.importance is None else self.importance.tolist(),
             "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
             "resampled": resampled,
@@ -713,17 +784,18 @@ class GRASSCallback(Callback):
         self.history.append(record)
         draws = list(self._draw_counts)  # the windows that trained, and this draw, whose window starts now
         if resampled:
-            for layer in self.active_layers:
-                draws[layer] += 1
+            for unit in self.active_units:
+                draws[unit] += 1
         total = sum(draws)
         record["draw_share"] = [count / total if total else 0.0 for count in draws]
         record["trained"] = False
-        log_record_metrics(trainer.loggers, record)
+        log_record_metrics(trainer.loggers, record, self.config.unit)
 
 
-#: The layout of :meth:`GRASSCallback.state_dict`: 2 holds only what cannot be derived (1 also held the phase,
-#: importance and probabilities).
-_STATE_FORMAT = 2
+#: The layout of :meth:`GRASSCallback.state_dict`: 3 names the active units (``active_units``; 1 and 2 named
+#: ``active_layers``, the only units then); 2 holds only what cannot be derived (1 also held the phase, importance
+#: and probabilities).
+_STATE_FORMAT = 3
 
 
 def _train_start_of(state: dict[str, Any]) -> int | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lightning_grass.errors import SettingValueError
 from lightning_grass.sampling.distribution import NORMALIZATIONS
+from lightning_grass.sampling.sampling_units import UNITS
 from lightning_grass.setting_checks import check_choice, check_flag, check_int, check_module_path, check_number
 
 #: Sampling modes: adaptive GRASS, GRASS* (static importance), the LISA baseline, and a fixed layer list.
@@ -50,6 +51,9 @@ class GRASSConfig:
         mode: ``"grass"`` (adaptive: probe, then refresh importance with an EMA), ``"grass_static"`` (GRASS*:
             probe once, never refresh), ``"lisa"`` (uniform sampling, no probing) or ``"fixed"`` (train
             ``fixed_layers`` only).
+        unit: What is sampled: ``"layer"`` (default: whole transformer layers, the paper's method) or
+            ``"module"`` (the weight matrices inside them, drawn until they hold as many parameters as ``n_active``
+            layers; see :mod:`~lightning_grass.sampling.sampling_units`). ``mode="fixed"`` takes layers only.
         n_active: gamma, how many layers train at once. Default 2: the smallest set that lets two
             consecutive layers adapt together; the paper finds larger gamma better, at more memory.
         probe_steps: T_p, optimizer steps of full backward at the start that measure every layer and update
@@ -95,6 +99,7 @@ class GRASSConfig:
     """
 
     mode: str = "grass"
+    unit: str = "layer"
     n_active: int = 2
     probe_steps: int = 10
     sample_every: int = 25
@@ -116,6 +121,12 @@ class GRASSConfig:
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
+        check_choice("unit", self.unit, UNITS)
+        if self.unit == "module" and self.mode == "fixed":
+            raise SettingValueError(
+                "unit='module' with mode='fixed': fixed_layers names whole layers, so mode='fixed' takes "
+                "unit='layer'; modules are drawn in the modes 'grass', 'grass_static' and 'lisa'"
+            )
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("importance", self.importance, IMPORTANCE_SIGNALS)
         if self.target_effective_layers is not None:
@@ -152,15 +163,20 @@ class GRASSConfig:
         """Whether this mode starts with a probing phase."""
         return self.mode in ("grass", "grass_static")
 
-    def check_num_layers(self, num_layers: int, untrainable: Sequence[int] = ()) -> None:
+    def check_num_layers(
+        self, num_layers: int, untrainable: Sequence[int] = (), trainable_modules: int | None = None
+    ) -> None:
         """Validate the settings that depend on the model.
 
         Layers with no parameter that requires grad are never probed or drawn, so the counts are checked against
-        the trainable layers alone.
+        the trainable layers alone. With ``unit="module"``, ``n_active`` still counts layers (it sets the parameter
+        budget), while ``target_effective_layers`` and ``max_probability`` describe the distribution over the
+        modules and are checked against ``trainable_modules``.
 
         Args:
             num_layers: The model's number of layers.
             untrainable: Indices of the layers with no parameter that requires grad (frozen before fit).
+            trainable_modules: With ``unit="module"``, the number of modules with a parameter that requires grad.
 
         Raises:
             SettingValueError: If ``n_active`` or ``target_effective_layers`` exceeds the number of trainable
@@ -188,12 +204,16 @@ class GRASSConfig:
                 )
         else:
             check_n_active(self.n_active, trainable, counted)
+        if trainable_modules is not None:
+            trainable, counted = trainable_modules, f"trainable modules ({trainable_modules})"
         if self.target_effective_layers is not None and self.target_effective_layers > trainable:
             raise SettingValueError(
                 f"target_effective_layers={self.target_effective_layers} must be between 1 and the number of {counted}"
             )
         if self.max_probability is not None and self.max_probability < 1 / trainable:
             what = "trainable layers" if untrainable else "layers"
+            if trainable_modules is not None:
+                what = "trainable modules"
             raise SettingValueError(
                 f"max_probability={self.max_probability} is below 1/{trainable}, the uniform probability of the "
                 f"model's {trainable} {what}; no distribution can respect it"

@@ -216,23 +216,77 @@ def sample_layers(
     return sorted(layers[i] for i in drawn.tolist())
 
 
-def selection_counts(history: Sequence[dict[str, Any]], num_layers: int) -> list[int]:
-    """How many sampling windows each layer trained in, from the records where a resample happened.
+def sample_within_budget(
+    probabilities: Tensor,
+    sizes: Sequence[int],
+    budget: int,
+    generator: torch.Generator,
+    eligible: Sequence[int] | None = None,
+) -> list[int]:
+    """Draw units without replacement, with probability proportional to ``probabilities``, until ``budget`` is full.
+
+    Units are drawn one at a time among those not drawn yet whose size still fits in what is left of the budget,
+    so the drawn sizes never sum above ``budget``; the draw stops when no undrawn unit fits. Drawing from a set of
+    equal sizes with ``budget = n * size`` is drawing ``n`` distinct units, as :func:`sample_layers` does. When every
+    unit that still fits has probability 0 (possible only where ``eligible`` holds such units), the draw goes on
+    uniformly among them, so that the budget is filled as it would be with any positive probabilities.
+
+    Args:
+        probabilities: Shape ``(U,)`` on the CPU.
+        sizes: Each unit's parameter count, length ``U``.
+        budget: The most parameters the drawn units may hold together; at least the smallest eligible unit's size.
+        generator: CPU generator; the same state gives the same draw.
+        eligible: Indices of the units that can be drawn; ``None`` means all.
+
+    Returns:
+        The drawn unit indices, sorted ascending.
+
+    Raises:
+        SettingValueError: If no eligible unit fits in ``budget``.
+    """
+    candidates = list(range(probabilities.numel())) if eligible is None else list(eligible)
+    weights = probabilities.detach().to(torch.float64)[torch.tensor(candidates, dtype=torch.long)]
+    size = torch.tensor([sizes[unit] for unit in candidates], dtype=torch.int64)
+    if not bool((size <= budget).any()):
+        raise SettingValueError(
+            f"a parameter budget of {budget:,} holds none of the units, the smallest of which has {int(size.min()):,}"
+        )
+    left = budget
+    open_ = torch.ones(len(candidates), dtype=torch.bool)
+    drawn: list[int] = []
+    while True:
+        fits = open_ & (size <= left)
+        if not bool(fits.any()):
+            break
+        masked = torch.where(fits, weights, 0.0)
+        if not float(masked.sum()) > 0:
+            masked = fits.to(torch.float64)
+        choice = int(torch.multinomial(masked, 1, generator=generator))
+        drawn.append(candidates[choice])
+        open_[choice] = False
+        left -= int(size[choice])
+    return sorted(drawn)
+
+
+def selection_counts(history: Sequence[dict[str, Any]], num_units: int, key: str = "active_units") -> list[int]:
+    """How many sampling windows each unit (or layer) trained in, from the records where a resample happened.
 
     A draw after which no optimizer step ran (one made at the run's last step) trained nothing: its record has
     ``trained=False`` and is not counted. A record without ``trained`` (a history from before the key was kept)
-    counts.
+    counts, and so does one without ``active_units`` (from before modules could be drawn), by its
+    ``active_layers``.
 
     Args:
         history: ``GRASSCallback.history``.
-        num_layers: Number of layers of the model.
+        num_units: Number of units (layers with ``key="active_layers"``).
+        key: ``"active_units"`` counts the drawn units, ``"active_layers"`` the layers that held one.
 
     Returns:
-        ``counts[l]``: the number of resamples that made layer ``l`` active for at least one step.
+        ``counts[u]``: the number of resamples that made unit (or layer) ``u`` active for at least one step.
     """
-    counts = [0] * num_layers
+    counts = [0] * num_units
     for record in history:
         if record["resampled"] and record.get("trained", True):
-            for layer in record["active_layers"]:
-                counts[layer] += 1
+            for unit in record.get(key, record["active_layers"]):
+                counts[unit] += 1
     return counts

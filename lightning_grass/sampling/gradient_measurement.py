@@ -9,7 +9,7 @@ whether any gradient reached them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -25,6 +25,8 @@ from lightning_grass.sampling.importance import grouped_sq_norms
 class LayerGradientMeter:
     """Reads ``||g_t^(l)||^2`` for every measured layer ``l`` at each optimizer step.
 
+    A "layer" here is any sampling unit: a transformer block, or a module inside one with ``unit="module"``.
+
     Outside probing, the measured layers are the active ones, and their gradients are read at the optimizer
     step. While probing on one process, every layer trains, and gradient hooks fold each parameter's
     accumulated gradient into per-layer sums during the backward pass and free it at once, so probing holds
@@ -38,6 +40,7 @@ class LayerGradientMeter:
         use_probe_hooks: Measure probing steps in gradient hooks (one process) rather than at the step.
         free_probe_grads: Let the hooks free each gradient once it is measured. Keep them when a grad scaler
             must still check them and no always-on parameter keeps the step alive.
+        describe: How warnings name a list of units (``"layers [0, 3]"``); ``None`` names layer indices.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class LayerGradientMeter:
         device: torch.device,
         use_probe_hooks: bool,
         free_probe_grads: bool,
+        describe: Callable[[Sequence[int]], str] | None = None,
     ) -> None:
         self.num_layers = len(layer_params)
         self.device = device
@@ -56,6 +60,7 @@ class LayerGradientMeter:
         self._always_on_params = always_on_params
         self._use_probe_hooks = use_probe_hooks
         self._free_probe_grads = free_probe_grads
+        self._describe = describe or (lambda layers: f"layers {list(layers)}")
         self._probe_sq = torch.zeros(self.num_layers, device=device)
         self._window = torch.zeros(2, device=device)
         self._scaled_steps: list[tuple[int, Tensor]] = []
@@ -159,7 +164,7 @@ class LayerGradientMeter:
         bad = ~torch.isfinite(layer_sq)
         if not bool(bad.any()):
             return False
-        rank_zero_warn(non_finite_message(step, bad.nonzero().flatten().tolist()))
+        rank_zero_warn(non_finite_message(step, self._describe(bad.nonzero().flatten().tolist())))
         if scaler is None:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -263,9 +268,15 @@ def _grad_scale(scaler: torch.amp.GradScaler | None) -> Tensor:
     return scaler._get_scale_async()
 
 
-def non_finite_message(step: int, layers: list[int]) -> str:
-    """The warning for an optimizer step skipped for non-finite gradients (``layers`` may be empty)."""
-    where = f" in layers {layers}" if layers else " (outside the sampled layers)"
+def non_finite_message(step: int, units: str) -> str:
+    """The warning for an optimizer step skipped for non-finite gradients.
+
+    Args:
+        step: The optimizer step, 1-based.
+        units: The units with a non-finite gradient as named in messages (``"layers [1]"``); empty when none of
+            them had one (the non-finite gradient was outside the sampled units).
+    """
+    where = f" in {units}" if units else " (outside the sampled layers)"
     return (
         f"GRASS: optimizer step {step} has non-finite gradients{where}; the step is skipped (no parameter or "
         "optimizer state changes) and left out of the importance estimate"

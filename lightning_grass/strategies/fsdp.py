@@ -30,6 +30,7 @@ from lightning_grass.offload.settings import check_sharded_precision
 from lightning_grass.offload.sharded_tensors import ShardPlacement, local_part
 from lightning_grass.offload.state_placement import resident_spec
 from lightning_grass.sampling.layer_discovery import LayerMap, discover_layers
+from lightning_grass.sampling.sampling_units import SamplingUnits
 from lightning_grass.setting_checks import check_int, check_module_path
 from lightning_grass.strategies.layerwise_offload import LayerwiseOffloadMixin, refuse_float16
 
@@ -179,11 +180,16 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
-            self._wrap_optimizer(None)
+            self._wrap_optimizer()
 
     @override
-    def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Offload the blocks' optimizer-state shards, as ``GRASSStrategy`` does.
+    def on_layer_map(self, layer_map: LayerMap, units: SamplingUnits) -> None:
+        """Offload the units' optimizer-state shards, as ``GRASSStrategy`` does.
+
+        Modules (``GRASSCallback(unit="module")``) train inside one sharded block as whole blocks do: FSDP2 shards
+        each parameter on its own (a ``DTensor`` per parameter), gives a frozen parameter no gradient and
+        reduce-scatters only the parameters that have one, and each unshard copies ``requires_grad`` from the
+        shard, so freezing part of a block between steps is exact.
 
         Raises:
             SettingValueError: If the callback samples another block container than the one sharded at setup.
@@ -195,7 +201,7 @@ class GRASSFSDPStrategy(LayerwiseOffloadMixin, ModelParallelStrategy):
                 f"groups running. Give both the same container: GRASSFSDPStrategy(layers='{layer_map.path}') and "
                 f"GRASSCallback(layers='{layer_map.path}'), or neither"
             )
-        super().on_layer_map(layer_map)
+        super().on_layer_map(layer_map, units)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:

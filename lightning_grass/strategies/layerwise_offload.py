@@ -33,6 +33,7 @@ from lightning_grass.offload.plan import OffloadPlan, plan_offload
 from lightning_grass.offload.settings import OffloadSettings
 from lightning_grass.persistence.atomic_checkpoint_io import AtomicCheckpointIO
 from lightning_grass.sampling.layer_discovery import ALWAYS_ON_GROUPS, LayerMap
+from lightning_grass.sampling.sampling_units import SamplingUnits
 
 
 class LayerwiseOffloadMixin:
@@ -41,8 +42,8 @@ class LayerwiseOffloadMixin:
     At ``setup()`` (fit only) it refuses float16 weights and, when parameters are half precision, wraps the
     optimizer in an :class:`~lightning_grass.offload.OffloadedOptimizer` that steps fp32 masters. It answers
     :class:`~lightning_grass.ActiveLayerListener`: :meth:`on_layer_map` adds a
-    :class:`~lightning_grass.offload.TensorStateStore` over the layers' parameters, and
-    :meth:`on_active_layers` tells it which of them the next steps update.
+    :class:`~lightning_grass.offload.TensorStateStore` over the sampled units' parameters (layers, or modules),
+    and :meth:`on_active_units` tells it which of them the next steps update.
 
     Lightning moves every optimizer state to the device at the end of ``setup()`` and after loading a
     checkpoint. The first moves nothing: the optimizer has just been built and holds no state yet (or state
@@ -124,22 +125,22 @@ class LayerwiseOffloadMixin:
             refuse_float16(self.lightning_module, self.precision_plugin)
         super().setup(trainer)
         if fitting:
-            self._wrap_optimizer(None)
+            self._wrap_optimizer()
 
-    def on_layer_map(self, layer_map: LayerMap) -> None:
-        """Offload the layers' optimizer states (per tensor), and the always-on modules' if asked."""
+    def on_layer_map(self, layer_map: LayerMap, units: SamplingUnits) -> None:
+        """Offload the units' optimizer states (per tensor), and the always-on modules' if asked."""
         self._layer_map = layer_map
         if self.offload_tier == "disk" and self.root_device.type != "cpu" and self.offload_dir is None:
             raise SettingValueError(
                 f"offload='disk' on {self.root_device} needs offload_dir: GPU runs offload gigabytes of state, and "
                 "the system temp folder is often small or held in RAM. Pass offload_dir='/path/on/a/large/disk'"
             )
-        self._wrap_optimizer(layer_map)
+        self._wrap_optimizer(layer_map, units)
 
-    def on_active_layers(self, active_layers: Sequence[int]) -> None:
-        """The active layers' tensors, then the always-on ones if offloaded, are what the next steps update."""
+    def on_active_units(self, active_units: Sequence[int]) -> None:
+        """The active units' tensors, then the always-on ones if offloaded, are what the next steps update."""
         if self._offloaded is not None and self._plan is not None:
-            self._offloaded.set_active(self._plan.active_units(active_layers))
+            self._offloaded.set_active(self._plan.active_units(active_units))
 
     @override
     def optimizer_step(
@@ -189,7 +190,7 @@ class LayerwiseOffloadMixin:
         finally:
             super().teardown()
 
-    def _wrap_optimizer(self, layer_map: LayerMap | None) -> None:
+    def _wrap_optimizer(self, layer_map: LayerMap | None = None, units: SamplingUnits | None = None) -> None:
         """Wrap the user's optimizer for masters and, with a layer map and a tier, for offload; or unwrap it."""
         self._close_store()
         self._plan = None
@@ -201,9 +202,9 @@ class LayerwiseOffloadMixin:
         params = [p for group in inner.param_groups for p in group["params"]]
         masters = [p for p in params if self.master_weights and needs_master(p)]
         store = None
-        if layer_map is not None and self.offload_tier != "none":
+        if layer_map is not None and units is not None and self.offload_tier != "none":
             check_offloadable(inner)
-            self._plan = self._offload_plan(inner, layer_map, masters)
+            self._plan = self._offload_plan(inner, layer_map, units, masters)
             store = self._build_store(inner, self._plan, masters)
         if store is None and not masters:
             self._offloaded = None
@@ -214,13 +215,12 @@ class LayerwiseOffloadMixin:
         self._stats = self._offloaded.offload_stats
         self.optimizers = [self._offloaded]
 
-    def _offload_plan(self, optimizer: Optimizer, layer_map: LayerMap, masters: list[nn.Parameter]) -> OffloadPlan:
-        """The plan over the layers' parameters the optimizer holds, and the always-on ones if they are offloaded."""
+    def _offload_plan(
+        self, optimizer: Optimizer, layer_map: LayerMap, units: SamplingUnits, masters: list[nn.Parameter]
+    ) -> OffloadPlan:
+        """The plan over the units' parameters the optimizer holds, and the always-on ones if they are offloaded."""
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        layers = [
-            [p for p in layer_map.layer_parameters(index) if id(p) in in_optimizer]
-            for index in range(layer_map.num_layers)
-        ]
+        layers = [[p for p in params if id(p) in in_optimizer] for params in units.parameters]
         always_on = []
         if self.offload_always_on:
             always_on = [

@@ -48,9 +48,9 @@ class RecordingStrategy(GRASSStrategy):
         super().__init__(offload="cpu")
         self.active_calls = []
 
-    def on_active_layers(self, active_layers):
-        self.active_calls.append(list(active_layers))
-        super().on_active_layers(active_layers)
+    def on_active_units(self, active_units):
+        self.active_calls.append(list(active_units))
+        super().on_active_units(active_units)
 
 
 @pytest.mark.parametrize("mode", ["grass", "grass_static", "lisa"])
@@ -156,7 +156,7 @@ def test_no_gradient_reaching_the_layers_stops_the_run_at_the_end_of_the_probe_o
 
     assert trainer.global_step == stopped_at
     message = str(raised.value)
-    assert re.match(rf"GRASS: no gradient reached any of the active layers {where}: every layer gradient", message)
+    assert re.match(rf"GRASS: no gradient reached any of the active layers {where}: every gradient there was missing or exactly zero, so nothing learns", message)
     assert "reentrant gradient checkpointing" in message and "train_embeddings=False" in message
     assert 'gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})' in message
     assert "model.enable_input_require_grads()" in message

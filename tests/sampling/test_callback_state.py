@@ -63,7 +63,7 @@ def test_the_state_holds_only_what_cannot_be_derived_and_a_records_draw_share_co
     make_trainer(max_steps=14, callbacks=[callback]).fit(TinyCausalLM(), token_batches(num_batches=14))
     state = callback.state_dict()
     assert sorted(state) == [
-        "active_layers",
+        "active_units",
         "config",
         "format",
         "generator",
@@ -73,7 +73,7 @@ def test_the_state_holds_only_what_cannot_be_derived_and_a_records_draw_share_co
         "skipped_steps",
         "train_start_step",
     ]
-    assert (state["format"], state["train_start_step"], state["optimizer_steps"]) == (2, 2, 14)
+    assert (state["format"], state["train_start_step"], state["optimizer_steps"]) == (3, 2, 14)
     assert torch.equal(callback.importance, state["mgn"]["importance"]), "importance is the MGN tracker's"
     for index, record in enumerate(callback.history):
         earlier = selection_counts(callback.history[:index], 4)
@@ -104,7 +104,7 @@ def test_a_draw_at_the_last_step_trained_nothing_and_is_left_out_of_counts_and_s
     assert callback.history[-1]["draw_share"] == [0.25, 0.0, 0.5, 0.25], "the record's own draw counts in its share"
 
 
-@pytest.mark.parametrize("written_before_trained_was_kept", [False, True], ids=["format-2", "format-2-without-trained"])
+@pytest.mark.parametrize("written_before_trained_was_kept", [False, True], ids=["format-3", "format-2-without-trained"])
 def test_a_draw_at_a_checkpoints_last_step_counts_once_it_trains_after_the_resume(
     tmp_path, written_before_trained_was_kept
 ):
@@ -115,9 +115,11 @@ def test_a_draw_at_a_checkpoints_last_step_counts_once_it_trains_after_the_resum
     saved = checkpoint["callbacks"]["GRASSCallback"]
     assert (saved["history"][-1]["step"], saved["history"][-1]["trained"]) == (8, False)
     assert first.draw_share == [0.0, 0.0, 2 / 3, 1 / 3], "three windows trained; the draw at step 8 did not"
-    if written_before_trained_was_kept:
+    if written_before_trained_was_kept:  # format 2: no `trained`, and the active units named `active_layers`
         for record in saved["history"]:
-            del record["trained"]
+            del record["trained"], record["active_units"]
+        saved["active_layers"] = saved.pop("active_units")
+        saved["format"] = 2
         torch.save(checkpoint, tmp_path / "first" / "step=8.ckpt")
 
     resumed = fit_with_checkpoints(

@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM
 from lightning_grass import GRASSCallback, GRASSFSDPStrategy, GRASSStrategy, estimate_memory
 from lightning_grass.errors import SettingValueError
 from lightning_grass.sampling.layer_discovery import discover_layers
+from lightning_grass.sampling.sampling_units import sampling_units
 
 RUNNER = Path(__file__).with_name("fsdp_run.py")
 STEPS, LR = 14, 1e-3
@@ -250,11 +251,13 @@ def test_a_callback_sampling_another_container_than_the_sharded_one_is_refused_n
     strategy = GRASSFSDPStrategy(layers="encoder", offload="none")
     strategy._sharded_path = discover_layers(module, "encoder").path  # what _shard records at setup
     with pytest.raises(SettingValueError) as refused:
-        strategy.on_layer_map(discover_layers(module, "decoder"))
+        decoder = discover_layers(module, "decoder")
+        strategy.on_layer_map(decoder, sampling_units(decoder))
     assert str(refused.value).startswith(
         "GRASSFSDPStrategy sharded one group per block at 'encoder', but GRASSCallback samples the blocks at 'decoder'"
     )
-    strategy.on_layer_map(discover_layers(module, "encoder"))
+    encoder = discover_layers(module, "encoder")
+    strategy.on_layer_map(encoder, sampling_units(encoder))
     assert strategy._layer_map.path == "encoder"
 
 

@@ -342,7 +342,7 @@ def test_disk_tier_on_a_gpu_needs_an_offload_dir():
     strategy = GRASSStrategy(offload="disk")
     strategy.parallel_devices = [torch.device("cuda", 0)]
     with pytest.raises(ValueError, match=r"offload='disk' on cuda:0 needs offload_dir: .* Pass offload_dir="):
-        strategy.on_layer_map(None)
+        strategy.on_layer_map(None, None)
 
 
 def test_a_full_offload_dir_is_refused_before_training(tmp_path, monkeypatch):
