@@ -9,6 +9,7 @@ from lightning_grass.sampling.distribution import (
     effective_layers,
     normalize_importance,
     sample_layers,
+    sample_within_budget,
     sampling_probabilities,
     uniform_probabilities,
 )
@@ -167,3 +168,51 @@ def test_only_eligible_layers_are_drawn_even_when_too_few_have_a_non_zero_probab
     assert any(3 in draw for draw in draws), "without eligible, torch.multinomial fills in zero-probability layers"
     with pytest.raises(ValueError, match=r"n_active=4 must be between 1 and the number of layers \(3\)"):
         sample_layers(probs, 4, torch.Generator(), eligible=[0, 1, 2])
+
+
+# Llama-like modules of two layers: q, k, v, o, gate, up, down (hidden 32, 2 of 4 heads for k and v, MLP 64).
+MODULE_SIZES = [1024, 512, 512, 1024, 2048, 2048, 2048] * 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_budgeted_draw_never_exceeds_the_budget_and_stops_only_when_no_undrawn_unit_fits(seed):
+    generator = torch.Generator().manual_seed(seed)
+    probabilities = torch.softmax(torch.randn(len(MODULE_SIZES), generator=generator), 0)
+    budget = 9216 + 64  # one layer's modules and its two norms: what unit="module" with n_active=1 allows
+    drawn = sample_within_budget(probabilities, MODULE_SIZES, budget, generator)
+    held = sum(MODULE_SIZES[unit] for unit in drawn)
+    left = [MODULE_SIZES[unit] for unit in range(len(MODULE_SIZES)) if unit not in drawn]
+    assert drawn == sorted(set(drawn)) and held <= budget
+    assert all(size > budget - held for size in left), "the draw stopped with room for another module"
+
+
+def test_a_budgeted_draw_is_deterministic_for_a_seed_and_follows_the_probabilities():
+    probabilities = torch.tensor([0.7, 0.2, 0.1])
+    draws = [sample_within_budget(probabilities, [4, 4, 4], 4, torch.Generator().manual_seed(s)) for s in range(4000)]
+    assert draws[:50] == [
+        sample_within_budget(probabilities, [4, 4, 4], 4, torch.Generator().manual_seed(s)) for s in range(50)
+    ]
+    counts = torch.tensor([draws.count([unit]) for unit in range(3)], dtype=torch.float64)
+    # Each count is binomial(4000, p): five standard deviations either side.
+    expected = 4000 * probabilities.double()
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probabilities.double())).sqrt()).all(), counts
+
+
+def test_equal_units_under_a_budget_of_n_are_n_distinct_units():
+    probabilities = torch.softmax(torch.arange(6.0), 0)
+    for seed in range(10):
+        drawn = sample_within_budget(probabilities, [3] * 6, 3 * 4 + 2, torch.Generator().manual_seed(seed))
+        assert len(drawn) == 4 and len(set(drawn)) == 4
+
+
+def test_a_budgeted_draw_takes_eligible_units_only_and_fills_the_budget_past_zero_probabilities():
+    probabilities = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])
+    drawn = sample_within_budget(probabilities, [1] * 5, 3, torch.Generator().manual_seed(0), eligible=[1, 2, 3, 4])
+    assert 2 in drawn and len(drawn) == 3 and 0 not in drawn
+
+
+def test_a_budget_that_holds_no_unit_is_refused():
+    with pytest.raises(
+        ValueError, match="a parameter budget of 511 holds none of the units, the smallest of which has 512"
+    ):
+        sample_within_budget(torch.full((3,), 1 / 3), [512, 1024, 2048], 511, torch.Generator())

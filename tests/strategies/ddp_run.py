@@ -30,6 +30,7 @@ parser.add_argument("--offload", default="none")
 parser.add_argument("--max-resident-bytes", default=None)
 parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step on one process")
 parser.add_argument("--precision", default="32-true")
+parser.add_argument("--unit", default="layer")
 args = parser.parse_args()
 
 
@@ -42,7 +43,7 @@ class FinalState(Callback):
 
 final_state = FinalState()
 module = TinyCausalLM(weight_decay=0.1)
-callback = GRASSCallback(probe_steps=2, sample_every=2, seed=0)
+callback = GRASSCallback(unit=args.unit, probe_steps=2, sample_every=2, seed=0)
 offload_dir = args.out / "offload"
 if args.devices > 1:
     strategy = GRASSDDPStrategy(
@@ -85,6 +86,7 @@ result = {
     "weights": {name: p.detach().clone() for name, p in module.named_parameters()},
     "history": callback.history,
     "importance": callback.importance,
+    "units": callback.units.names,
     "stats": trainer.strategy.offload_stats,
     "optimizer_state": final_state.state,
     "layer_numel": [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers],

@@ -33,6 +33,7 @@ parser.add_argument("--samples", type=int, default=64, help="samples per epoch")
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--mode", default="grass")
 parser.add_argument("--n-active", type=int, default=1)
+parser.add_argument("--unit", default="layer")
 parser.add_argument("--probe-steps", type=int, default=2)
 parser.add_argument("--sample-every", type=int, default=3)
 parser.add_argument("--offload", default="none")
@@ -90,9 +91,14 @@ class Observer(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         layers = pl_module.model.model.layers
         state = inner_optimizer(trainer).state
+        names = {id(p): n for n, p in pl_module.named_parameters()}
         self.steps.append(
             {
                 "active": list(grass.active_layers),
+                "active_unit_names": sorted(
+                    names[id(p)] for u in grass.active_units for p in grass.units.parameters[u]
+                ),
+                "with_grad_names": sorted(n for n, p in pl_module.named_parameters() if p.grad is not None),
                 "phase": grass.phase,
                 "with_grad": [i for i, b in enumerate(layers) if any(p.grad is not None for p in b.parameters())],
                 "grad_bytes": sum(local(p.grad).numel() * 4 for p in pl_module.parameters() if p.grad is not None),
@@ -139,7 +145,12 @@ class Observer(Callback):
 
 
 grass = GRASSCallback(
-    mode=args.mode, n_active=args.n_active, probe_steps=args.probe_steps, sample_every=args.sample_every, seed=0
+    mode=args.mode,
+    unit=args.unit,
+    n_active=args.n_active,
+    probe_steps=args.probe_steps,
+    sample_every=args.sample_every,
+    seed=0,
 )
 observer = Observer()
 callbacks = [grass, observer]

@@ -53,6 +53,21 @@ def test_two_ranks_train_the_same_layers_and_match_one_process_with_the_same_glo
     assert rank0["stats"]["peak_resident_bytes"] <= 48 * 2**10 + always_on and rank0["stats"]["bytes_to_device"] > 0
 
 
+def test_two_ranks_draw_the_same_modules_and_match_one_process(tmp_path):
+    offload = ["--offload=cpu", "--max-resident-bytes=24KiB", "--unit=module"]
+    rank0, rank1 = run(tmp_path / "ddp", "--devices=2", "--batch-size=2", *offload)
+    (single,) = run(tmp_path / "single", "--devices=1", "--batch-size=2", "--accumulate=2", *offload)
+
+    assert len(rank0["units"]) == 4 * 7, "q, k, v, o, gate, up and down of 4 layers"
+    draws = [r["active_units"] for r in rank0["history"]]
+    assert len(draws) == 4 and len(set(map(tuple, draws))) > 1, "probe end at step 2, then new modules at 4, 6, 8"
+    assert rank0["history"] == rank1["history"], "every rank drew the same modules and measured the same MGN"
+    assert draws == [r["active_units"] for r in single["history"]]
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), f"replicas diverged at {name}"
+        assert torch.equal(weight, single["weights"][name]), name  # as in the layer-wise test above
+
+
 @pytest.mark.slow  # 20 s: test_master_weights checks the masters in one process; this adds two replicas
 def test_bf16_replicas_step_on_equal_fp32_masters(tmp_path):
     offload = ["--offload=disk", "--max-resident-bytes=64KiB", "--precision=bf16-true"]

@@ -105,6 +105,27 @@ def test_two_ranks_draw_the_same_layers_and_match_one_process(fsdp_run, tmp_path
             assert ours["importance"] == pytest.approx(theirs["importance"], rel=rtol, abs=0)
 
 
+def test_two_ranks_train_exactly_the_drawn_modules_inside_sharded_blocks_and_match_one_process(tmp_path):
+    # FSDP2 shards each parameter on its own, so a block can train some of its parameters: the frozen ones get no
+    # gradient and no reduce-scatter.
+    rank0, rank1 = run(tmp_path / "fsdp", "--devices=2", "--batch-size=8", "--unit=module", "--n-active=1", *STREAMED)
+    always_on = ["model.lm_head.weight", "model.model.embed_tokens.weight", "model.model.norm.weight"]
+    assert rank0["history"] == rank1["history"], "every rank drew the same modules and measured the same MGN"
+    trained = [step for step in rank0["steps"] if step["phase"] == "train"]
+    assert len(trained) == STEPS - 2
+    for step in trained:
+        assert step["with_grad_names"] == sorted(step["active_unit_names"] + always_on)
+        assert not any("layernorm" in name for name in step["with_grad_names"]), "the blocks' norms stay frozen"
+    assert len({tuple(step["active_unit_names"]) for step in trained}) > 1, "several draws of modules"
+    for rank in (rank0, rank1):
+        assert 0 < rank["stats"]["peak_resident_bytes"] <= rank["budget"]
+    (accumulated,) = run(tmp_path / "acc", "--devices=1", "--batch-size=8", "--accumulate=2", "--unit=module")
+    assert [r["active_units"] for r in accumulated["history"]] == [r["active_units"] for r in rank0["history"]]
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), f"gathered weights differ between ranks at {name}"
+        assert torch.equal(weight, accumulated["weights"][name]), name  # as the layer-wise test explains
+
+
 @with_fsdp_run
 @pytest.mark.slow  # 9 s: the accumulated one-process run above is the bitwise reference in the default run
 def test_two_ranks_stay_within_rounding_of_one_process_with_the_whole_batch(fsdp_run, tmp_path):
