@@ -179,6 +179,7 @@ def _module_grid(fig: Figure, ax: Axes, values: Sequence[float], names: Sequence
         grid[rows.index(kind), layer] = value
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // _MAX_TICKS)))
     ax.set_xlabel("layer")
     ax.set_title(f"{label} per module")
     fig.colorbar(image, ax=ax, label=label)

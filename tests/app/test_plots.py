@@ -73,3 +73,28 @@ def test_sampling_diagnostics_draws_the_spread_and_the_shares(tmp_path):
     path = plots.sampling_diagnostics(history, tmp_path / "sampling.png")
     assert path.stat().st_size > 10_000
     assert plots.sampling_diagnostics(LISA_HISTORY, tmp_path / "lisa.png").stat().st_size > 10_000
+
+
+MODULE_NAMES = ["0.attn.q", "0.mlp.up", "1.attn.q", "1.mlp.up", "1.mlp.gate"]
+MODULE_HISTORY = [
+    {"step": 2, "active_units": [0, 3], "active_layers": [0, 1], "resampled": True, "trained": True},
+    {"step": 4, "active_units": [3, 4], "active_layers": [1], "resampled": True, "trained": True},
+    {"step": 6, "active_units": [1], "active_layers": [0], "resampled": True, "trained": False},
+]
+
+
+def test_module_draws_are_counted_per_module_and_per_layer():
+    assert plots.selection_counts(MODULE_HISTORY, 5) == [1, 0, 0, 2, 1]
+    assert plots.selection_counts(MODULE_HISTORY, 2, key="active_layers") == [1, 2]
+
+
+def test_module_draws_are_drawn_as_a_grid_of_kinds_by_layers(tmp_path):
+    path = plots.selection_frequency(MODULE_HISTORY, tmp_path / "selection.png", 5, MODULE_NAMES)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    figure = plots.Figure()
+    axes = figure.subplots()
+    plots._module_grid(figure, axes, [1, 0, 0, 2, 1], MODULE_NAMES, "windows active")
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["attn.q", "mlp.up", "mlp.gate"]
+    grid = axes.images[0].get_array()
+    assert grid.tolist()[:2] == [[1, 0], [0, 2]] and grid.mask.tolist()[2] == [True, False], "no gate in layer 0"
+    assert plots.sampling_diagnostics(MODULE_HISTORY, tmp_path / "sampling.png", 5, MODULE_NAMES).is_file()

@@ -52,6 +52,28 @@ def test_grass_train_writes_metrics_model_and_plots(tmp_path):
     assert reloaded.model.config.num_hidden_layers == 2
 
 
+def test_a_module_wise_run_records_its_unit_budget_and_modules(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lightning_grass.app.train", *TINY, "sampler.unit=module"]
+    stdout = run([*command, "evaluate_before=false", f"paths.output_dir={out}"], cwd=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = CausalLMModule(pretrained_path=out / "model").model
+    layer_size = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert (metrics["method"], metrics["unit"], metrics["parameter_budget"]) == (
+        "grass_module",
+        "module",
+        2 * layer_size,
+    )
+    assert metrics["modules"][:2] == ["0.self_attn.q_proj", "0.self_attn.k_proj"] and len(metrics["modules"]) == 14
+    trained = [r["active_units"] for r in metrics["history"] if r["resampled"] and r["trained"]]
+    assert len(trained) == 2 and sum(metrics["module_selection_counts"]) == sum(len(units) for units in trained)
+    assert len(metrics["draw_share"]) == 14 and sum(metrics["draw_share"]) == pytest.approx(1.0)
+    assert f"14, drawn up to {2 * layer_size:,} parameters per window" in stdout
+    header = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"grass/active/module_000", "grass/importance/module_013"} <= set(header)
+    assert (out / "selection.png").stat().st_size > 0 and (out / "sampling.png").stat().st_size > 0
+
+
 def test_a_config_directory_of_your_own_adds_options(tmp_path):
     own = tmp_path / "my_conf" / "sampler"
     own.mkdir(parents=True)

@@ -156,7 +156,11 @@ def test_no_gradient_reaching_the_layers_stops_the_run_at_the_end_of_the_probe_o
 
     assert trainer.global_step == stopped_at
     message = str(raised.value)
-    assert re.match(rf"GRASS: no gradient reached any of the active layers {where}: every gradient there was missing or exactly zero, so nothing learns", message)
+    assert re.match(
+        rf"GRASS: no gradient reached any of the active layers {where}: every gradient there was missing or exactly "
+        "zero, so nothing learns",
+        message,
+    )
     assert "reentrant gradient checkpointing" in message and "train_embeddings=False" in message
     assert 'gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})' in message
     assert "model.enable_input_require_grads()" in message

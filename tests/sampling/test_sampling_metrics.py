@@ -37,3 +37,16 @@ def test_a_sampled_record_logs_every_value_in_order():
         ("grass/probability/layer_01", 0.25),
         ("grass/importance/layer_01", 1.0),
     ]
+
+
+def test_a_module_record_logs_each_module_by_its_index():
+    record = {"step": 4, "active_units": [1], "active_layers": [0], "importance": [2.0, 1.0], "probabilities": None}
+    record.update(effective_layers=None, draw_share=[0.0, 1.0])
+    assert metrics_of_record(record, "module") == {
+        "grass/active/module_000": 0.0,
+        "grass/draw_share/module_000": 0.0,
+        "grass/importance/module_000": 2.0,
+        "grass/active/module_001": 1.0,
+        "grass/draw_share/module_001": 1.0,
+        "grass/importance/module_001": 1.0,
+    }
