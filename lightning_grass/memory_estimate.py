@@ -108,6 +108,11 @@ def estimate_memory(
     offloaded, every layer's with ``offload="none"``), up to 4 bytes per element for master gradients plus one
     temporary (``foreach``) or two (for-loop) of the state's dtype.
 
+    Module-wise sampling (``GRASSCallback(unit="module")``) draws modules up to the parameters of the ``n_active``
+    largest layers, norms included, so its states and masters on the device stay within this estimate's without
+    ``max_resident_bytes`` (the modules' states cost what their layers' cost per parameter), and within the budget
+    with it.
+
     Half-precision parameters get fp32 master weights (``master_weights=True``), with fp32 moments. With
     ``n_active`` equal to the number of layers and ``offload="none"`` this is full fine-tuning.
 

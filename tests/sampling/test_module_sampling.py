@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_callback import StopAfter, fit, layers_of
 from tolerances import fp32_sum_rtol
 
-from lightning_grass import GRASSCallback, GRASSStrategy
+from lightning_grass import GRASSCallback, GRASSStrategy, estimate_memory
 from lightning_grass.errors import SettingValueError
 
 # TinyCausalLM's layer: q and o 32 x 32, k and v 16 x 32 (2 of 4 heads), gate, up and down 64 x 32, two norms of 32.
@@ -172,15 +172,23 @@ def test_resuming_a_module_checkpoint_with_layers_is_refused(tmp_path):
 def test_offloaded_module_states_stream_under_a_budget_and_train_as_when_every_state_stays():
     """The store keeps each drawn module's AdamW state and moves it off the device when the module leaves."""
     runs = {}
-    for offload in ("none", "cpu"):
+    for offload, budget in (("none", None), ("cpu", "24KiB"), ("cpu", None)):
         module = TinyCausalLM(weight_decay=0.1)
         grass = GRASSCallback(unit="module", probe_steps=2, sample_every=2, seed=0)
-        strategy = GRASSStrategy(offload=offload, max_resident_bytes="24KiB" if offload == "cpu" else None)
-        trainer = fit(module, grass, max_steps=10, strategy=strategy)
-        runs[offload] = (module, grass, strategy.offload_stats, trainer)
-    (kept, kept_grass, _, _), (offloaded, grass, stats, _) = runs["none"], runs["cpu"]
-    assert grass.history == kept_grass.history
-    for name, p in kept.named_parameters():
-        assert torch.equal(p, offloaded.get_parameter(name)), name
+        strategy = GRASSStrategy(offload=offload, max_resident_bytes=budget)
+        fit(module, grass, max_steps=10, strategy=strategy)
+        runs[offload, budget] = (module, grass, strategy.offload_stats)
+    kept, kept_grass, _ = runs["none", None]
+    for offloaded, grass, _ in (runs["cpu", "24KiB"], runs["cpu", None]):
+        assert grass.history == kept_grass.history
+        for name, p in kept.named_parameters():
+            assert torch.equal(p, offloaded.get_parameter(name)), name
     # AdamW's two moments, in float32, of the always-on parameters the store does not hold, beside the budget.
-    assert stats["peak_resident_bytes"] <= 24 * 2**10 + 8 * ALWAYS_ON and stats["bytes_to_device"] > 0
+    streamed = runs["cpu", "24KiB"][2]
+    assert streamed["peak_resident_bytes"] <= 24 * 2**10 + 8 * ALWAYS_ON and streamed["bytes_to_device"] > 0
+    # Without a budget the drawn modules' states stay, and hold less than n_active layers' would.
+    estimate = estimate_memory(TinyCausalLM().model, n_active=2, offload="cpu")
+    layer_wise = estimate.optimizer_states + estimate.master_weights + estimate.step_workspace
+    # AdamW's two float32 moments of two layers and the always-on modules, and a 4-byte step count per tensor.
+    assert estimate.optimizer_states == 8 * (2 * LAYER_SIZE + ALWAYS_ON) + 4 * (2 * 9 + 3)
+    assert 8 * ALWAYS_ON < runs["cpu", None][2]["peak_resident_bytes"] <= layer_wise
