@@ -15,11 +15,16 @@
     python experiments/freeze_pilot_rates.py experiments/results/real/pilot.json conf/real_method
     grass-train -m experiment=bench_real
     python experiments/collect_results.py outputs/bench_real/<time> --preset real
+    grass-train -m experiment=bench_units
+    python experiments/collect_results.py outputs/bench_units/<time> --preset units
+    grass-train -m experiment=bench_units_long
+    python experiments/collect_results.py outputs/bench_units_long/<time> --preset units_long
 
 The `deep` preset chooses each method's learning rate on validation and reports test scores with paired
 intervals (``summary.json``); the sensitivity preset tabulates GRASS over T_s and its spread setting. The
 `long` preset reports each method at the rate its pilot chose, with learning curves and windows per run; the
-pilot (``--preset long_pilot``) writes ``pilot.md`` and ``pilot.json`` beside the long results.
+pilot (``--preset long_pilot``) writes ``pilot.md`` and ``pilot.json`` beside the long results. The `units` and
+`units_long` presets compare module-wise GRASS with layer-wise GRASS and LISA (``results/units/``).
 
 The sweep's command is read back from the sweep's ``multirun.yaml`` and written into ``results.md`` with
 this script's own command line.
@@ -40,10 +45,11 @@ from reporting.long_report import write_long_results
 from reporting.pilot import write_pilot_results
 from reporting.real_report import write_real_results
 from reporting.sensitivity import write_sensitivity_results
+from reporting.units_report import write_units_results
 
 RESULTS_DIR = Path(__file__).parent / "results"
 #: Presets whose results go into another preset's directory.
-RESULTS_OF = {"long_pilot": "long", "real_pilot": "real"}
+RESULTS_OF = {"long_pilot": "long", "real_pilot": "real", "units": "units/real", "units_long": "units/long"}
 
 
 def sweep_command(sweep_dir: Path) -> str:
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> Path:
         "long_pilot": write_pilot_results,
         "real": write_real_results,
         "real_pilot": partial(write_pilot_results, preset="real", criterion="val_loss"),
+        "units": write_units_results,
+        "units_long": write_units_results,
     }
     writer = writers.get(args.preset, write_results)
     path = writer(
