@@ -661,8 +661,8 @@ class GRASSCallback(Callback):
             rank_zero_warn(
                 f"GRASS: {limit} with probe_steps={config.probe_steps} and sample_every={config.sample_every}: only "
                 f"{trained} {'step trains' if trained == 1 else 'steps train'} after probing, fewer than one sampling "
-                f"window, so only the layers drawn at step {probe_end} ever train. Set {fix}, or lower probe_steps "
-                "or sample_every"
+                f"window, so only the {config.unit}s drawn at step {probe_end} ever train. Set {fix}, or lower "
+                "probe_steps or sample_every"
             )
 
     def _activate(self, units: list[int]) -> None:
