@@ -34,7 +34,7 @@ _SETTING_ORDER = [field.name for field in dataclasses.fields(GRASSConfig)]
 
 
 def changed_settings(saved: dict[str, Any], config: GRASSConfig) -> list[str]:
-    """The settings (``mode`` aside) whose value in a checkpoint's config differs from ``config``.
+    """The settings (``mode`` and ``unit`` aside: a resume refuses them) whose checkpoint value differs from ``config``.
 
     ``n_active`` is left out in ``fixed`` mode, where it is the length of ``fixed_layers``; a setting the
     checkpoint does not hold (one added since it was written) counts as unchanged. Lists and tuples of the same
@@ -52,7 +52,7 @@ def changed_settings(saved: dict[str, Any], config: GRASSConfig) -> list[str]:
         return list(value) if isinstance(value, (list, tuple)) else value
 
     current = dataclasses.asdict(config)
-    skipped = {"mode", "n_active"} if config.mode == "fixed" else {"mode"}
+    skipped = {"mode", "unit", "n_active"} if config.mode == "fixed" else {"mode", "unit"}
     return [
         name
         for name in _SETTING_ORDER
