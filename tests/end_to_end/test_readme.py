@@ -12,10 +12,10 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     # The fourth converts the real SmolLM2 file, which CI does not install: tests/app/test_gguf_base.py makes the
-    # same call on a tiny GGUF file it writes, and on the real file in its slow test. The fifth, grass_fsdp on 16
+    # same call on a tiny GGUF file it writes, and on the real file in its slow test. The sixth, grass_fsdp on 16
     # GPUs, needs devices; tests/strategies/test_fsdp.py trains the same set-up (a plain LightningModule, no
     # configure_model) on 2 CPU processes.
-    assert len(blocks) == 5 and "ensure_gguf_base(" in blocks[3] and 'strategy="grass_fsdp"' in blocks[4]
+    assert len(blocks) == 6 and "ensure_gguf_base(" in blocks[3] and 'strategy="grass_fsdp"' in blocks[5]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
@@ -40,6 +40,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     printed = re.search(r"print\(estimate\)  # (.*) \.\.\. (total .*)$", blocks[2], flags=re.MULTILINE)
     assert str(namespace["estimate"]).startswith(printed.group(1)), "the comment shows what it prints"
     assert str(namespace["estimate"]).endswith(printed.group(2))
+
+    exec(compile(blocks[4], str(README), "exec"), namespace)  # the module-wise callback, built with the import above
+    assert (namespace["grass"].config.unit, namespace["grass"].config.n_active) == ("module", 2)
 
 
 def test_the_layout_section_matches_the_tree():
