@@ -514,7 +514,9 @@ class TensorStateStore:
                 continue
             idle = next((u for u in self._entries if u != exclude and u not in self._protected), None)
             if idle is None:
-                return False
+                # A tier's thread may have released a write-back's memory since the loop's test read it (a disk
+                # write staged on the host): no write-back holds any now, so this reading is the last word.
+                return self._held_bytes() + nbytes <= budget
             self._evict(idle)
         return True
 

@@ -18,6 +18,7 @@ from lightning_grass.offload import (
     expected_state_bytes,
     step_workspace_bytes,
 )
+from lightning_grass.offload.tensor_state_store import _Entry
 from lightning_grass.offload.transfer import TensorSpec, Transfer
 
 N = 6 * 7  # elements of the parameter below
@@ -174,4 +175,21 @@ def test_prefetch_goes_as_deep_as_the_budget_holds_the_states_and_the_largest_wo
     store.prefetch_active()  # before the next step: as deep as the budget allows
     assert store.stats["resident_tensors"] == 3, "three states and one workspace fit; a fourth state does not"
     assert store.stats["resident_bytes"] == store.stats["bytes_to_device"] == 3 * 132
+    store.close()
+
+
+def test_memory_a_write_back_releases_while_the_store_makes_room_is_used():
+    """A disk write releases its device memory from the tier's thread, so it can happen between two reads."""
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(2)]
+    inner = torch.optim.AdamW(params, foreach=False)
+    store = TensorStateStore(inner, params, HostTier(torch.device("cpu"), [132] * 2), max_resident_bytes=300)
+    reads = []
+
+    def released():  # held at the first two reads (the residency count, the budget test), released from then on
+        reads.append(None)
+        return len(reads) > 2
+
+    store._writing[0] = _Entry([], Transfer(done=lambda: False, released=released), 132, "writing")
+    assert store._make_room(260, exclude=1), "132 + 260 bytes do not fit in 300, but 260 do once it is released"
+    assert len(reads) >= 3
     store.close()
