@@ -59,6 +59,35 @@ def _layer_reach(run: Run) -> float:
     return statistics.fmean(lowest) if lowest else float("nan")
 
 
+def _pooled_lines(runs: Sequence[Run], summary: dict[str, dict]) -> list[str]:
+    """The paired gaps with every task's seeds pooled (each pair a task and a seed), added to ``summary``."""
+    tasks = sorted({run.task for run in runs})
+    if len(tasks) < 2:
+        return []
+    lines = [
+        "## Both tasks, pooled",
+        "",
+        "Each pair is one task at one seed; the tasks' scores are both accuracies in points, on different scales.",
+        "",
+        "| paired gap, test (points) | mean | 95% interval | pairs |",
+        "|---|---|---|---|",
+    ]
+    summary["pooled"] = {}
+    for name, better, baseline in COMPARISONS:
+        pairs = [(task, seed) for task in tasks for seed in _scores(runs, task, better)]
+        gap = paired_difference(
+            {index: _scores(runs, task, better)[seed] for index, (task, seed) in enumerate(pairs)},
+            {
+                index: _scores(runs, task, baseline)[seed]
+                for index, (task, seed) in enumerate(pairs)
+                if seed in _scores(runs, task, baseline)
+            },
+        )
+        summary["pooled"][name] = gap
+        lines.append(f"| {name} | {gap['mean']:+.1f} | {interval_cell(gap)} | {gap['n']} |")
+    return [*lines, ""]
+
+
 def write_units_results(sweep_dir: str | Path, out_dir: str | Path, title: str, commands: Sequence[str]) -> Path:
     """Collect a module-wise comparison sweep into ``out_dir``: ``results.md`` and ``summary.json``.
 
@@ -138,6 +167,7 @@ def write_units_results(sweep_dir: str | Path, out_dir: str | Path, title: str, 
             ]
             summary[task]["module_kind_shares"] = shares
         lines.append("")
+    lines += _pooled_lines(runs, summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     path = out_dir / "results.md"
     path.write_text("\n".join(lines))

@@ -8,13 +8,13 @@ from reporting.units_report import write_units_results
 MODULES = ["0.attn.q", "0.mlp.up", "1.attn.q", "1.mlp.up"]
 
 
-def write_run(directory, method, seed, test, module_counts=None):
+def write_run(directory, method, seed, test, module_counts=None, task="arithmetic"):
     directory.mkdir(parents=True)
     history = [{"step": 4, "active_units": [0], "active_layers": [1], "resampled": True, "trained": True}]
     metrics = {
         "stage": "finetune",
         "method": method,
-        "task": "arithmetic",
+        "task": task,
         "seed": seed,
         "exact_match_test": test,
         "validation_curve": [[4, 1.0 + seed]],
@@ -26,7 +26,7 @@ def write_run(directory, method, seed, test, module_counts=None):
     if module_counts is not None:
         metrics.update(modules=MODULES, module_selection_counts=module_counts)
     (directory / "metrics.json").write_text(json.dumps(metrics))
-    (directory / "resolved_config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"task": "arithmetic"}}))
+    (directory / "resolved_config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"task": task}}))
 
 
 def test_the_report_pairs_each_seed_and_pools_the_module_kinds(tmp_path):
@@ -48,3 +48,18 @@ def test_the_report_pairs_each_seed_and_pools_the_module_kinds(tmp_path):
     assert summary["module_kind_shares"] == {"attn.q": 0.75, "mlp.up": 0.25}
     text = path.read_text()
     assert "| GRASS (modules) | 50.0 ± 10.0 | 2.000 ± 1.000 | 96 | 0.50 | 1 | 1.0 |" in text
+
+
+def test_with_two_tasks_each_task_and_seed_is_one_pair_of_the_pooled_gaps(tmp_path):
+    sweep = tmp_path / "sweep"
+    scores = {"lisa": (0.2, 0.4), "grass": (0.3, 0.4), "grass_module": (0.5, 0.3)}  # per task, seeds 0 and 1 alike
+    for method, (arithmetic, choice) in scores.items():
+        for seed in (0, 1):
+            counts = [1, 0, 0, 0] if method == "grass_module" else None
+            write_run(sweep / f"a-{method}-{seed}", method, seed, arithmetic, counts)
+            write_run(sweep / f"m-{method}-{seed}", method, seed, choice + seed / 10, counts, task="multiple_choice")
+    write_units_results(sweep, tmp_path / "out", "Units", ["grass-train -m experiment=bench_units_long"])
+    pooled = json.loads((tmp_path / "out" / "summary.json").read_text())["pooled"]
+    # modules - layers: +20, +20 (arithmetic), -10, -10 (multiple_choice), as 4 pairs.
+    assert pooled["GRASS (modules)-GRASS (layers)"]["n"] == 4
+    assert round(pooled["GRASS (modules)-GRASS (layers)"]["mean"], 9) == 5.0
