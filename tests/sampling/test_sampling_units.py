@@ -3,7 +3,7 @@
 import peft
 import pytest
 from multimodal_models import FACTORIES
-from test_layer_discovery import ARCHITECTURES
+from test_layer_discovery import ARCHITECTURES, GPT
 from torch import nn
 
 from lightning_grass import discover_layers
@@ -12,6 +12,7 @@ from lightning_grass.sampling.sampling_units import sampling_units
 MODELS = {
     **{name: (lambda cls=cls, config=config: cls(config)) for name, (cls, config, *_) in ARCHITECTURES.items()},
     **FACTORIES,
+    "litgpt": GPT,
 }
 
 LLAMA_MODULES = [
