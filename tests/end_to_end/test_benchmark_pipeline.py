@@ -60,7 +60,7 @@ def test_sweep_and_collector_fill_every_row_and_draw_every_figure(tmp_path):
             assert len(cells) == 8 and all(cells) and not any("nan" in cell for cell in cells), row
         lisa = next(row for row in rows if row.startswith("| LISA |"))
         assert lisa.rstrip(" |").endswith("1.00x")
-    assert "| LoRA | r=8, lora_alpha=16" in text and "| GRASS | n_active=2" in text
+    assert "| LoRA | r=8, lora_alpha=16" in text and "| GRASS | unit=layer, n_active=2" in text
     for figure in ("accuracy_vs_memory.png", "importance_by_task.png", "selection_frequency.png"):
         assert (out / figure).stat().st_size > 10_000, figure
         assert f"]({figure})" in text
