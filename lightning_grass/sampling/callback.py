@@ -267,11 +267,7 @@ class GRASSCallback(Callback):
             has trained (a run that ended while probing).
         """
         sizes = self._unit_sizes
-        windows = [
-            sum(sizes[i] for i in r.get("active_units", r["active_layers"]))
-            for r in self.history
-            if r["resampled"] and r["trained"]
-        ]
+        windows = [sum(sizes[i] for i in r["active_units"]) for r in self.history if r["resampled"] and r["trained"]]
         if not windows:
             return 0
         return sum(p.numel() for p in self._always_on_params) + max(windows)
@@ -465,9 +461,9 @@ class GRASSCallback(Callback):
         those written before ``skipped_steps`` and ``train_start_step`` were saved: no step was counted as
         skipped, and training started at the end of probing by their own ``probe_steps``.
         """
-        saved = state_dict["config"]
+        saved = {"unit": "layer", **state_dict["config"]}  # checkpoints written before `unit` sampled layers
         for name, what in (("mode", "mode"), ("unit", "unit (the importance, draws and history index its units)")):
-            value, ours = saved.get(name, "layer"), getattr(self.config, name)
+            value, ours = saved[name], getattr(self.config, name)
             if value != ours:
                 raise SettingValueError(
                     f"the checkpoint was written by GRASSCallback({name}={value!r}), this one has {name}={ours!r}; "
